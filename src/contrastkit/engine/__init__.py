@@ -1,0 +1,25 @@
+"""The exact tiled pairwise engine (bottom layer: imports nothing above it).
+
+Public pieces:
+- :func:`tiled_logsumexp`: row / column log-sum-exp of Q K^T with O(N + M) saved state.
+- masks (:class:`DiagonalMask`, :class:`LabelMask`, :class:`IndexMask`): entries left
+  out of the denominator, applied per tile.
+- :func:`positive_logits` and :func:`label_positive_logits`: the O(N d) numerator terms.
+- input checks in :mod:`contrastkit.engine.validation`.
+"""
+
+from .masks import DiagonalMask, IndexMask, LabelMask, TileMask
+from .positives import label_positive_logits, positive_logits
+from .tiled_lse import tiled_logsumexp
+from .tiling import choose_tile
+
+__all__ = [
+    "tiled_logsumexp",
+    "choose_tile",
+    "TileMask",
+    "DiagonalMask",
+    "LabelMask",
+    "IndexMask",
+    "positive_logits",
+    "label_positive_logits",
+]

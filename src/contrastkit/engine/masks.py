@@ -1,0 +1,111 @@
+"""Entries of the logit matrix that the denominator leaves out.
+
+A mask never exists as an N x M tensor: each one knows how to blank out the part
+of one tile it covers (set it to ``-inf``, so that ``exp`` gives 0) and can tell
+cheaply whether it touches a tile at all.
+
+Example::
+
+    from contrastkit.engine import DiagonalMask, tiled_logsumexp
+    z = torch.randn(8, 4)
+    lse, _ = tiled_logsumexp(z, z, masks=[DiagonalMask()])   # self excluded
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["TileMask", "DiagonalMask", "LabelMask", "IndexMask"]
+
+
+class TileMask:
+    """Base class: a set of (row, column) entries to drop from the denominator."""
+
+    def touches(self, r0: int, r1: int, c0: int, c1: int) -> bool:
+        """Whether the tile rows [r0, r1) x columns [c0, c1) holds any dropped entry."""
+        return True
+
+    def apply_(self, x: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+        """Set the dropped entries of tile ``x`` (rows r0..r1, columns c0..c1) to -inf."""
+        raise NotImplementedError
+
+    def check(self, n_rows: int, n_cols: int, device: torch.device) -> None:
+        """Raise ValueError when the mask does not fit an n_rows x n_cols problem."""
+
+
+class DiagonalMask(TileMask):
+    """Drop entry (i, i + offset) of every row: self-similarity.
+
+    ``offset`` is the column of row 0's self; for anchors that are also the first
+    rows of the candidates it is 0. With ``offset`` a second, shifted diagonal can
+    be dropped too (e.g. the positive, for decoupled losses).
+    """
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = int(offset)
+
+    def touches(self, r0, r1, c0, c1):
+        return (r0 + self.offset) < c1 and (r1 - 1 + self.offset) >= c0
+
+    def apply_(self, x, r0, r1, c0, c1):
+        lo = max(r0, c0 - self.offset)
+        hi = min(r1, c1 - self.offset)
+        if hi <= lo:
+            return
+        rows = torch.arange(lo - r0, hi - r0, device=x.device)
+        x[rows, rows + (r0 + self.offset - c0)] = float("-inf")
+
+    def __repr__(self):
+        return f"DiagonalMask(offset={self.offset})"
+
+
+class LabelMask(TileMask):
+    """Drop every entry whose row label equals its column label.
+
+    Used to keep same-class candidates out of the denominator (decoupled SupCon,
+    false-negative filtering by label). Labels are integer tensors of length N and M.
+    """
+
+    def __init__(self, row_labels: Tensor, col_labels: Tensor) -> None:
+        self.row_labels = row_labels
+        self.col_labels = col_labels
+
+    def check(self, n_rows, n_cols, device):
+        for name, lab, n in (("row_labels", self.row_labels, n_rows), ("col_labels", self.col_labels, n_cols)):
+            if lab.dim() != 1 or lab.shape[0] != n:
+                raise ValueError(f"LabelMask {name} must have shape ({n},), got {tuple(lab.shape)}")
+            if lab.dtype.is_floating_point or lab.dtype == torch.bool:
+                raise ValueError(f"LabelMask {name} must be an integer tensor, got {lab.dtype}")
+
+    def apply_(self, x, r0, r1, c0, c1):
+        same = self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1]
+        x.masked_fill_(same, float("-inf"))
+
+
+class IndexMask(TileMask):
+    """Drop listed entries: ``columns`` is (N, k) of column indices per row, -1 = none.
+
+    This is how known false negatives (e.g. other positives of the same query) are
+    kept out of the denominator without an N x M mask.
+    """
+
+    def __init__(self, columns: Tensor) -> None:
+        if columns.dim() == 1:
+            columns = columns[:, None]
+        self.columns = columns.long()
+
+    def check(self, n_rows, n_cols, device):
+        c = self.columns
+        if c.dim() != 2 or c.shape[0] != n_rows:
+            raise ValueError(f"IndexMask columns must have shape ({n_rows}, k), got {tuple(c.shape)}")
+        if c.numel() and (c.max() >= n_cols or c.min() < -1):
+            raise ValueError(f"IndexMask columns must lie in [-1, {n_cols}), got range [{int(c.min())}, {int(c.max())}]")
+
+    def apply_(self, x, r0, r1, c0, c1):
+        cols = self.columns[r0:r1]
+        inside = (cols >= c0) & (cols < c1)
+        if not bool(inside.any()):
+            return
+        rows, which = inside.nonzero(as_tuple=True)
+        x[rows, cols[rows, which] - c0] = float("-inf")

@@ -1,0 +1,69 @@
+"""The numerator of the InfoNCE family: sum_j P_ij X_ij in O((N + M) d), no tile.
+
+For the scaled dot kernel X_ij = q_i . k_j is linear in k_j, so the positive term
+of a row is q_i . (sum_j P_ij k_j). With one positive column it is a gather; with
+positives given by label equality it is a per-class sum of candidates.
+
+Example::
+
+    pos = positive_logits(q, k, torch.arange(len(q)))         # diagonal positives
+    mean_pos, count = label_positive_logits(z, z, y, y, self_offset=0)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["positive_logits", "label_positive_logits", "dense_label_ids"]
+
+
+def positive_logits(q: Tensor, k: Tensor, index: Tensor) -> Tensor:
+    """``q_i . k_{index_i}`` per row (0 where ``index_i == -1``), differentiable."""
+    safe = index.clamp(min=0)
+    out = (q * k[safe].to(q.dtype)).sum(-1)
+    return torch.where(index >= 0, out, torch.zeros_like(out))
+
+
+def dense_label_ids(row_labels: Tensor, col_labels: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """Map arbitrary integer labels of rows and columns onto 0..C-1 consistently."""
+    uniq, inv = torch.unique(torch.cat([row_labels, col_labels]), return_inverse=True)
+    n = row_labels.shape[0]
+    return inv[:n], inv[n:], int(uniq.numel())
+
+
+def label_positive_logits(
+    q: Tensor,
+    k: Tensor,
+    row_labels: Tensor,
+    col_labels: Tensor,
+    *,
+    self_offset: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Mean positive logit per row when the positives of row i are the columns with
+    its label (column ``i + self_offset``, the anchor itself, excluded).
+
+    Returns ``(mean_logit (N,), count (N,))``; rows without positive get 0 and count 0.
+    """
+    rid, cid, n_classes = dense_label_ids(row_labels, col_labels)
+    n, m = q.shape[0], k.shape[0]
+    k_sum = torch.zeros(n_classes, k.shape[1], dtype=k.dtype, device=k.device).index_add(0, cid, k)
+    counts = torch.bincount(cid, minlength=n_classes)
+    pos_sum = k_sum[rid]
+    count = counts[rid].clone()
+    if self_offset is not None:
+        rows = torch.arange(n, device=q.device)
+        cols = rows + self_offset
+        inside = (cols >= 0) & (cols < m)
+        if bool(inside.any()):
+            r_in, c_in = rows[inside], cols[inside]
+            same = rid[r_in] == cid[c_in]
+            r_in, c_in = r_in[same], c_in[same]
+            sub = torch.zeros_like(pos_sum).index_add(0, r_in, k[c_in])
+            pos_sum = pos_sum - sub
+            count = count - torch.bincount(r_in, minlength=n)
+    total = (q * pos_sum.to(q.dtype)).sum(-1)
+    mean = total / count.clamp(min=1).to(total.dtype)
+    return torch.where(count > 0, mean, torch.zeros_like(mean)), count

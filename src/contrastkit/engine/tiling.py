@@ -1,0 +1,57 @@
+"""How big a tile of the logit matrix the engine walks at a time.
+
+A tile of ``rows x cols`` logits is the only N x M-shaped buffer that ever exists
+(two or three of them in the backward pass). The default keeps a tile around a
+million entries (4 MB in float32): big enough that the matmul dominates the
+Python overhead, small enough for cache and for any machine's memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import psutil
+import torch
+
+__all__ = ["choose_tile", "TileSize"]
+
+TileSize = Union[int, Tuple[int, int], None]
+
+# Target entries per tile; measured on a 2-core AVX-512 box (docs/benchmarks.md).
+_DEFAULT_TILE_ENTRIES = 1 << 20
+_MAX_COLS = 4096
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def choose_tile(n_rows: int, n_cols: int, dim: int, device: torch.device,
+                tile_size: TileSize = None, element_size: int = 4) -> Tuple[int, int]:
+    """Return (row_tile, col_tile) for an n_rows x n_cols problem.
+
+    ``tile_size`` overrides: an int for square tiles, a (rows, cols) pair, or None
+    for the automatic choice (about a million entries, capped by 1/8 of free memory).
+    """
+    if tile_size is not None:
+        if isinstance(tile_size, int):
+            tr = tc = tile_size
+        else:
+            try:
+                tr, tc = (int(t) for t in tile_size)
+            except (TypeError, ValueError):
+                raise ValueError(f"tile_size must be an int or a (rows, cols) pair, got {tile_size!r}") from None
+        if tr < 1 or tc < 1:
+            raise ValueError(f"tile_size must be positive, got {tile_size!r}")
+        return min(tr, n_rows), min(tc, n_cols)
+    entries = _DEFAULT_TILE_ENTRIES
+    if device.type == "cuda":
+        entries = 1 << 24  # GPUs want much larger tiles to fill their cores
+    budget = max(1 << 14, _free_bytes(device) // (8 * 3 * element_size))
+    entries = min(entries, budget)
+    tc = min(n_cols, _MAX_COLS if device.type != "cuda" else 16384)
+    tr = max(1, min(n_rows, entries // max(tc, 1)))
+    return tr, tc

@@ -1,0 +1,1 @@
+"""Objectives: each loss is a thin spec on the engine (targets, weights, masks)."""

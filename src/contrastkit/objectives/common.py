@@ -1,0 +1,162 @@
+"""Pieces every objective shares: input preparation, the temperature, reductions.
+
+An objective of the InfoNCE family is, per anchor row i,
+
+    loss_i = -sum_j P_ij X_ij + log sum_j W_ij exp(X_ij)
+
+The log-sum-exp is :func:`contrastkit.engine.tiled_logsumexp`; the target term is
+an O(N d) gather (:func:`contrastkit.engine.positive_logits`). The functions here
+glue them so that each objective module stays a thin spec.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..engine import TileMask, positive_logits, tiled_logsumexp
+from ..engine.tiling import TileSize
+from ..engine.validation import check_embeddings, check_index, check_pair, check_scale
+
+__all__ = [
+    "Temperature",
+    "prepare",
+    "scale_rows",
+    "reduce_rows",
+    "index_target_loss",
+    "SIMILARITIES",
+]
+
+SIMILARITIES = ("cosine", "dot")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def prepare(similarity: str, **named: Tensor) -> Tuple[Tensor, ...]:
+    """Validate embeddings (shape, dtype, device, finiteness) and apply the kernel's
+    per-row transform: L2 normalisation for ``"cosine"``, nothing for ``"dot"``."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    items = list(named.items())
+    for name, x in items:
+        check_embeddings(name, x)
+    for (a_name, a), (b_name, b) in zip(items, items[1:]):
+        check_pair(a_name, a, b_name, b)
+    if similarity == "cosine":
+        return tuple(F.normalize(x, dim=-1) for _, x in items)
+    return tuple(x for _, x in items)
+
+
+def scale_rows(x: Tensor, temperature: Union[float, Tensor]) -> Tensor:
+    """``x / temperature``: a scalar temperature, or one per row (shape (N,))."""
+    check_scale("temperature", temperature, like=x, n_rows=x.shape[0])
+    if isinstance(temperature, Tensor):
+        t = temperature.to(x.dtype)
+        if t.dim() == 1 and t.numel() == x.shape[0] and x.shape[0] != 1:
+            return x / t[:, None]
+        return x / t.reshape(())
+    return x * (1.0 / float(temperature))
+
+
+def reduce_rows(losses: Tensor, reduction: str) -> Tensor:
+    """Mean / sum over the valid rows, or the per-row vector for ``"none"``."""
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "none":
+        return losses
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_denominators(lse: Tensor, valid: Tensor, what: str) -> None:
+    bad = valid & ~torch.isfinite(lse)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{what} {i} has every candidate masked out of the denominator")
+
+
+def index_target_loss(
+    q: Tensor,
+    k: Tensor,
+    index: Tensor,
+    *,
+    masks: Sequence[TileMask] = (),
+    symmetric: bool = False,
+    tile_size: TileSize = None,
+    reduction: str = "mean",
+    row_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Cross-entropy of each row of ``q k^T`` to one positive column (``-1``: none).
+
+    ``q`` is already scaled by the temperature. Rows without a positive are left out
+    of the mean. With ``symmetric`` the column direction is added (CLIP): each column
+    that is some row's positive is scored against all rows, and the two directions
+    are averaged. One pass over the tiles computes both.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    n, m = q.shape[0], k.shape[0]
+    index = check_index("positives", index, n, m, q.device)
+    valid = index >= 0
+    if not bool(valid.any()):
+        raise ValueError("no anchor row has a positive (every entry of positives is -1)")
+    lse_r, lse_c = tiled_logsumexp(q, k, masks=masks, symmetric=symmetric, tile_size=tile_size, row_bias=row_bias)
+    pos = positive_logits(q, k, index)
+    if row_bias is not None:
+        pos = pos + row_bias
+    _check_denominators(lse_r, valid, "anchor row")
+    row_losses = lse_r.to(pos.dtype) - pos
+    if not symmetric:
+        if reduction == "none":
+            return torch.where(valid, row_losses, torch.zeros_like(row_losses))
+        return reduce_rows(row_losses[valid], reduction)
+    if reduction == "none":
+        raise ValueError("reduction='none' is not defined for symmetric losses (rows and columns differ)")
+    cols = index[valid]
+    col_pos = torch.zeros(m, dtype=pos.dtype, device=pos.device).index_add(0, cols, pos[valid])
+    col_count = torch.bincount(cols, minlength=m)
+    has = col_count > 0
+    _check_denominators(lse_c, has, "candidate column")
+    col_losses = lse_c.to(pos.dtype)[has] - col_pos[has] / col_count[has].to(pos.dtype)
+    return 0.5 * (reduce_rows(row_losses[valid], reduction) + reduce_rows(col_losses, reduction))
+
+
+class Temperature(torch.nn.Module):
+    """A temperature, fixed or learnable.
+
+    Learnable temperatures are parameterised as ``log(1 / temperature)`` (CLIP's
+    logit scale) and clamped to ``[min_temperature, max_temperature]`` when read,
+    so the optimiser cannot drive it to 0 or to infinity.
+
+    Example::
+
+        t = Temperature(0.07, learnable=True)
+        loss = info_nce(a, b, temperature=t())
+    """
+
+    def __init__(self, temperature: float = 0.07, learnable: bool = False,
+                 min_temperature: float = 0.01, max_temperature: float = 100.0) -> None:
+        super().__init__()
+        check_scale("temperature", temperature)
+        if not (0 < min_temperature <= temperature <= max_temperature):
+            raise ValueError(
+                f"temperature {temperature} must lie in [min_temperature={min_temperature}, "
+                f"max_temperature={max_temperature}]"
+            )
+        self.learnable = bool(learnable)
+        self.min_temperature, self.max_temperature = float(min_temperature), float(max_temperature)
+        log_scale = torch.tensor(-float(torch.log(torch.tensor(float(temperature)))), dtype=torch.float32)
+        if self.learnable:
+            self.log_scale = torch.nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    def forward(self) -> Tensor:
+        scale = self.log_scale.exp().clamp(1.0 / self.max_temperature, 1.0 / self.min_temperature)
+        return 1.0 / scale
+
+    def extra_repr(self) -> str:
+        return f"temperature={float(self()):.4g}, learnable={self.learnable}"
