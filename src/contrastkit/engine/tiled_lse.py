@@ -45,9 +45,71 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _Limits:
+    """Numerical limits per accumulation dtype.
+
+    ``flush``: exponents below ``-flush`` are clamped there before ``exp``; their
+    terms (at most e^-80 in float32, e^-700 in float64, relative to the row maximum
+    of 1) are far below rounding, and clamping keeps ``exp`` out of denormals (100x
+    slower on CPUs) and maps masked ``-inf`` entries to a term that is numerically 0.
+    ``col_floor``: a column sum rebuilt from row-stabilised terms below this is
+    recomputed exactly (its own maximum) instead of trusting it.
+    ``pair_range``: the fused symmetric backward needs |lse_row_i - lse_col_j| below
+    this within a tile; otherwise the tile takes the two-exponential path.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        if dtype == torch.float64:
+            self.flush, self.col_floor, self.pair_range = 700.0, 1e-250, 600.0
+        else:
+            self.flush, self.col_floor, self.pair_range = 80.0, 1e-20, 40.0
+
+
+class _Tiles:
+    """Walks the tiles of X = Q K^T + r 1^T + 1 c^T into one reused buffer.
+
+    Reusing the buffer (``mm(out=...)``) avoids a fresh multi-megabyte allocation,
+    and its page faults, for every tile.
+    """
+
+    def __init__(self, q, k, row_bias, col_bias, masks, tr, tc, n_buffers=1):
+        acc = _accumulate_dtype(q.dtype)
+        self.q, self.k = q.to(acc), k.to(acc)
+        self.rb = None if row_bias is None else row_bias.to(acc)
+        self.cb = None if col_bias is None else col_bias.to(acc)
+        self.masks, self.tr, self.tc = masks, tr, tc
+        self.n, self.m = self.q.shape[0], self.k.shape[0]
+        self.buffers = [torch.empty(tr * tc, dtype=acc, device=q.device) for _ in range(n_buffers)]
+
+    def view(self, which, rows, cols):
+        return self.buffers[which][: rows * cols].view(rows, cols)
+
+    def __iter__(self):
+        for r0 in range(0, self.n, self.tr):
+            r1 = min(self.n, r0 + self.tr)
+            for c0 in range(0, self.m, self.tc):
+                c1 = min(self.m, c0 + self.tc)
+                yield r0, r1, c0, c1, self.logits(r0, r1, c0, c1)
+
+    def logits(self, r0, r1, c0, c1):
+        x = torch.mm(self.q[r0:r1], self.k[c0:c1].T, out=self.view(0, r1 - r0, c1 - c0))
+        if self.rb is not None:
+            x += self.rb[r0:r1, None]
+        if self.cb is not None:
+            x += self.cb[None, c0:c1]
+        for m in self.masks:
+            if m.touches(r0, r1, c0, c1):
+                m.apply_(x, r0, r1, c0, c1)
+        return x
+
+
+def _finite_or_zero(v: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+
+
 def _tile(qb: Tensor, kb: Tensor, rb: Optional[Tensor], cb: Optional[Tensor],
           masks: Sequence[TileMask], r0: int, r1: int, c0: int, c1: int) -> Tensor:
-    """Logits of the tile rows [r0, r1) x columns [c0, c1)."""
+    """Logits of the tile rows [r0, r1) x columns [c0, c1) in a fresh tensor."""
     x = qb @ kb.T
     if rb is not None:
         x += rb[r0:r1, None]
@@ -59,40 +121,55 @@ def _tile(qb: Tensor, kb: Tensor, rb: Optional[Tensor], cb: Optional[Tensor],
     return x
 
 
-def _lse(x: Tensor, dim: int) -> Tensor:
-    """log-sum-exp along ``dim`` that returns -inf (not NaN) for all -inf slices."""
+def _lse(x: Tensor, dim: int, flush: float = 80.0) -> Tensor:
+    """Exact log-sum-exp along ``dim`` (-inf for all -inf slices); consumes ``x``."""
     m = x.amax(dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = (x - m).exp_().sum(dim)
-    return s.log_().add_(m.squeeze(dim))
+    finite = torch.isfinite(m)
+    m = torch.where(finite, m, torch.zeros_like(m))
+    s = x.sub_(m).clamp_min_(-flush).exp_().sum(dim, keepdim=True)
+    out = s.log_().add_(m)
+    return torch.where(finite, out, torch.full_like(out, _NEG_INF)).squeeze(dim)
 
 
-def _safe(lse: Tensor) -> Tensor:
-    """Replace -inf (rows with nothing in the denominator) by 0 to avoid inf - inf."""
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+def _tile_stats(tiles, x, r0, r1, c0, c1, symmetric, lim):
+    """Row (and column) log-sum-exp of one tile with a single exponential pass.
+
+    Rows are stabilised by their own maximum; columns reuse the same exponentials,
+    rescaled by exp(m_i - max m), and fall back to an exact recomputation for any
+    column whose rescaled sum is too small to trust.
+    """
+    m = x.amax(1)
+    finite = torch.isfinite(m)
+    m = torch.where(finite, m, torch.zeros_like(m))
+    e = x.sub_(m[:, None]).clamp_min_(-lim.flush).exp_()
+    row = e.sum(1).log_().add_(m)
+    row = torch.where(finite, row, torch.full_like(row, _NEG_INF))
+    if not symmetric:
+        return row, None
+    top = m.max()
+    w = torch.where(finite, (m - top).exp(), torch.zeros_like(m))
+    colsum = torch.mv(e.T, w)
+    col = colsum.log().add_(top)
+    if bool((colsum < lim.col_floor).any()):
+        col = _lse(tiles.logits(r0, r1, c0, c1), 0, lim.flush)
+    return row, col
 
 
 class _TiledLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, row_bias, col_bias, masks, symmetric, tr, tc):
-        acc = _accumulate_dtype(q.dtype)
-        qa, ka = q.to(acc), k.to(acc)
-        rb = None if row_bias is None else row_bias.to(acc)
-        cb = None if col_bias is None else col_bias.to(acc)
-        n, m = qa.shape[0], ka.shape[0]
-        lse_r = torch.full((n,), _NEG_INF, dtype=acc, device=q.device)
-        lse_c = torch.full((m if symmetric else 0,), _NEG_INF, dtype=acc, device=q.device)
-        for r0 in range(0, n, tr):
-            r1 = min(n, r0 + tr)
-            qb = qa[r0:r1]
+        tiles = _Tiles(q, k, row_bias, col_bias, masks, tr, tc)
+        lim = _Limits(tiles.q.dtype)
+        acc = tiles.q.dtype
+        lse_r = torch.full((tiles.n,), _NEG_INF, dtype=acc, device=q.device)
+        lse_c = torch.full((tiles.m if symmetric else 0,), _NEG_INF, dtype=acc, device=q.device)
+        for r0, r1, c0, c1, x in tiles:
+            row, col = _tile_stats(tiles, x, r0, r1, c0, c1, symmetric, lim)
             run = lse_r[r0:r1]
-            for c0 in range(0, m, tc):
-                c1 = min(m, c0 + tc)
-                x = _tile(qb, ka[c0:c1], rb, cb, masks, r0, r1, c0, c1)
-                torch.logaddexp(run, _lse(x, 1), out=run)
-                if symmetric:
-                    cs = lse_c[c0:c1]
-                    torch.logaddexp(cs, _lse(x, 0), out=cs)
+            torch.logaddexp(run, row, out=run)
+            if symmetric:
+                cs = lse_c[c0:c1]
+                torch.logaddexp(cs, col, out=cs)
         ctx.save_for_backward(q, k, row_bias, col_bias, lse_r, lse_c)
         ctx.masks, ctx.symmetric, ctx.tr, ctx.tc = masks, symmetric, tr, tc
         if not symmetric:
@@ -102,47 +179,66 @@ class _TiledLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_r, g_c):
         q, k, row_bias, col_bias, lse_r, lse_c = ctx.saved_tensors
-        masks, symmetric, tr, tc = ctx.masks, ctx.symmetric, ctx.tr, ctx.tc
-        acc = lse_r.dtype
-        qa, ka = q.to(acc), k.to(acc)
-        rb = None if row_bias is None else row_bias.to(acc)
-        cb = None if col_bias is None else col_bias.to(acc)
-        n, m = qa.shape[0], ka.shape[0]
-        use_r = g_r is not None and bool(g_r.any())
-        use_c = symmetric and g_c is not None and bool(g_c.any())
         need_q, need_k, need_rb, need_cb = ctx.needs_input_grad[:4]
-        dq = torch.zeros_like(qa) if need_q else None
-        dk = torch.zeros_like(ka) if need_k else None
+        tiles = _Tiles(q, k, row_bias, col_bias, ctx.masks, ctx.tr, ctx.tc, n_buffers=2)
+        lim = _Limits(tiles.q.dtype)
+        acc, n, m = tiles.q.dtype, tiles.n, tiles.m
+        use_r = g_r is not None and bool(g_r.any())
+        use_c = ctx.symmetric and g_c is not None and bool(g_c.any())
+        dq = torch.zeros_like(tiles.q) if need_q else None
+        dk = torch.zeros_like(tiles.k) if need_k else None
         drb = torch.zeros(n, dtype=acc, device=q.device) if need_rb else None
         dcb = torch.zeros(m, dtype=acc, device=q.device) if need_cb else None
         if use_r or use_c:
-            lr = _safe(lse_r)
-            gr = g_r.to(acc) if use_r else None
+            lr = _finite_or_zero(lse_r)
+            gr = torch.where(torch.isfinite(lse_r), g_r.to(acc), torch.zeros_like(lr)) if use_r else torch.zeros_like(lr)
             if use_c:
-                lc = _safe(lse_c)
-                gc = g_c.to(acc)
-            for r0 in range(0, n, tr):
-                r1 = min(n, r0 + tr)
-                qb = qa[r0:r1]
-                for c0 in range(0, m, tc):
-                    c1 = min(m, c0 + tc)
-                    kb = ka[c0:c1]
-                    x = _tile(qb, kb, rb, cb, masks, r0, r1, c0, c1)
-                    if use_c:
-                        dx = (x - lc[None, c0:c1]).exp_().mul_(gc[None, c0:c1])
-                        if use_r:
-                            x.sub_(lr[r0:r1, None]).exp_().mul_(gr[r0:r1, None])
-                            dx.add_(x)
-                    else:
-                        dx = x.sub_(lr[r0:r1, None]).exp_().mul_(gr[r0:r1, None])
-                    if dq is not None:
-                        dq[r0:r1].addmm_(dx, kb)
+                lc = _finite_or_zero(lse_c)
+                gc = torch.where(torch.isfinite(lse_c), g_c.to(acc), torch.zeros_like(lc))
+            # Row-only: dX = diag(g) P, so g is applied to O(N d) operands, not to tiles.
+            fold_rows = not use_c
+            if fold_rows:
+                gq = tiles.q * gr[:, None]
+                pk = torch.zeros_like(tiles.q) if need_q else None
+            for r0, r1, c0, c1, x in tiles:
+                p = x.sub_(lr[r0:r1, None]).clamp_min_(-lim.flush).exp_()
+                if fold_rows:
+                    if pk is not None:
+                        pk[r0:r1].addmm_(p, tiles.k[c0:c1])
                     if dk is not None:
-                        dk[c0:c1].addmm_(dx.T, qb)
+                        dk[c0:c1].addmm_(p.T, gq[r0:r1])
                     if drb is not None:
-                        drb[r0:r1] += dx.sum(1)
+                        drb[r0:r1] += p.sum(1) * gr[r0:r1]
                     if dcb is not None:
-                        dcb[c0:c1] += dx.sum(0)
+                        dcb[c0:c1] += torch.mv(p.T, gr[r0:r1])
+                    continue
+                lr_t, lc_t = lr[r0:r1], lc[c0:c1]
+                spread = torch.maximum(lr_t.max() - lc_t.min(), lc_t.max() - lr_t.min())
+                if float(spread) <= lim.pair_range:
+                    # dX_ij = P_ij (g_i + h_j exp(lse_r_i - lse_c_j)), the exp split as a_i b_j.
+                    top = lr_t.max()
+                    a = (lr_t - top).exp_()
+                    b = (top - lc_t).exp_().mul_(gc[c0:c1])
+                    rmat = torch.outer(a, b, out=tiles.view(1, r1 - r0, c1 - c0))
+                    if use_r:
+                        rmat.add_(gr[r0:r1, None])
+                    dx = p.mul_(rmat)
+                else:
+                    x = tiles.logits(r0, r1, c0, c1)
+                    pc = torch.sub(x, lc_t[None, :], out=tiles.view(1, r1 - r0, c1 - c0))
+                    dx = pc.clamp_min_(-lim.flush).exp_().mul_(gc[None, c0:c1])
+                    if use_r:
+                        dx.add_(x.sub_(lr_t[:, None]).clamp_min_(-lim.flush).exp_().mul_(gr[r0:r1, None]))
+                if dq is not None:
+                    dq[r0:r1].addmm_(dx, tiles.k[c0:c1])
+                if dk is not None:
+                    dk[c0:c1].addmm_(dx.T, tiles.q[r0:r1])
+                if drb is not None:
+                    drb[r0:r1] += dx.sum(1)
+                if dcb is not None:
+                    dcb[c0:c1] += dx.sum(0)
+            if fold_rows and pk is not None:
+                dq = pk.mul_(gr[:, None])
         return (
             None if dq is None else dq.to(q.dtype),
             None if dk is None else dk.to(k.dtype),

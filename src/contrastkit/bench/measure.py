@@ -1,0 +1,128 @@
+"""Measuring one forward + backward in a fresh process: time, peak extra memory,
+and the machine's GEMM rate in the same run (so ratios, not seconds, are compared).
+
+Each measurement runs in its own subprocess so that peaks do not mix and an
+out-of-memory failure of the naive formula cannot take the benchmark down; the
+subprocess gets an address-space limit so that it fails cleanly instead of
+driving the machine into the OOM killer.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, Optional
+
+import psutil
+import torch
+
+__all__ = ["gemm_rate", "measure_in_subprocess", "worker_main"]
+
+
+def gemm_rate(dim: int, device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` float32 matmul rate (FLOP/s) for size x dim x size."""
+    a = torch.randn(size, dim, device=device)
+    b = torch.randn(size, dim, device=device)
+    a @ b.T
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b.T
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size * size * dim / best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _run_once(fn, inputs, tile, device) -> float:
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.grad = None
+    _sync(device)
+    start = time.perf_counter()
+    loss = fn(*inputs, tile)
+    loss.backward()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def worker_main(spec: Dict) -> Dict:
+    """Run one (objective, method, n) measurement in this process; return a dict."""
+    from .loss_cases import CASES, make_inputs
+
+    device = spec.get("device", "cpu")
+    case = CASES[spec["objective"]]
+    fn = {"ours": case.ours, "naive": case.naive, "peer": case.peer}[spec["method"]]
+    n, dim, tile = spec["n"], spec["dim"], spec.get("tile")
+    tile = tuple(tile) if isinstance(tile, list) else tile
+    out = {"objective": spec["objective"], "method": spec["method"], "n": n, "dim": dim, "device": device}
+    # warm up threads / kernels on a small problem, then measure the real one
+    _run_once(fn, make_inputs(min(n, 256), dim, 1, device), None, device)
+    out["gemm_flops"] = gemm_rate(dim, device)
+    inputs = make_inputs(n, dim, 0, device)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base, peak_before = _rss(), _max_rss()
+    try:
+        times = [_run_once(fn, inputs, tile, device)]
+        if device.startswith("cuda"):
+            out["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+        else:
+            out["peak_extra_bytes"] = max(0, max(_max_rss(), peak_before) - base)
+        budget = spec.get("repeat_budget_s", 3.0)
+        while sum(times) < budget and len(times) < spec.get("max_repeats", 5):
+            times.append(_run_once(fn, inputs, tile, device))
+        out["seconds"] = min(times)
+        out["repeats"] = len(times)
+        out["status"] = "ok"
+    except (RuntimeError, MemoryError) as err:  # out of memory under the address-space limit
+        out["status"] = "oom" if "memory" in str(err).lower() or isinstance(err, MemoryError) else "error"
+        out["error"] = str(err).splitlines()[0][:200]
+    return out
+
+
+def measure_in_subprocess(spec: Dict, mem_limit_bytes: Optional[int] = None, timeout_s: float = 1800.0) -> Dict:
+    """Run :func:`worker_main` in a fresh interpreter under an address-space limit."""
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "contrastkit.bench.measure", json.dumps(spec)]
+
+    def limit():  # runs in the child before exec
+        if mem_limit_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (mem_limit_bytes, mem_limit_bytes))
+
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
+                              preexec_fn=limit if mem_limit_bytes else None)
+    except subprocess.TimeoutExpired:
+        return {**spec, "status": "timeout", "error": f"exceeded {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    status = "oom" if proc.returncode in (-9, 137) or "memory" in err.lower() else "error"
+    return {**spec, "status": status, "error": err[:200]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker_main(json.loads(sys.argv[1]))), flush=True)
