@@ -1,0 +1,216 @@
+"""SigLIP (ck.functional.siglip, ck.losses.SigLIP) and the tiled element-wise engine
+against the materialised float64 formula sum_ij -log sigmoid(z_ij (s x.y + b)) / N:
+values and gradients of x, y, the temperature (scalar or per anchor) and the bias,
+over random sizes, tiles and positives; open_clip parity; bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import contrastkit as ck
+from conftest import assert_rel_close, grads_of
+from contrastkit.engine import DiagonalMask
+from contrastkit.engine.tiled_pairwise import KernelStats, LabelWeights, Softplus, tiled_pairwise
+from contrastkit.functional import siglip
+
+D64 = torch.float64
+DATA = Path(__file__).parent / "data"
+
+
+def naive_siglip(x, y, temperature, bias, positives=None, similarity="cosine", reduction="mean"):
+    if similarity == "cosine":
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    n, m = x.shape[0], y.shape[0]
+    t = temperature
+    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == n and n != 1:
+        logits = x @ y.T / t[:, None] + bias
+    else:
+        logits = x @ y.T / (t.reshape(()) if isinstance(t, torch.Tensor) else t) + bias
+    if positives is None:
+        positives = torch.arange(n)
+    z = -torch.ones(n, m, dtype=logits.dtype)
+    rows = (positives >= 0).nonzero().squeeze(1)
+    z[rows, positives[rows]] = 1.0
+    per_row = -F.logsigmoid(z * logits).sum(1)
+    return {"mean": per_row.sum() / n, "sum": per_row.sum(), "none": per_row}[reduction]
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 14))
+    m = draw(st.integers(n, n + 8)) if draw(st.booleans()) else draw(st.integers(1, 14))
+    d = draw(st.integers(1, 8))
+    tile = draw(st.sampled_from([1, 3, None, max(n, m) + 5, (2, 5)]))
+    positives = None
+    if m < n or draw(st.booleans()):
+        positives = torch.tensor(draw(st.lists(st.integers(-1, m - 1), min_size=n, max_size=n)))
+    return dict(n=n, m=m, d=d, tile=tile, positives=positives,
+                temp_kind=draw(st.sampled_from(["float", "scalar", "rows"])),
+                temps=draw(st.lists(st.floats(0.01, 3.0), min_size=n, max_size=n)),
+                bias=draw(st.floats(-12.0, 3.0)),
+                similarity=draw(st.sampled_from(["cosine", "dot"])),
+                reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+                seed=draw(st.integers(0, 2**31)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_siglip_matches_naive_values_and_gradients(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    x = torch.randn(p["n"], p["d"], dtype=D64, generator=g, requires_grad=True)
+    y = torch.randn(p["m"], p["d"], dtype=D64, generator=g, requires_grad=True)
+    b = torch.tensor(p["bias"], dtype=D64, requires_grad=True)
+    if p["temp_kind"] == "float":
+        t, params = p["temps"][0], []
+    elif p["temp_kind"] == "scalar":
+        t = torch.tensor(p["temps"][0], dtype=D64, requires_grad=True)
+        params = [t]
+    else:
+        t = torch.tensor(p["temps"], dtype=D64, requires_grad=True)
+        params = [t]
+    kw = dict(positives=p["positives"], similarity=p["similarity"], reduction=p["reduction"])
+    got = siglip(x, y, temperature=t, bias=b, tile_size=p["tile"], **kw)
+    want = naive_siglip(x, y, t, b, **kw)
+    assert_rel_close(got, want, what="value")
+    w = torch.randn(got.shape, dtype=D64, generator=g) if got.dim() else torch.tensor(1.0, dtype=D64)
+    inputs = [x, y, b] + params
+    for a, e, name in zip(grads_of((got * w).sum(), inputs), grads_of((want * w).sum(), inputs), "xybt"):
+        assert_rel_close(a, e, what=f"grad {name}", atol=1e-13)
+
+
+def test_openclip_siglip_parity():
+    z = np.load(DATA / "peer_losses.npz")
+    c = "openclip_siglip"
+    x = torch.tensor(z[f"{c}.in_x"], requires_grad=True)
+    y = torch.tensor(z[f"{c}.in_y"], requires_grad=True)
+    scale = torch.tensor(z[f"{c}.in_logit_scale"], requires_grad=True)
+    bias = torch.tensor(z[f"{c}.in_logit_bias"], requires_grad=True)
+    for tile in (None, 1, 7, 100):
+        loss = siglip(x, y, temperature=1.0 / scale, bias=bias, similarity="dot", tile_size=tile)
+        grads = grads_of(loss, [x, y, scale, bias])
+        assert_rel_close(loss, torch.tensor(z[f"{c}.loss"]), rtol=1e-12, what="loss")
+        for gr, name in zip(grads, ["x", "y", "logit_scale", "logit_bias"]):
+            assert_rel_close(gr, torch.tensor(z[f"{c}.grad_{name}"]), rtol=1e-10, what=name)
+
+
+def test_siglip_module_learnable_init_and_grads():
+    torch.manual_seed(0)
+    mod = ck.losses.SigLIP()
+    assert abs(float(mod.temperature().detach()) - 0.1) < 1e-6
+    assert float(mod.bias.detach()) == -10.0
+    assert abs(float(mod.temperature.log_scale.detach()) - np.log(10.0)) < 1e-6
+    x, y = torch.randn(9, 5), torch.randn(9, 5)
+    loss = mod(x, y)
+    loss.backward()
+    assert mod.bias.grad is not None and mod.temperature.log_scale.grad is not None
+    want = naive_siglip(x.double(), y.double(), 0.1, -10.0)
+    assert abs(float(loss) - float(want)) < 1e-5 * float(want)
+    fixed = ck.losses.SigLIP(temperature=0.5, bias=0.0, learnable=False)
+    assert not any(p.requires_grad for p in fixed.parameters())
+
+
+def test_siglip_float32_large_tile_agrees_with_float64():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(300, 16, generator=g), torch.randn(300, 16, generator=g)
+    got = siglip(x, y, temperature=0.05, bias=-5.0, tile_size=64)
+    want = naive_siglip(x.double(), y.double(), 0.05, -5.0)
+    assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+
+
+def test_siglip_one_row_and_rank_offset():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, dtype=D64, generator=g)
+    y = torch.randn(6, 4, dtype=D64, generator=g)
+    assert_rel_close(siglip(x, y, temperature=0.3, bias=-1.0), naive_siglip(x, y, 0.3, -1.0))
+    # a rank holding global rows 2..4 of the anchors and all 6 candidates
+    xr = torch.randn(3, 4, dtype=D64, generator=g)
+    pos = torch.arange(3) + 2
+    assert_rel_close(siglip(xr, y, temperature=0.3, bias=-1.0, positives=pos),
+                     naive_siglip(xr, y, 0.3, -1.0, positives=pos))
+
+
+def test_siglip_bad_input():
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="dimension"):
+        siglip(x, torch.randn(4, 5), temperature=0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        siglip(x.masked_fill(torch.eye(4, 3, dtype=torch.bool), float("nan")), y, temperature=0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        siglip(x, y, temperature=0.0)
+    with pytest.raises(ValueError, match="bias"):
+        siglip(x, y, temperature=0.1, bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="bias"):
+        siglip(x, y, temperature=0.1, bias=float("nan"))
+    with pytest.raises(ValueError, match="positives"):
+        siglip(x, y, temperature=0.1, positives=torch.tensor([0, 1, 2, 9]))
+    with pytest.raises(ValueError, match="candidates"):
+        siglip(x, y[:2], temperature=0.1)
+    with pytest.raises(ValueError, match="reduction"):
+        siglip(x, y, temperature=0.1, reduction="max")
+
+
+# ---------------------------------------------------------------- the engine itself
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 12), m=st.integers(1, 12), d=st.integers(1, 6), tile=st.sampled_from([1, 4, None, 50]),
+       columns=st.booleans(), seed=st.integers(0, 2**31))
+def test_tiled_pairwise_softplus_rows_and_columns(n, m, d, tile, columns, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, dtype=D64, generator=g, requires_grad=True)
+    k = torch.randn(m, d, dtype=D64, generator=g, requires_grad=True)
+    r = torch.randn(n, dtype=D64, generator=g, requires_grad=True)
+    c = torch.randn(m, dtype=D64, generator=g, requires_grad=True)
+    rows, cols = tiled_pairwise(q, k, Softplus(), row_bias=r, col_bias=c, columns=columns, tile_size=tile,
+                                masks=[DiagonalMask(1)])
+    u = q @ k.T + r[:, None] + c[None, :]
+    drop = torch.zeros(n, m, dtype=torch.bool)
+    i = torch.arange(n)
+    ok = i + 1 < m
+    drop[i[ok], i[ok] + 1] = True
+    v = F.softplus(u).masked_fill(drop, 0.0)
+    wr = torch.randn(n, dtype=D64, generator=g)
+    got, want = (rows[0] * wr).sum(), (v.sum(1) * wr).sum()
+    if columns:
+        wc = torch.randn(m, dtype=D64, generator=g)
+        got, want = got + (cols[0] * wc).sum(), want + (v.sum(0) * wc).sum()
+    assert_rel_close(got, want)
+    for a, e in zip(grads_of(got, [q, k, r, c]), grads_of(want, [q, k, r, c])):
+        assert_rel_close(a, e, atol=1e-13)
+
+
+def test_tiled_pairwise_weighted_student_t_lse_columns():
+    g = torch.Generator().manual_seed(7)
+    n, m, d = 7, 9, 3
+    a = torch.randn(n, d, dtype=D64, generator=g, requires_grad=True)
+    b = torch.randn(m, d, dtype=D64, generator=g, requires_grad=True)
+    lr, lc = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
+    scale = torch.rand(n, dtype=D64, generator=g)
+    op = KernelStats("student_t", weights=LabelWeights(lr, lc, scale), lse=True)
+    ra, cb = -0.5 * a.pow(2).sum(1), -0.5 * b.pow(2).sum(1)
+    rows, cols = tiled_pairwise(a, b, op, row_bias=ra, col_bias=cb, columns=True, tile_size=(3, 4))
+    x = -torch.log1p(torch.cdist(a, b).pow(2))
+    w = (lr[:, None] == lc[None, :]).to(D64) * scale[:, None]
+    want = [(w * x).sum(1), torch.logsumexp(x, 1), (w * x).sum(0), torch.logsumexp(x, 0)]
+    got = [rows[0], rows[1], cols[0], cols[1]]
+    total_g = sum((t * (i + 1)).sum() for i, t in enumerate(got))
+    total_w = sum((t * (i + 1)).sum() for i, t in enumerate(want))
+    for ga, wa in zip(got, want):
+        assert_rel_close(ga, wa)
+    for ga, wa in zip(grads_of(total_g, [a, b]), grads_of(total_w, [a, b])):
+        assert_rel_close(ga, wa, atol=1e-13)
+
+
+def test_tiled_pairwise_bad_input():
+    with pytest.raises(ValueError, match="q \\(N, d\\)"):
+        tiled_pairwise(torch.randn(3, 2), torch.randn(3, 4), Softplus())
+    with pytest.raises(ValueError, match="row_bias"):
+        tiled_pairwise(torch.randn(3, 2), torch.randn(3, 2), Softplus(), row_bias=torch.zeros(2))
+    with pytest.raises(ValueError, match="TileOp"):
+        tiled_pairwise(torch.randn(3, 2), torch.randn(3, 2), "softplus")
