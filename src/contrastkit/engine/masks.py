@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["TileMask", "DiagonalMask", "LabelMask", "IndexMask"]
+__all__ = ["TileMask", "DiagonalMask", "LabelMask", "DifferentLabelMask", "IndexMask"]
 
 
 class TileMask:
@@ -81,6 +81,23 @@ class LabelMask(TileMask):
     def apply_(self, x, r0, r1, c0, c1):
         same = self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1]
         x.masked_fill_(same, float("-inf"))
+
+
+class DifferentLabelMask(LabelMask):
+    """Drop every entry whose row label differs from its column label (keep same-label).
+
+    The complement of :class:`LabelMask`: with it a log-sum-exp runs over the positives
+    of each row only (SupCon L_in, margins on label positives). Add a
+    :class:`DiagonalMask` to leave the anchor itself out too.
+
+    Example::
+
+        pos_lse, _ = tiled_logsumexp(z, z, masks=[DifferentLabelMask(y, y), DiagonalMask()])
+    """
+
+    def apply_(self, x, r0, r1, c0, c1):
+        diff = self.row_labels[r0:r1, None] != self.col_labels[None, c0:c1]
+        x.masked_fill_(diff, float("-inf"))
 
 
 class IndexMask(TileMask):
