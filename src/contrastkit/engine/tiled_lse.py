@@ -56,13 +56,18 @@ class _Limits:
     recomputed exactly (its own maximum) instead of trusting it.
     ``pair_range``: the fused symmetric backward needs |lse_row_i - lse_col_j| below
     this within a tile; otherwise the tile takes the two-exponential path.
+    ``direct``: when every logit is provably within +-direct (from the row / column
+    norms and biases), exp(X) neither overflows nor leaves the normal range, so no
+    stabiliser, clamp or running maximum is needed: the *direct* regime, which
+    saves half the element-wise passes. Cosine logits at temperature >= 1/32 in
+    float32 are in it.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
         if dtype == torch.float64:
-            self.flush, self.col_floor, self.pair_range = 700.0, 1e-250, 600.0
+            self.flush, self.col_floor, self.pair_range, self.direct = 700.0, 1e-250, 600.0, 300.0
         else:
-            self.flush, self.col_floor, self.pair_range = 80.0, 1e-20, 40.0
+            self.flush, self.col_floor, self.pair_range, self.direct = 80.0, 1e-20, 40.0, 32.0
 
 
 class _Tiles:
@@ -80,6 +85,14 @@ class _Tiles:
         self.masks, self.tr, self.tc = masks, tr, tc
         self.n, self.m = self.q.shape[0], self.k.shape[0]
         self.buffers = [torch.empty(tr * tc, dtype=acc, device=q.device) for _ in range(n_buffers)]
+
+    def logit_bound(self) -> float:
+        """An upper bound of |X_ij| over the whole matrix: max|q| max|k| + max|r| + max|c|."""
+        bound = self.q.norm(dim=1).max() * self.k.norm(dim=1).max()
+        for b in (self.rb, self.cb):
+            if b is not None:
+                bound = bound + b.abs().max()
+        return float(bound)
 
     def view(self, which, rows, cols):
         return self.buffers[which][: rows * cols].view(rows, cols)
@@ -161,17 +174,30 @@ class _TiledLSE(torch.autograd.Function):
         tiles = _Tiles(q, k, row_bias, col_bias, masks, tr, tc)
         lim = _Limits(tiles.q.dtype)
         acc = tiles.q.dtype
-        lse_r = torch.full((tiles.n,), _NEG_INF, dtype=acc, device=q.device)
-        lse_c = torch.full((tiles.m if symmetric else 0,), _NEG_INF, dtype=acc, device=q.device)
-        for r0, r1, c0, c1, x in tiles:
-            row, col = _tile_stats(tiles, x, r0, r1, c0, c1, symmetric, lim)
-            run = lse_r[r0:r1]
-            torch.logaddexp(run, row, out=run)
-            if symmetric:
-                cs = lse_c[c0:c1]
-                torch.logaddexp(cs, col, out=cs)
+        direct = tiles.logit_bound() <= lim.direct
+        if direct:
+            # |X| is bounded: plain sums of exp(X), no stabiliser.
+            sum_r = torch.zeros(tiles.n, dtype=acc, device=q.device)
+            sum_c = torch.zeros(tiles.m if symmetric else 0, dtype=acc, device=q.device)
+            ones = torch.ones(tr, dtype=acc, device=q.device)
+            for r0, r1, c0, c1, x in tiles:
+                e = x.exp_()
+                sum_r[r0:r1] += e.sum(1)
+                if symmetric:  # a matrix-vector product sums columns faster than sum(0)
+                    sum_c[c0:c1].addmv_(e.T, ones[: r1 - r0])
+            lse_r, lse_c = sum_r.log_(), sum_c.log_()
+        else:
+            lse_r = torch.full((tiles.n,), _NEG_INF, dtype=acc, device=q.device)
+            lse_c = torch.full((tiles.m if symmetric else 0,), _NEG_INF, dtype=acc, device=q.device)
+            for r0, r1, c0, c1, x in tiles:
+                row, col = _tile_stats(tiles, x, r0, r1, c0, c1, symmetric, lim)
+                run = lse_r[r0:r1]
+                torch.logaddexp(run, row, out=run)
+                if symmetric:
+                    cs = lse_c[c0:c1]
+                    torch.logaddexp(cs, col, out=cs)
         ctx.save_for_backward(q, k, row_bias, col_bias, lse_r, lse_c)
-        ctx.masks, ctx.symmetric, ctx.tr, ctx.tc = masks, symmetric, tr, tc
+        ctx.masks, ctx.symmetric, ctx.tr, ctx.tc, ctx.direct = masks, symmetric, tr, tc, direct
         if not symmetric:
             ctx.mark_non_differentiable(lse_c)
         return lse_r, lse_c
@@ -195,13 +221,22 @@ class _TiledLSE(torch.autograd.Function):
             if use_c:
                 lc = _finite_or_zero(lse_c)
                 gc = torch.where(torch.isfinite(lse_c), g_c.to(acc), torch.zeros_like(lc))
+            direct = ctx.direct
+            if direct:
+                # P_ij = exp(X_ij) exp(-lse_i): fold exp(-lse) into the row / column weights.
+                gr = gr * torch.where(torch.isfinite(lse_r), (-lr).exp(), torch.zeros_like(lr))
+                if use_c:
+                    gc = gc * torch.where(torch.isfinite(lse_c), (-lc).exp(), torch.zeros_like(lc))
             # Row-only: dX = diag(g) P, so g is applied to O(N d) operands, not to tiles.
             fold_rows = not use_c
             if fold_rows:
                 gq = tiles.q * gr[:, None]
                 pk = torch.zeros_like(tiles.q) if need_q else None
             for r0, r1, c0, c1, x in tiles:
-                p = x.sub_(lr[r0:r1, None]).clamp_min_(-lim.flush).exp_()
+                if direct:
+                    p = x.exp_()
+                else:
+                    p = x.sub_(lr[r0:r1, None]).clamp_min_(-lim.flush).exp_()
                 if fold_rows:
                     if pk is not None:
                         pk[r0:r1].addmm_(p, tiles.k[c0:c1])
@@ -213,8 +248,11 @@ class _TiledLSE(torch.autograd.Function):
                         dcb[c0:c1] += torch.mv(p.T, gr[r0:r1])
                     continue
                 lr_t, lc_t = lr[r0:r1], lc[c0:c1]
-                spread = torch.maximum(lr_t.max() - lc_t.min(), lc_t.max() - lr_t.min())
-                if float(spread) <= lim.pair_range:
+                if direct:
+                    # dX_ij = exp(X_ij) (g_i e^{-lse_i} + h_j e^{-lse_j})
+                    rmat = torch.add(gr[r0:r1, None], gc[None, c0:c1], out=tiles.view(1, r1 - r0, c1 - c0))
+                    dx = p.mul_(rmat)
+                elif float(torch.maximum(lr_t.max() - lc_t.min(), lc_t.max() - lr_t.min())) <= lim.pair_range:
                     # dX_ij = P_ij (g_i + h_j exp(lse_r_i - lse_c_j)), the exp split as a_i b_j.
                     top = lr_t.max()
                     a = (lr_t - top).exp_()
