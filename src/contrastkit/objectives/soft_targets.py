@@ -1,0 +1,333 @@
+"""Soft targets: CWCL and the I-Con KL form. Targets come from small inputs (labels,
+frozen teacher embeddings) and are formed per tile or in closed form, never as an
+N x M matrix.
+
+**CWCL** (Srinivasa et al. 2023, "CWCL: Cross-Modal Transfer with Continuously
+Weighted Contrastive Loss"). The cross-entropy of each anchor is weighted over all
+candidates by the within-modality similarity of a frozen tower, normalised per row:
+
+    w_ij   = (1 + cos(t_i, t'_j)) / 2                      (t, t': frozen teacher embeddings)
+    loss_i = -1/(sum_j w_ij) sum_j w_ij log softmax_j(s x_i . y_j),       s = 1 / temperature
+
+Because w is affine in the teacher dot product, ``sum_j w_ij x_i . y_j`` and
+``sum_j w_ij`` have an exact closed form (O((N + M) d d_t), no tile); the
+log-sum-exp is :func:`contrastkit.engine.tiled_logsumexp`. ``symmetric=True`` adds
+the candidate -> anchor direction (weights normalised per column) and averages.
+
+**I-Con** (Alshammari et al. 2025, "I-Con: A Unifying Framework for Representation
+Learning"). The loss is the mean KL divergence between a supervisory conditional
+p(j|i) and a learned conditional q(j|i), both over j != i:
+
+    loss = 1/N sum_i KL(p(.|i) || q(.|i))
+         = 1/N sum_i [ sum_j p_ij log p_ij - sum_j p_ij X_ij + log sum_{j != i} exp X_ij ]
+
+with the learned kernel X_ij one of
+
+    "cosine"     s cos(f_i, f_j)                      (s = 1 / temperature, per anchor allowed)
+    "gaussian"   -||f_i - f_j||^2 / (2 sigma^2)
+    "student_t"  -log(1 + ||f_i - f_j||^2)
+
+and the supervision p one of
+
+    labels=y                      uniform over the other samples with the same label
+    teacher=t, neighbors=k        uniform over the k nearest neighbours of t_i (cosine), tiled top-k
+    teacher=t, teacher_temperature=T   softmax_{j != i}(cos(t_i, t_j) / T)
+
+Rows whose p is undefined (a label seen once) are left out of the mean. All three
+terms come from one pass over the tiles (:func:`contrastkit.engine.tiled_pairwise.tiled_pairwise`
+with :class:`~contrastkit.engine.tiled_pairwise.KernelStats`): p is formed per tile from
+the labels / neighbour lists / teacher rows.
+
+Example::
+
+    import contrastkit as ck
+    loss = ck.functional.cwcl(image_emb, text_emb, temperature=0.07)   # teacher = text tower
+    loss = ck.functional.icon(z, labels=y, kernel="cosine", temperature=0.1)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..engine import DiagonalMask, tiled_logsumexp
+from ..engine.neighbors import tiled_topk
+from ..engine.positives import dense_label_ids
+from ..engine.tiled_pairwise import IndexWeights, KernelStats, LabelWeights, SoftmaxWeights, tiled_pairwise
+from ..engine.tiling import TileSize
+from ..engine.validation import check_embeddings, check_labels, check_pair, check_scale
+from .common import REDUCTIONS, Temperature, prepare, reduce_rows, scale_rows
+
+__all__ = ["cwcl", "CWCL", "icon", "ICon", "ICON_KERNELS"]
+
+ICON_KERNELS = ("cosine", "gaussian", "student_t")
+
+
+# --------------------------------------------------------------------------- CWCL
+
+
+def _teacher(name: str, t: Tensor, n: int, like: Tensor) -> Tensor:
+    check_embeddings(name, t)
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have one row per {'anchor' if name == 'teacher' else 'candidate'} "
+                         f"({n}), got {t.shape[0]} rows")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the embeddings are on {like.device}")
+    return F.normalize(t.detach().to(like.dtype), dim=-1)
+
+
+def cwcl(
+    x: Tensor,
+    y: Tensor,
+    *,
+    temperature: Union[float, Tensor],
+    teacher: Optional[Tensor] = None,
+    teacher_candidates: Optional[Tensor] = None,
+    symmetric: bool = False,
+    similarity: str = "cosine",
+    tile_size: TileSize = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """CWCL of anchors ``x`` (N, d) (the tower being trained) against ``y`` (M, d); exact, tiled.
+
+    Args:
+        temperature: float, scalar tensor (learnable) or one per anchor (N,).
+        teacher: frozen embeddings (N, d_t) of the anchors' samples in the teacher
+            modality; default ``y`` itself, detached (the frozen tower's outputs;
+            needs M == N).
+        teacher_candidates: frozen embeddings (M, d_t) of the candidates; default
+            ``teacher`` (needs M == N).
+        symmetric: add the y -> x direction (weights normalised per column) and average.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per anchor; not with symmetric).
+
+    Example::
+
+        img, txt = torch.randn(8, 16), torch.randn(8, 16)
+        cwcl(img, txt, temperature=0.07)            # weights from txt's own similarities
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    q, k = prepare(similarity, x=x, y=y)
+    n, m = q.shape[0], k.shape[0]
+    if teacher is None and teacher_candidates is None:
+        if m != n:
+            raise ValueError(f"the default teacher (y itself) needs as many candidates as anchors, got N={n}, M={m}; "
+                             "pass teacher= and teacher_candidates=")
+        teacher = y
+    if teacher is None:
+        raise ValueError("teacher_candidates needs teacher= (the frozen embeddings of the anchors' samples)")
+    t_rows = _teacher("teacher", teacher, n, q)
+    if teacher_candidates is None:
+        if m != n:
+            raise ValueError(f"teacher_candidates= is needed when N != M (got N={n}, M={m})")
+        t_cols = t_rows
+    else:
+        t_cols = _teacher("teacher_candidates", teacher_candidates, m, q)
+        check_pair("teacher", t_rows, "teacher_candidates", t_cols)
+    qs = scale_rows(q, temperature)
+    lse_r, lse_c = tiled_logsumexp(qs, k, symmetric=symmetric, tile_size=tile_size)
+    # rows: sum_j w_ij qs_i.k_j = qs_i . (sum_j k_j + (K^T T') t_i) / 2,  sum_j w_ij = (M + t_i . sum_j t'_j) / 2
+    w_rows = 0.5 * (m + t_rows @ t_cols.sum(0))
+    target = 0.5 * (k.sum(0) + t_rows @ (k.T @ t_cols).T)
+    cross = (qs * target).sum(-1)
+    valid = w_rows > 0
+    row_losses = lse_r.to(cross.dtype) - cross / torch.where(valid, w_rows, torch.ones_like(w_rows))
+    if not bool(valid.any()):
+        raise ValueError("every anchor row has all-zero CWCL weights (teacher similarities all -1)")
+    if not symmetric:
+        if reduction == "none":
+            return torch.where(valid, row_losses, torch.zeros_like(row_losses))
+        return reduce_rows(row_losses[valid], reduction)
+    if reduction == "none":
+        raise ValueError("reduction='none' is not defined for symmetric losses (rows and columns differ)")
+    w_cols = 0.5 * (n + t_cols @ t_rows.sum(0))
+    target_c = 0.5 * (qs.sum(0) + t_cols @ (qs.T @ t_rows).T)
+    cross_c = (k * target_c).sum(-1)
+    valid_c = w_cols > 0
+    col_losses = lse_c.to(cross_c.dtype) - cross_c / torch.where(valid_c, w_cols, torch.ones_like(w_cols))
+    return 0.5 * (reduce_rows(row_losses[valid], reduction) + reduce_rows(col_losses[valid_c], reduction))
+
+
+class CWCL(nn.Module):
+    """CWCL loss module: ``forward(x, y, teacher=None, teacher_candidates=None)``; see :func:`cwcl`.
+
+    Example::
+
+        loss_fn = CWCL(temperature=0.07)
+        loss = loss_fn(speech_encoder(audio), frozen_text_tower(text))
+        loss.backward()
+    """
+
+    def __init__(self, temperature: float = 0.07, learn_temperature: bool = False, symmetric: bool = False,
+                 similarity: str = "cosine", tile_size: TileSize = None) -> None:
+        super().__init__()
+        self.temperature = Temperature(temperature, learnable=learn_temperature)
+        self.symmetric, self.similarity, self.tile_size = symmetric, similarity, tile_size
+
+    def forward(self, x: Tensor, y: Tensor, teacher: Optional[Tensor] = None,
+                teacher_candidates: Optional[Tensor] = None) -> Tensor:
+        return cwcl(x, y, temperature=self.temperature(), teacher=teacher, teacher_candidates=teacher_candidates,
+                    symmetric=self.symmetric, similarity=self.similarity, tile_size=self.tile_size)
+
+
+# --------------------------------------------------------------------------- I-Con
+
+
+def _sigma_squared(sigma: Union[float, Tensor], like: Tensor) -> Union[float, Tensor]:
+    if isinstance(sigma, Tensor) and sigma.numel() != 1:
+        raise ValueError(f"sigma must be a number or a scalar tensor, got shape {tuple(sigma.shape)}")
+    check_scale("sigma", sigma, like=like, n_rows=1)
+    if isinstance(sigma, Tensor):
+        return sigma.to(like.dtype).reshape(()) ** 2
+    return float(sigma) ** 2
+
+
+def icon(
+    features: Tensor,
+    *,
+    labels: Optional[Tensor] = None,
+    teacher: Optional[Tensor] = None,
+    neighbors: Optional[int] = None,
+    teacher_temperature: Optional[float] = None,
+    kernel: str = "cosine",
+    temperature: Union[float, Tensor] = 0.1,
+    sigma: Union[float, Tensor] = 1.0,
+    tile_size: TileSize = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """I-Con: mean KL(p(.|i) || q(.|i)) over the rows of ``features`` (N, d); exact, tiled.
+
+    Give exactly one supervision: ``labels`` (N,), or ``teacher`` (N, d_t) with
+    ``neighbors=k`` (k-NN graph) or ``teacher_temperature=T`` (teacher softmax).
+
+    Args:
+        kernel: learned conditional: ``"cosine"`` (features L2-normalised, scaled by
+            1 / ``temperature``: float, scalar tensor or one per row (N,)),
+            ``"gaussian"`` (``sigma``: float or scalar tensor) or ``"student_t"``; the
+            last two use the features as given.
+        reduction: ``"mean"`` over rows with a defined p, ``"sum"``, or ``"none"``
+            (per row, 0 where p is undefined).
+
+    Example::
+
+        z, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+        icon(z, labels=y, kernel="cosine", temperature=0.5)
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if kernel not in ICON_KERNELS:
+        raise ValueError(f"kernel must be one of {ICON_KERNELS}, got {kernel!r}")
+    check_embeddings("features", features)
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError(f"I-Con needs at least 2 rows (the conditionals are over j != i), got {n}")
+    dev = features.device
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+
+    # --- supervision p(j|i), per tile
+    given = [labels is not None, neighbors is not None, teacher_temperature is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one supervision: labels=, teacher= with neighbors=, "
+                         "or teacher= with teacher_temperature=")
+    entropy_from_op = False
+    if labels is not None:
+        if teacher is not None:
+            raise ValueError("labels= and teacher= are two supervisions; give one")
+        labels = check_labels("labels", labels, n, dev)
+        rid, _, n_cls = dense_label_ids(labels, labels)
+        count = (torch.bincount(rid, minlength=n_cls)[rid] - 1).to(acc)
+        valid = count > 0
+        if not bool(valid.any()):
+            raise ValueError("no row has another sample with its label: p(j|i) is undefined for every row")
+        row_scale = torch.where(valid, 1.0 / count.clamp(min=1), torch.zeros_like(count))
+        weights = LabelWeights(rid, rid, row_scale, self_offset=0)
+        neg_entropy = torch.where(valid, -torch.log(count.clamp(min=1)), torch.zeros_like(count))
+    else:
+        if teacher is None:
+            raise ValueError("neighbors= and teacher_temperature= need teacher= (frozen embeddings, (N, d_t))")
+        check_embeddings("teacher", teacher)
+        if teacher.shape[0] != n:
+            raise ValueError(f"teacher must have one row per feature row ({n}), got {teacher.shape[0]} rows")
+        if teacher.device != dev:
+            raise ValueError(f"teacher is on {teacher.device} but features are on {dev}")
+        t = F.normalize(teacher.detach().to(acc), dim=-1)
+        valid = torch.ones(n, dtype=torch.bool, device=dev)
+        if neighbors is not None:
+            if isinstance(neighbors, bool) or not isinstance(neighbors, int) or not 1 <= neighbors <= n - 1:
+                raise ValueError(f"neighbors must be an int in [1, N-1={n - 1}], got {neighbors!r}")
+            _, idx = tiled_topk(t, t, neighbors, self_offset=0, tile_size=tile_size)
+            weights = IndexWeights(idx, torch.full((n,), 1.0 / neighbors, dtype=acc, device=dev))
+            neg_entropy = torch.full((n,), -math.log(neighbors), dtype=acc, device=dev)
+        else:
+            check_scale("teacher_temperature", teacher_temperature)
+            tq = t / float(teacher_temperature)
+            with torch.no_grad():
+                t_lse, _ = tiled_logsumexp(tq, t, masks=[DiagonalMask(0)], tile_size=tile_size)
+            weights = SoftmaxWeights(tq, t, t_lse, self_offset=0)
+            entropy_from_op = True
+            neg_entropy = None
+
+    # --- learned kernel X = f(U), U = q.k + r + c
+    row_bias = col_bias = None
+    if kernel == "cosine":
+        z = F.normalize(features, dim=-1)
+        q, k = scale_rows(z, temperature), z
+        op_kernel = "linear"
+    elif kernel == "gaussian":
+        s2 = _sigma_squared(sigma, features)
+        sq = features.pow(2).sum(-1) / (-2.0 * s2)
+        q, k, row_bias, col_bias = features / s2, features, sq, sq
+        op_kernel = "linear"
+    else:
+        sq = features.pow(2).sum(-1) * -0.5
+        q, k, row_bias, col_bias = features, features, sq, sq
+        op_kernel = "student_t"
+    op = KernelStats(op_kernel, weights=weights, lse=True, weight_entropy=entropy_from_op)
+    rows, _ = tiled_pairwise(q, k, op, row_bias=row_bias, col_bias=col_bias, masks=[DiagonalMask(0)],
+                             tile_size=tile_size)
+    rows = rows.to(features.dtype)
+    cross, lse = rows[0], rows[1]
+    if entropy_from_op:
+        neg_entropy = rows[2]
+    per_row = neg_entropy.to(features.dtype) - cross + lse
+    if reduction == "none":
+        return torch.where(valid, per_row, torch.zeros_like(per_row))
+    return reduce_rows(per_row[valid], reduction)
+
+
+class ICon(nn.Module):
+    """I-Con loss module: ``forward(features, labels=None, teacher=None)``; see :func:`icon`.
+
+    Example::
+
+        loss_fn = ICon(kernel="student_t", neighbors=10)           # k-NN graph of a teacher
+        loss = loss_fn(student(x), teacher=frozen_teacher(x))
+        loss.backward()
+    """
+
+    def __init__(self, kernel: str = "cosine", temperature: float = 0.1, learn_temperature: bool = False,
+                 sigma: float = 1.0, neighbors: Optional[int] = None, teacher_temperature: Optional[float] = None,
+                 tile_size: TileSize = None) -> None:
+        super().__init__()
+        if kernel not in ICON_KERNELS:
+            raise ValueError(f"kernel must be one of {ICON_KERNELS}, got {kernel!r}")
+        if neighbors is not None and teacher_temperature is not None:
+            raise ValueError("give neighbors= or teacher_temperature=, not both")
+        self.kernel = kernel
+        self.temperature = Temperature(temperature, learnable=learn_temperature)
+        self.sigma = float(sigma)
+        self.neighbors, self.teacher_temperature, self.tile_size = neighbors, teacher_temperature, tile_size
+
+    def forward(self, features: Tensor, labels: Optional[Tensor] = None, teacher: Optional[Tensor] = None) -> Tensor:
+        neighbors, teacher_temperature = self.neighbors, self.teacher_temperature
+        if labels is not None:
+            neighbors = teacher_temperature = None
+        elif teacher is not None and neighbors is None and teacher_temperature is None:
+            raise ValueError("ICon got teacher= but was built without neighbors= or teacher_temperature=")
+        return icon(features, labels=labels, teacher=teacher, neighbors=neighbors,
+                    teacher_temperature=teacher_temperature, kernel=self.kernel, temperature=self.temperature(),
+                    sigma=self.sigma, tile_size=self.tile_size)
