@@ -1,0 +1,41 @@
+"""Scaling: gradient caching and many processes, exact and bounded in memory.
+
+- :class:`GradCache`: chunked encoder passes with RNG replay; activation memory of
+  one chunk, parameter gradients of the full batch.
+- :class:`DistributedLoss`, :func:`all_gather_with_grad`, :func:`ring_logsumexp`:
+  every rank's anchors against every rank's candidates with the 1-rank gradient
+  (after DDP averaging), gathered or passed round a ring.
+
+Example::
+
+    gc = ck.scale.GradCache(encoder, ck.scale.DistributedLoss(ck.losses.InfoNCE()), chunk_size=32)
+    loss = gc.step(q_batch, d_batch)
+"""
+
+from .distributed import (
+    DistributedLoss,
+    all_gather_with_grad,
+    average_gradients,
+    check_same_shapes,
+    distributed_index_loss,
+    mean_over_ranks,
+    rank_and_world,
+    ring_logsumexp,
+)
+from .grad_cache import GradCache, RandState, default_embed, plan_chunks, select_rows
+
+__all__ = [
+    "GradCache",
+    "RandState",
+    "plan_chunks",
+    "select_rows",
+    "default_embed",
+    "DistributedLoss",
+    "all_gather_with_grad",
+    "ring_logsumexp",
+    "distributed_index_loss",
+    "check_same_shapes",
+    "average_gradients",
+    "mean_over_ranks",
+    "rank_and_world",
+]

@@ -1,0 +1,220 @@
+"""GradCache: a cached step gives the parameter gradients of a plain full-batch step.
+
+The encoder is a tiny BertModel built from a config (no download) with dropout
+active, in float64. With dropout the plain reference encodes the same chunks with
+autograd (the only way two runs can draw the same masks); without dropout it is one
+forward of the whole batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import contrastkit as ck
+from contrastkit.models import TextEncoder
+from contrastkit.scale import GradCache
+
+from conftest import assert_rel_close
+
+
+def tiny_bert(dropout: float = 0.1, seed: int = 0, dtype=torch.float64) -> TextEncoder:
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=dropout,
+                                  attention_probs_dropout_prob=dropout)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).to(dtype)
+    enc = TextEncoder(model=model, pooling="mean", normalize=False)
+    enc.train()
+    return enc
+
+
+def token_batch(n: int, max_len: int = 12, seed: int = 1) -> dict:
+    """Right-padded ids with varied lengths (so padding trimming and token chunks matter)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, max_len + 1, (n,), generator=g)
+    ids = torch.randint(1, 60, (n, max_len), generator=g)
+    mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def grads(*modules):
+    out = []
+    for m in modules:
+        for name, p in m.named_parameters():
+            if p.requires_grad:
+                out.append((name, None if p.grad is None else p.grad.detach().clone()))
+    return out
+
+
+def zero(*modules):
+    for m in modules:
+        for p in m.parameters():
+            p.grad = None
+
+
+def reference_step(gc: GradCache, *inputs, extra=None, extra_group=1, loss_args=()):
+    """Plain step: the same chunks encoded *with* autograd, one loss, one backward."""
+    embs = []
+    for g, inp in enumerate(inputs):
+        plan = gc.plan(inp)
+        parts = [gc.encode(g, inp, idx) for idx in plan]
+        cat = torch.cat(parts)
+        order = torch.cat(plan)
+        full = torch.empty_like(cat)
+        full[order] = cat
+        embs.append(full.float() if full.dtype == torch.bfloat16 else full)
+    if extra is not None:
+        embs[extra_group] = torch.cat([embs[extra_group], extra])
+    loss = gc.loss_fn(*embs, *loss_args)
+    loss.backward()
+    return loss.detach()
+
+
+def compare(loss_a, ga, loss_b, gb, rtol=1e-10):
+    """Loss and every gradient; a gradient is compared relative to its own largest entry or,
+    for one that is 0 in exact arithmetic (attention key biases), to the largest gradient
+    entry of the model."""
+    assert_rel_close(loss_a, loss_b, rtol=rtol, what="loss")
+    assert len(ga) == len(gb)
+    top = max(float(b.abs().max()) for _, b in gb if b is not None)
+    for (name, a), (_, b) in zip(ga, gb):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_rel_close(a, b, rtol=rtol, atol=rtol * 1e-3 * top, what=name)
+
+
+@pytest.mark.parametrize("chunk", [3, 4, 5, 12])
+def test_cached_equals_plain_with_dropout(chunk):
+    enc = tiny_bert(0.1)
+    loss_fn = ck.losses.InfoNCE(temperature=0.1, learn_temperature=True).double()
+    q, d = token_batch(12, seed=1), token_batch(12, seed=2)
+    gc = GradCache(enc, loss_fn, chunk_size=chunk)
+
+    torch.manual_seed(7)
+    loss_ref = reference_step(gc, q, d)
+    g_ref, rng_ref = grads(enc, loss_fn), torch.get_rng_state()
+    zero(enc, loss_fn)
+
+    torch.manual_seed(7)
+    loss = gc.step(q, d)
+    compare(loss, grads(enc, loss_fn), loss_ref, g_ref)
+    assert torch.equal(torch.get_rng_state(), rng_ref), "the RNG must end where the plain step leaves it"
+    assert grads(loss_fn)[0][1] is not None and float(grads(loss_fn)[0][1].abs()) > 0
+
+    # gradient clipping afterwards sees the same gradients
+    n1 = torch.nn.utils.clip_grad_norm_(list(enc.parameters()) + list(loss_fn.parameters()), 0.01)
+    g_clip = grads(enc, loss_fn)
+    zero(enc, loss_fn)
+    torch.manual_seed(7)
+    reference_step(gc, q, d)
+    n2 = torch.nn.utils.clip_grad_norm_(list(enc.parameters()) + list(loss_fn.parameters()), 0.01)
+    assert_rel_close(n1, n2, rtol=1e-10, what="grad norm")
+    compare(loss, g_clip, loss, grads(enc, loss_fn))
+
+
+def test_dropout_really_replays():
+    """Without restoring the RNG the re-encoded chunks would differ: check the test can fail."""
+    enc = tiny_bert(0.3)
+    q = token_batch(6)
+    torch.manual_seed(0)
+    a = enc(**q)
+    b = enc(**q)
+    assert not torch.allclose(a, b), "dropout must be active for the replay tests to mean anything"
+
+
+@pytest.mark.parametrize("chunk", [4, 5])
+def test_cached_equals_one_forward_without_dropout(chunk):
+    enc = tiny_bert(0.0)
+    loss_fn = ck.losses.InfoNCE(temperature=0.1, symmetric=True).double()
+    q, d = token_batch(10, seed=3), token_batch(10, seed=4)
+    loss_ref = loss_fn(enc(**q), enc(**d))  # one forward of the whole batch
+    loss_ref.backward()
+    g_ref = grads(enc)
+    zero(enc)
+    loss = GradCache(enc, loss_fn, chunk_size=chunk)(q, d)
+    compare(loss, grads(enc), loss_ref.detach(), g_ref, rtol=1e-9)
+
+
+def test_two_towers_token_chunks_sorted_mnrl_hard_negatives():
+    q_enc, d_enc = tiny_bert(0.1, seed=0), tiny_bert(0.1, seed=1)
+    loss_fn = ck.losses.MultipleNegativesRanking(scale=10.0)
+    q, d, n = token_batch(11, seed=5), token_batch(11, seed=6), token_batch(11, seed=7)
+    gc = GradCache(q_enc, loss_fn, doc_encoder=d_enc, chunk_tokens=30, sort_by_length=True)
+    plans = [gc.plan(x) for x in (q, d, n)]
+    assert all(len(p) > 2 for p in plans)
+    for x, p in zip((q, d, n), plans):  # the token budget holds: rows x longest row
+        lengths = x["attention_mask"].sum(1)
+        for idx in p:
+            assert len(idx) == 1 or len(idx) * int(lengths[idx].max()) <= 30
+    torch.manual_seed(3)
+    loss_ref = reference_step(gc, q, d, n)
+    g_ref = grads(q_enc, d_enc)
+    zero(q_enc, d_enc)
+    torch.manual_seed(3)
+    loss = gc.step(q, d, n)
+    compare(loss, grads(q_enc, d_enc), loss_ref, g_ref)
+    assert all(g is not None for _, g in grads(d_enc) if True)
+
+
+def test_memory_queue_extra_candidates():
+    enc = tiny_bert(0.1)
+    loss_fn = ck.losses.InfoNCE(temperature=0.2).double()
+    q, d = token_batch(9, seed=8), token_batch(9, seed=9)
+    queue = torch.randn(20, 16, dtype=torch.float64)
+    gc = GradCache(enc, loss_fn, chunk_size=4)
+    torch.manual_seed(5)
+    loss_ref = reference_step(gc, q, d, extra=queue)
+    g_ref = grads(enc)
+    zero(enc)
+    torch.manual_seed(5)
+    loss = gc.step(q, d, extra_candidates=queue)
+    compare(loss, grads(enc), loss_ref, g_ref)
+    # the queue changes the loss (it is really in the denominator)
+    torch.manual_seed(5)
+    assert float(gc.step(q, d)) < float(loss)
+    assert [tuple(e.shape) for e in gc.last_embeddings] == [(9, 16), (9, 16)]
+
+
+def test_bfloat16_autocast():
+    enc = tiny_bert(0.1, dtype=torch.float32)
+    loss_fn = ck.losses.InfoNCE(temperature=0.1)
+    q, d = token_batch(10, seed=10), token_batch(10, seed=11)
+    gc = GradCache(enc, loss_fn, chunk_size=4, autocast_dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    loss_ref = reference_step(gc, q, d)
+    g_ref = grads(enc)
+    zero(enc)
+    torch.manual_seed(2)
+    loss = gc.step(q, d)
+    # same bf16 computation on both sides; only the float32 accumulation order may differ
+    compare(loss, grads(enc), loss_ref, g_ref, rtol=1e-5)
+    # and close to the float32 step
+    zero(enc)
+    torch.manual_seed(2)
+    loss32 = GradCache(enc, loss_fn, chunk_size=4)(q, d)
+    assert abs(float(loss32) - float(loss)) < 0.05 * abs(float(loss32))
+
+
+def test_plain_tensor_inputs_and_errors():
+    lin = torch.nn.Linear(5, 3).double()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    loss_fn = ck.losses.InfoNCE(temperature=0.5)
+    ref = loss_fn(lin(x), lin(y))
+    ref.backward()
+    g_ref = grads(lin)
+    zero(lin)
+    loss = GradCache(lin, loss_fn, chunk_size=2).step(x, y)
+    compare(loss, grads(lin), ref.detach(), g_ref, rtol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size"):
+        GradCache(lin, loss_fn, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        GradCache(lin, loss_fn, chunk_tokens=0)
+    with pytest.raises(ValueError, match="embedding tensor"):
+        GradCache(lambda **kw: (1, 2), loss_fn).step({"input_ids": torch.ones(3, 2, dtype=torch.long)})
+    with pytest.raises(ValueError, match="batch size"):
+        GradCache(lin, loss_fn).step({"a": torch.ones(3, 2), "b": torch.ones(4, 2)})
+    with pytest.raises(ValueError, match="scalar"):
+        GradCache(lin, lambda a, b: (a * b).sum(1)).step(x, y)
