@@ -6,8 +6,8 @@ Example::
     loss = ck.losses.InfoNCE(temperature=0.05)(query_emb, doc_emb)
 """
 
-from . import engine, functional, losses
+from . import data, engine, functional, losses, models, negatives, scale
 
 __version__ = "0.1.0"
 
-__all__ = ["engine", "functional", "losses", "__version__"]
+__all__ = ["data", "engine", "functional", "losses", "models", "negatives", "scale", "__version__"]
