@@ -10,6 +10,9 @@ from .objectives.siglip import siglip
 from .objectives.soft_targets import cwcl, icon
 from .objectives.multiview import multiview_info_nce
 from .objectives.align_uniform import align_uniform, alignment, uniformity
+from .objectives.supcon import supcon
+from .objectives.dcl import dcl
+from .objectives.debiased import debiased_contrastive, hard_negative_contrastive
 
 __all__ = [
     "info_nce",
@@ -22,4 +25,8 @@ __all__ = [
     "alignment",
     "uniformity",
     "align_uniform",
+    "supcon",
+    "dcl",
+    "debiased_contrastive",
+    "hard_negative_contrastive",
 ]

@@ -8,6 +8,9 @@ from .objectives.siglip import SigLIP
 from .objectives.soft_targets import CWCL, ICon
 from .objectives.multiview import MultiViewInfoNCE
 from .objectives.align_uniform import AlignUniform, Alignment, Uniformity
+from .objectives.supcon import SupCon, SupConStats
+from .objectives.dcl import DCL, DCLW
+from .objectives.debiased import DebiasedContrastive, HardNegativeContrastive
 
 __all__ = [
     "Temperature",
@@ -21,4 +24,10 @@ __all__ = [
     "Alignment",
     "Uniformity",
     "AlignUniform",
+    "SupCon",
+    "SupConStats",
+    "DCL",
+    "DCLW",
+    "DebiasedContrastive",
+    "HardNegativeContrastive",
 ]

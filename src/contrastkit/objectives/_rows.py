@@ -1,0 +1,82 @@
+"""Small helpers shared by the multi-view / label / margin objectives: per-row
+temperatures, the two-view (SimCLR) layout, extra candidates (memory queues) and the
+stable ``log(1 - exp(x))``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..engine.validation import check_embeddings, check_pair, check_scale
+
+__all__ = [
+    "expand_temperature",
+    "inverse_temperature_rows",
+    "check_margin",
+    "log1mexp",
+    "append_candidates",
+    "two_view_layout",
+]
+
+
+def expand_temperature(temperature: Union[float, Tensor], n_samples: int, n_rows: int) -> Union[float, Tensor]:
+    """A per-sample temperature (n_samples,) repeated over the views laid out view-major
+    (row ``v * n_samples + i`` is view v of sample i) when ``n_rows`` is a multiple."""
+    if (isinstance(temperature, Tensor) and temperature.dim() == 1 and temperature.numel() == n_samples
+            and n_rows != n_samples and n_samples > 1 and n_rows % n_samples == 0):
+        return temperature.repeat(n_rows // n_samples)
+    return temperature
+
+
+def inverse_temperature_rows(temperature: Union[float, Tensor], n_rows: int, like: Tensor) -> Tensor:
+    """``1 / t`` as an (n_rows,) tensor (differentiable in a tensor temperature)."""
+    check_scale("temperature", temperature, like=like, n_rows=n_rows)
+    if isinstance(temperature, Tensor):
+        t = temperature.to(like.dtype)
+        if t.dim() == 1 and t.numel() == n_rows and n_rows != 1:
+            return 1.0 / t
+        return (1.0 / t.reshape(())).expand(n_rows)
+    return torch.full((n_rows,), 1.0 / float(temperature), dtype=like.dtype, device=like.device)
+
+
+def check_margin(margin) -> float:
+    try:
+        m = float(margin)
+    except (TypeError, ValueError):
+        raise ValueError(f"margin must be a number, got {type(margin).__name__}") from None
+    if not math.isfinite(m) or m < 0:
+        raise ValueError(f"margin must be finite and >= 0, got {margin!r}")
+    return m
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for very negative x."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def append_candidates(k: Tensor, extra: Optional[Tensor], similarity: str, name: str = "extra_candidates") -> Tensor:
+    """Candidates followed by extra ones (e.g. a memory queue), normalised like ``k``."""
+    if extra is None:
+        return k
+    if isinstance(extra, Tensor) and extra.dim() == 2 and extra.shape[0] == 0:  # an empty queue
+        check_pair("candidates", k, name, extra)
+        return k
+    check_embeddings(name, extra)
+    check_pair("candidates", k, name, extra)
+    if similarity == "cosine":
+        extra = torch.nn.functional.normalize(extra, dim=-1)
+    return torch.cat([k, extra])
+
+
+def two_view_layout(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Stack two views (N, d) into 2N rows; return (z, positives) with i <-> i + N."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"the two views must hold the same number of samples, got {a.shape[0]} and {b.shape[0]}"
+        )
+    n = a.shape[0]
+    idx = torch.arange(n, device=a.device)
+    return torch.cat([a, b]), torch.cat([idx + n, idx])

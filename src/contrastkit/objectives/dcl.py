@@ -1,0 +1,186 @@
+"""Decoupled contrastive learning, DCL and DCLW (Yeh et al. 2022, "Decoupled Contrastive
+Learning", ECCV).
+
+InfoNCE with the positive removed from the denominator (the negative-positive coupling
+term is gone), and in DCLW the positive term weighted by a von Mises-Fisher factor:
+
+    loss_i = -w_i X_ip + log sum_{j != p(i), j != i} exp(X_ij),     X = sim / t
+    w_i = 1                                             (DCL)
+    w_i = 2 - n * softmax_i( sim(a_i, c_p(i)) / sigma )  (DCLW; no gradient through w)
+
+Two layouts:
+
+- ``symmetric=False`` (retrieval form): anchors (N, d) against candidates (M, d); the
+  positive of anchor i is candidate ``positives[i]`` (default i); every other candidate
+  is a negative.
+- ``symmetric=True`` (two-view form, SimCLR / the paper / lightly's ``DCLLoss``):
+  ``anchors`` and ``candidates`` are two views of the same N samples; all 2N views are
+  anchors, each against the other 2N - 2 views (itself and its positive dropped), and
+  the loss is the mean over the 2N rows, i.e. the average of the two directions.
+
+Extra candidates (e.g. a memory queue) are further negatives in both layouts.
+
+Example::
+
+    loss = ck.functional.dcl(view1, view2, temperature=0.1, symmetric=True)
+    loss = ck.losses.DCLW(temperature=0.1, sigma=0.5, symmetric=True)(view1, view2)
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import DiagonalMask, IndexMask, positive_logits, tiled_logsumexp
+from ..engine.tiling import TileSize
+from ..engine.validation import check_index, check_scale
+from ._rows import append_candidates, expand_temperature, two_view_layout
+from .common import REDUCTIONS, Temperature, prepare, reduce_rows, scale_rows
+
+__all__ = ["dcl", "DCL", "DCLW"]
+
+
+def _vmf_weights(sim_pos: Tensor, valid: Tensor, sigma: float) -> Tensor:
+    """``2 - n softmax(sim_pos / sigma)`` over the rows with a positive, detached."""
+    s = sim_pos.detach() / sigma
+    s = torch.where(valid, s, torch.full_like(s, float("-inf")))
+    w = 2.0 - int(valid.sum()) * torch.softmax(s, dim=0)
+    return torch.where(valid, w, torch.zeros_like(w))
+
+
+def dcl(
+    anchors: Tensor,
+    candidates: Tensor,
+    *,
+    temperature: Union[float, Tensor] = 0.1,
+    symmetric: bool = False,
+    weighted: bool = False,
+    sigma: float = 0.5,
+    positives: Optional[Tensor] = None,
+    extra_candidates: Optional[Tensor] = None,
+    similarity: str = "cosine",
+    tile_size: TileSize = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Decoupled contrastive loss (DCL, or DCLW with ``weighted=True``), exact and tiled.
+
+    Args:
+        temperature: float, scalar tensor (learnable) or one per anchor row ((N,); in
+            the two-view form (N,) per sample or (2N,) per view row).
+        symmetric: the two-view form (see the module docstring); equals lightly's
+            ``DCLLoss`` / ``DCLWLoss``.
+        weighted: DCLW's von Mises-Fisher weight on the positive term (computed
+            without gradient, over the rows of one direction).
+        sigma: DCLW's weight temperature.
+        positives: (retrieval form only) column of each anchor's positive, -1 for none.
+        extra_candidates: more negatives (E, d), e.g. ``queue.candidates()``.
+        reduction: ``"mean"`` over rows with a positive, ``"sum"`` or ``"none"``.
+
+    Example::
+
+        a, b = torch.randn(64, 128), torch.randn(64, 128)
+        dcl(a, b, temperature=0.1, symmetric=True)
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weighted:
+        check_scale("sigma", sigma)
+        sigma = float(sigma)
+    a, c = prepare(similarity, anchors=anchors, candidates=candidates)
+    if symmetric:
+        if positives is not None:
+            raise ValueError("positives= is for the retrieval form; the two-view form (symmetric=True) pairs view i with view i")
+        n = a.shape[0]
+        z, index = two_view_layout(a, c)
+        q, k = z, append_candidates(z, extra_candidates, similarity)
+        masks = [DiagonalMask(0), IndexMask(index)]
+        temperature = expand_temperature(temperature, n, 2 * n)
+    else:
+        n = a.shape[0]
+        m = c.shape[0]
+        q, k = a, append_candidates(c, extra_candidates, similarity)
+        if positives is None:
+            if m < n:
+                raise ValueError(
+                    f"default diagonal positives need at least as many candidates as anchors, got N={n}, M={m}; "
+                    "pass positives= explicitly"
+                )
+            index = torch.arange(n, device=a.device)
+            masks = [DiagonalMask(0)]
+        else:
+            index = check_index("positives", positives, n, m, a.device)
+            masks = [IndexMask(index)]
+    valid = index >= 0
+    if not bool(valid.any()):
+        raise ValueError("no anchor row has a positive (every entry of positives is -1)")
+    qs = scale_rows(q, temperature)
+    lse, _ = tiled_logsumexp(qs, k, masks=masks, tile_size=tile_size)
+    pos = positive_logits(qs, k, index)
+    lse = lse.to(pos.dtype)
+    bad = valid & ~torch.isfinite(lse)
+    if bool(bad.any()):
+        raise ValueError(f"anchor row {int(bad.nonzero()[0])} has no negative left in the denominator")
+    if weighted:
+        sim_pos = positive_logits(q, k, index)
+        if symmetric:
+            w = _vmf_weights(sim_pos[:n], valid[:n], sigma)
+            w = torch.cat([w, w])  # sim(a_i, b_i) is the same for both directions
+        else:
+            w = _vmf_weights(sim_pos, valid, sigma)
+        pos = pos * w.to(pos.dtype)
+    row_losses = lse - pos
+    if reduction == "none":
+        return torch.where(valid, row_losses, torch.zeros_like(row_losses))
+    return reduce_rows(row_losses[valid], reduction)
+
+
+class DCL(nn.Module):
+    """Decoupled contrastive loss module: ``forward(anchors, candidates, positives=None,
+    extra_candidates=None)``; see :func:`dcl`. ``DCL(symmetric=True)`` is lightly's
+    ``DCLLoss`` on two views.
+
+    Example::
+
+        loss_fn = DCL(temperature=0.1, symmetric=True)
+        loss = loss_fn(proj(aug1(x)), proj(aug2(x)))
+        loss.backward()
+    """
+
+    weighted = False
+
+    def __init__(self, temperature: float = 0.1, symmetric: bool = False, learn_temperature: bool = False,
+                 similarity: str = "cosine", tile_size: TileSize = None) -> None:
+        super().__init__()
+        self.temperature = Temperature(temperature, learnable=learn_temperature)
+        self.symmetric = symmetric
+        self.similarity = similarity
+        self.tile_size = tile_size
+        self.sigma = 0.5
+
+    def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
+                extra_candidates: Optional[Tensor] = None) -> Tensor:
+        return dcl(anchors, candidates, temperature=self.temperature(), symmetric=self.symmetric,
+                   weighted=self.weighted, sigma=self.sigma, positives=positives,
+                   extra_candidates=extra_candidates, similarity=self.similarity, tile_size=self.tile_size)
+
+
+class DCLW(DCL):
+    """DCL with von Mises-Fisher weighting of the positive term (``sigma``, default 0.5).
+    ``DCLW(symmetric=True)`` is lightly's ``DCLWLoss``.
+
+    Example::
+
+        loss_fn = DCLW(temperature=0.1, sigma=0.5, symmetric=True)
+        loss = loss_fn(view1, view2)
+        loss.backward()
+    """
+
+    weighted = True
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, symmetric: bool = False,
+                 learn_temperature: bool = False, similarity: str = "cosine", tile_size: TileSize = None) -> None:
+        super().__init__(temperature, symmetric, learn_temperature, similarity, tile_size)
+        check_scale("sigma", sigma)
+        self.sigma = float(sigma)

@@ -1,0 +1,222 @@
+"""Debiased contrastive loss (Chuang et al. 2020) and hard-negative reweighting
+(Robinson et al. 2021), exact and tiled.
+
+For anchor i with positive logit P = X_ip and negatives X_ij (j in the Q_i = the
+candidates other than the anchor itself and its positive), X = sim / t:
+
+    R_i  = log( Q_i * sum_j exp((1 + beta) X_ij) / sum_j exp(beta X_ij) )   (beta = 0: log sum_j exp(X_ij))
+    Ng_i = max( (exp(R_i) - tau_plus * Q_i * exp(P)) / (1 - tau_plus),  Q_i * e^{-1/t} )
+    loss_i = -log( exp(P) / (exp(P) + Ng_i) )
+
+``tau_plus`` is the class prior (probability that a "negative" shares the anchor's
+class); the clamp at Q e^{-1/t} (the smallest value exp(cos / t) can take) is the
+published one. With ``beta = 0`` this is the debiased loss of Chuang et al.; with
+``beta > 0`` the negatives are importance-weighted by exp(beta X) (hard negatives count
+more), Robinson et al.'s loss; ``tau_plus = 0, beta = 0`` is plain InfoNCE / NT-Xent.
+
+Both log-sum-exps come from one walk over the tiles
+(:func:`contrastkit.engine.tiled_multi_logsumexp`); Ng is formed in log space with a
+stable ``log(1 - exp(.))``, so nothing overflows at small temperatures.
+
+Layouts as in :mod:`contrastkit.objectives.dcl`: ``symmetric=True`` takes two views and
+uses all 2N views as anchors, each against the other 2N - 2 (the papers' SimCLR form,
+Q = 2N - 2); ``symmetric=False`` takes anchors against candidates with positive
+``positives[i]`` (default i) and Q = M - 1. Extra candidates (a memory queue) add to the
+negatives and to Q.
+
+Example::
+
+    loss = ck.functional.debiased_contrastive(v1, v2, temperature=0.5, tau_plus=0.1, symmetric=True)
+    loss = ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1)(q, d)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import DiagonalMask, IndexMask, LSEStat, positive_logits, tiled_logsumexp, tiled_multi_logsumexp
+from ..engine.tiling import TileSize
+from ..engine.validation import check_index
+from ._rows import append_candidates, expand_temperature, inverse_temperature_rows, log1mexp, two_view_layout
+from .common import REDUCTIONS, Temperature, prepare, reduce_rows, scale_rows
+
+__all__ = ["debiased_contrastive", "hard_negative_contrastive", "DebiasedContrastive", "HardNegativeContrastive"]
+
+
+def _check_hyper(tau_plus, beta):
+    try:
+        tau_plus, beta = float(tau_plus), float(beta)
+    except (TypeError, ValueError):
+        raise ValueError("tau_plus and beta must be numbers") from None
+    if not (0.0 <= tau_plus < 1.0):
+        raise ValueError(f"tau_plus (the class prior) must lie in [0, 1), got {tau_plus!r}")
+    if not (math.isfinite(beta) and beta >= 0.0):
+        raise ValueError(f"beta (the hardness concentration) must be finite and >= 0, got {beta!r}")
+    return tau_plus, beta
+
+
+def debiased_contrastive(
+    anchors: Tensor,
+    candidates: Tensor,
+    *,
+    temperature: Union[float, Tensor] = 0.5,
+    tau_plus: float = 0.1,
+    beta: float = 0.0,
+    symmetric: bool = False,
+    positives: Optional[Tensor] = None,
+    extra_candidates: Optional[Tensor] = None,
+    similarity: str = "cosine",
+    tile_size: TileSize = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Debiased contrastive loss (Chuang et al. 2020); ``beta`` > 0 adds Robinson et al.'s
+    hard-negative reweighting. See the module docstring for the formula.
+
+    Args:
+        temperature: float, scalar tensor (learnable) or one per anchor row.
+        tau_plus: class prior in [0, 1).
+        beta: hardness concentration >= 0 (0: no reweighting).
+        symmetric: the two-view (SimCLR) form with 2N anchors and 2N - 2 negatives each.
+        positives: (retrieval form) column of each anchor's positive, -1 for none.
+        extra_candidates: more negatives (E, d), e.g. ``queue.candidates()``.
+        similarity: ``"cosine"`` (the published setting, for which the clamp is meant) or ``"dot"``.
+        reduction: ``"mean"`` over rows with a positive, ``"sum"`` or ``"none"``.
+
+    Example::
+
+        v1, v2 = torch.randn(64, 128), torch.randn(64, 128)
+        debiased_contrastive(v1, v2, temperature=0.5, tau_plus=0.1, symmetric=True)
+    """
+    tau_plus, beta = _check_hyper(tau_plus, beta)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    a, c = prepare(similarity, anchors=anchors, candidates=candidates)
+    n = a.shape[0]
+    if symmetric:
+        if positives is not None:
+            raise ValueError("positives= is for the retrieval form; the two-view form (symmetric=True) pairs view i with view i")
+        z, index = two_view_layout(a, c)
+        q, k = z, append_candidates(z, extra_candidates, similarity)
+        masks = [DiagonalMask(0), IndexMask(index)]
+        n_neg = k.shape[0] - 2
+        temperature = expand_temperature(temperature, n, 2 * n)
+    else:
+        m = c.shape[0]
+        q, k = a, append_candidates(c, extra_candidates, similarity)
+        if positives is None:
+            if m < n:
+                raise ValueError(
+                    f"default diagonal positives need at least as many candidates as anchors, got N={n}, M={m}; "
+                    "pass positives= explicitly"
+                )
+            index = torch.arange(n, device=a.device)
+            masks = [DiagonalMask(0)]
+        else:
+            index = check_index("positives", positives, n, m, a.device)
+            masks = [IndexMask(index)]
+        n_neg = k.shape[0] - 1
+    valid = index >= 0
+    if not bool(valid.any()):
+        raise ValueError("no anchor row has a positive (every entry of positives is -1)")
+    if n_neg < 1:
+        raise ValueError("the debiased loss needs at least one negative per anchor")
+    rows = q.shape[0]
+    qs = scale_rows(q, temperature)
+    pos = positive_logits(qs, k, index)
+    log_q = math.log(n_neg)
+    if beta == 0.0:
+        r, _ = tiled_logsumexp(qs, k, masks=masks, tile_size=tile_size)
+        r = r.to(pos.dtype)
+    else:
+        hi, lo = tiled_multi_logsumexp(qs, k, [LSEStat(1.0 + beta), LSEStat(beta)], masks=masks,
+                                       tile_size=tile_size).to(pos.dtype)
+        r = log_q + hi - lo
+    floor = log_q - inverse_temperature_rows(temperature, rows, q).to(pos.dtype)
+    if tau_plus > 0.0:
+        # log(exp(R) - tau+ Q exp(P)) = R + log(1 - exp(log(tau+ Q) + P - R)), when the argument is < 0
+        x = math.log(tau_plus * n_neg) + pos - r
+        ok = x < 0
+        x_safe = torch.where(ok, x, torch.full_like(x, -1.0))
+        raw = r + log1mexp(x_safe) - math.log1p(-tau_plus)
+        log_ng = torch.where(ok & (raw > floor), raw, floor)
+    else:
+        log_ng = torch.where(r > floor, r, floor)
+    # log(exp(P) + Ng) - P = softplus(log Ng - P); F.softplus cuts off above 20, so use logaddexp
+    d = log_ng - pos
+    row_losses = torch.logaddexp(d, torch.zeros_like(d))
+    if reduction == "none":
+        return torch.where(valid, row_losses, torch.zeros_like(row_losses))
+    return reduce_rows(row_losses[valid], reduction)
+
+
+def hard_negative_contrastive(
+    anchors: Tensor,
+    candidates: Tensor,
+    *,
+    temperature: Union[float, Tensor] = 0.5,
+    beta: float = 1.0,
+    tau_plus: float = 0.1,
+    **kwargs,
+) -> Tensor:
+    """Hard-negative reweighted contrastive loss (Robinson et al. 2021, "Contrastive Learning
+    with Hard Negative Samples"): :func:`debiased_contrastive` with ``beta`` > 0.
+
+    Example::
+
+        q, d = torch.randn(64, 128), torch.randn(64, 128)
+        hard_negative_contrastive(q, d, temperature=0.5, beta=1.0, tau_plus=0.1)
+    """
+    return debiased_contrastive(anchors, candidates, temperature=temperature, tau_plus=tau_plus, beta=beta,
+                                **kwargs)
+
+
+class DebiasedContrastive(nn.Module):
+    """Debiased contrastive loss module (Chuang et al. 2020): ``forward(anchors, candidates,
+    positives=None, extra_candidates=None)``; see :func:`debiased_contrastive`.
+
+    Example::
+
+        loss_fn = DebiasedContrastive(temperature=0.5, tau_plus=0.1, symmetric=True)
+        loss = loss_fn(view1, view2)
+        loss.backward()
+    """
+
+    def __init__(self, temperature: float = 0.5, tau_plus: float = 0.1, beta: float = 0.0,
+                 symmetric: bool = False, learn_temperature: bool = False, similarity: str = "cosine",
+                 tile_size: TileSize = None) -> None:
+        super().__init__()
+        self.tau_plus, self.beta = _check_hyper(tau_plus, beta)
+        self.temperature = Temperature(temperature, learnable=learn_temperature)
+        self.symmetric = symmetric
+        self.similarity = similarity
+        self.tile_size = tile_size
+
+    def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
+                extra_candidates: Optional[Tensor] = None) -> Tensor:
+        return debiased_contrastive(anchors, candidates, temperature=self.temperature(), tau_plus=self.tau_plus,
+                                    beta=self.beta, symmetric=self.symmetric, positives=positives,
+                                    extra_candidates=extra_candidates, similarity=self.similarity,
+                                    tile_size=self.tile_size)
+
+    def extra_repr(self) -> str:
+        return f"tau_plus={self.tau_plus}, beta={self.beta}, symmetric={self.symmetric}"
+
+
+class HardNegativeContrastive(DebiasedContrastive):
+    """Hard-negative reweighted loss module (Robinson et al. 2021); ``beta`` default 1.0.
+
+    Example::
+
+        loss_fn = HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1, symmetric=True)
+        loss = loss_fn(view1, view2)
+        loss.backward()
+    """
+
+    def __init__(self, temperature: float = 0.5, beta: float = 1.0, tau_plus: float = 0.1,
+                 symmetric: bool = False, learn_temperature: bool = False, similarity: str = "cosine",
+                 tile_size: TileSize = None) -> None:
+        super().__init__(temperature, tau_plus, beta, symmetric, learn_temperature, similarity, tile_size)

@@ -1,0 +1,199 @@
+"""DCL / DCLW (ck.functional.dcl, ck.losses.DCL, ck.losses.DCLW) against the published
+formula (Yeh et al. 2022) materialised in float64, in the retrieval and the two-view
+layouts, with extra candidates; lightly parity on the golden vectors; bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import contrastkit as ck
+from contrastkit.functional import dcl
+from objective_checks import assert_rel_close, grads_of, inverse_min_temperature
+
+D64 = torch.float64
+DATA = __import__("pathlib").Path(__file__).parent / "data" / "peer_losses.npz"
+NEG = float("-inf")
+
+
+def _norm(x, similarity):
+    return F.normalize(x, dim=-1) if similarity == "cosine" else x
+
+
+def _t_col(t, rows):
+    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() > 1:
+        return t.repeat(rows // t.numel())[:, None]
+    return t
+
+
+def naive_dcl_two_view(a, b, t, *, weighted=False, sigma=0.5, extra=None, similarity="cosine"):
+    """The paper's (and lightly's) symmetric DCL: per direction, loss_i =
+    -w_i s(a_i,b_i)/t + log( sum_{j!=i} e^{s(a_i,a_j)/t} + sum_{j!=i} e^{s(a_i,b_j)/t} [+ extra] ),
+    averaged over the two directions."""
+    a, b = _norm(a, similarity), _norm(b, similarity)
+    e = None if extra is None else _norm(extra, similarity)
+    n = a.shape[0]
+    tc = _t_col(t, 2 * n)
+    t0, t1 = (tc[:n], tc[n:]) if isinstance(tc, torch.Tensor) and tc.dim() == 2 else (tc, tc)
+    eye = torch.eye(n, dtype=torch.bool)
+
+    def one(x, y, tt):
+        pos = (x * y).sum(1) / tt.reshape(-1) if isinstance(tt, torch.Tensor) else (x * y).sum(1) / tt
+        if weighted:
+            s = (x * y).sum(1).detach() / sigma
+            pos = pos * (2 - n * torch.softmax(s, 0))
+        parts = [(x @ x.T / tt).masked_fill(eye, NEG), (x @ y.T / tt).masked_fill(eye, NEG)]
+        if e is not None:
+            parts.append(x @ e.T / tt)
+        return (torch.logsumexp(torch.cat(parts, 1), 1) - pos).mean()
+
+    return 0.5 * (one(a, b, t0) + one(b, a, t1))
+
+
+def naive_dcl_retrieval(a, c, t, positives, *, weighted=False, sigma=0.5, extra=None, similarity="cosine"):
+    a, c = _norm(a, similarity), _norm(c, similarity)
+    if extra is not None:
+        c = torch.cat([c, _norm(extra, similarity)])
+    sim = a @ c.T
+    x = sim / _t_col(t, a.shape[0])
+    valid = positives >= 0
+    idx = positives.clamp(min=0)
+    pos = x.gather(1, idx[:, None]).squeeze(1)
+    drop = torch.zeros_like(x, dtype=torch.bool)
+    drop[torch.arange(len(idx)), idx] = True
+    lse = torch.logsumexp(x.masked_fill(drop, NEG), 1)
+    if weighted:
+        s = sim.gather(1, idx[:, None]).squeeze(1).detach()[valid] / sigma
+        w = torch.zeros_like(pos)
+        w[valid] = 2 - int(valid.sum()) * torch.softmax(s, 0)
+        pos = pos * w
+    return (lse - pos)[valid].mean()
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 10), label="N")
+    d = draw(st.integers(2, 6), label="d")
+    symmetric = draw(st.booleans(), label="symmetric")
+    m = n if symmetric else draw(st.integers(n, n + 6), label="M")
+    return dict(
+        n=n, m=m, d=d, symmetric=symmetric,
+        weighted=draw(st.booleans(), label="weighted"),
+        sigma=draw(st.sampled_from([0.1, 0.5, 2.0])),
+        n_extra=draw(st.sampled_from([0, 0, 4])),
+        positives=draw(st.sampled_from(["default", "random"])) if not symmetric else "default",
+        tile=draw(st.sampled_from([1, 3, 100, None])),
+        temp=draw(st.sampled_from([0.01, 0.1, 0.5, 2.0])),
+        temp_kind=draw(st.sampled_from(["float", "scalar", "rows"])),
+        similarity=draw(st.sampled_from(["cosine", "dot"])),
+        seed=draw(st.integers(0, 2**31)),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_dcl_matches_naive_formula(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    n, m, d = p["n"], p["m"], p["d"]
+    sc = 1.0 if p["similarity"] == "cosine" or p["temp"] >= 0.5 else 0.3
+    a = (sc * torch.randn(n, d, generator=g, dtype=D64)).requires_grad_()
+    c = (sc * torch.randn(m, d, generator=g, dtype=D64)).requires_grad_()
+    extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=D64)).requires_grad_() if p["n_extra"] else None
+    if p["temp_kind"] == "float":
+        t = p["temp"]
+    elif p["temp_kind"] == "scalar":
+        t = torch.tensor(p["temp"], dtype=D64, requires_grad=True)
+    else:
+        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=D64))).requires_grad_()
+    positives = None
+    if p["positives"] == "random":
+        positives = torch.randint(-1, m, (n,), generator=g)
+        positives[0] = int(torch.randint(0, m, (1,), generator=g))
+    kw = dict(weighted=p["weighted"], sigma=p["sigma"], extra=extra, similarity=p["similarity"])
+    if p["symmetric"]:
+        ref = naive_dcl_two_view(a, c, t, **kw)
+    else:
+        ref = naive_dcl_retrieval(a, c, t, positives if positives is not None else torch.arange(n), **kw)
+    n_neg = (2 * n - 2 if p["symmetric"] else m - 1) + p["n_extra"]
+    call = lambda: dcl(a, c, temperature=t, symmetric=p["symmetric"], weighted=p["weighted"], sigma=p["sigma"],
+                       positives=positives, extra_candidates=extra, similarity=p["similarity"], tile_size=p["tile"])
+    if n_neg == 0:
+        with pytest.raises(ValueError, match="no negative"):
+            call()
+        return
+    out = call()
+    inv_t = inverse_min_temperature(t)
+    assert_rel_close(out, ref, scale=inv_t, what="value")
+    inputs = [a, c] + ([extra] if extra is not None else []) + ([t] if isinstance(t, torch.Tensor) else [])
+    names = ["anchors", "candidates"] + (["extra"] if extra is not None else []) + (["temperature"] if isinstance(t, torch.Tensor) else [])
+    for x, y, name in zip(grads_of(out, inputs), grads_of(ref, inputs), names):
+        assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))
+
+
+@pytest.mark.parametrize("case, weighted", [("lightly_dcl", False), ("lightly_dclw", True)])
+def test_lightly_golden_vectors(case, weighted):
+    d = np.load(DATA)
+    x = torch.tensor(d[f"{case}.in_x"], requires_grad=True)
+    y = torch.tensor(d[f"{case}.in_y"], requires_grad=True)
+    loss = dcl(x, y, temperature=0.1, symmetric=True, weighted=weighted, sigma=0.5, tile_size=11)
+    loss.backward()
+    assert abs(float(loss.detach()) - float(d[f"{case}.loss"])) < 1e-12
+    assert_rel_close(x.grad, torch.tensor(d[f"{case}.grad_x"]))
+    assert_rel_close(y.grad, torch.tensor(d[f"{case}.grad_y"]))
+    # the modules (their Temperature holds 1/t in float32: 1e-8 relative)
+    mod = (ck.losses.DCLW(temperature=0.1, sigma=0.5, symmetric=True) if weighted
+           else ck.losses.DCL(temperature=0.1, symmetric=True))
+    assert abs(float(mod(x, y).detach()) - float(d[f"{case}.loss"])) < 1e-6
+
+
+def test_dcl_is_info_nce_without_the_positive_in_the_denominator():
+    g = torch.Generator().manual_seed(0)
+    a, c = torch.randn(9, 5, generator=g, dtype=D64), torch.randn(12, 5, generator=g, dtype=D64)
+    x = F.normalize(a, dim=-1) @ F.normalize(c, dim=-1).T / 0.2
+    pos = x.diagonal()
+    neg = torch.logsumexp(x.masked_fill(torch.eye(9, 12, dtype=torch.bool), NEG), 1)
+    # info_nce = mean log(e^pos + e^neg) - pos; dcl = mean neg - pos
+    assert_rel_close(dcl(a, c, temperature=0.2), (neg - pos).mean())
+    assert_rel_close(ck.functional.info_nce(a, c, temperature=0.2), (torch.logaddexp(pos, neg) - pos).mean())
+
+
+def test_dclw_weights_carry_no_gradient():
+    # DCLW's loss gradient equals DCL's with the positive term scaled by the (constant) weights
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 4, generator=g, dtype=D64, requires_grad=True)
+    b = torch.randn(6, 4, generator=g, dtype=D64, requires_grad=True)
+    ref = naive_dcl_two_view(a, b, 0.3, weighted=True, sigma=0.5)
+    out = dcl(a, b, temperature=0.3, symmetric=True, weighted=True)
+    for x, y in zip(grads_of(out, [a, b]), grads_of(ref, [a, b])):
+        assert_rel_close(x, y)
+
+
+def test_reduction_none_and_float32():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g)
+    rows = dcl(a, b, temperature=0.1, symmetric=True, reduction="none")
+    assert rows.shape == (14,)
+    assert abs(float(rows.mean()) - float(naive_dcl_two_view(a.double(), b.double(), 0.1))) < 1e-5
+
+
+def test_bad_input():
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="two-view form"):
+        dcl(a, b, temperature=0.1, symmetric=True, positives=torch.arange(4))
+    with pytest.raises(ValueError, match="same number of samples"):
+        dcl(a, torch.randn(5, 3), temperature=0.1, symmetric=True)
+    with pytest.raises(ValueError, match="at least as many candidates"):
+        dcl(a, torch.randn(3, 3), temperature=0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        dcl(a, b, temperature=0.1, weighted=True, sigma=0.0)
+    with pytest.raises(ValueError, match="different embedding dimensions"):
+        dcl(a, torch.randn(4, 2), temperature=0.1)
+    with pytest.raises(ValueError, match="positives must be an integer"):
+        dcl(a, b, temperature=0.1, positives=torch.zeros(4))
+    with pytest.raises(ValueError, match="no negative"):
+        dcl(a[:1], b[:1], temperature=0.1)
+    with pytest.raises(ValueError, match="every entry of positives is -1"):
+        dcl(a, b, temperature=0.1, positives=torch.full((4,), -1))
