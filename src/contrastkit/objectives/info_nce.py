@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from ..engine import TileMask
 from ..engine.tiling import TileSize
+from ._rows import check_margin, inverse_temperature_rows
 from .common import Temperature, index_target_loss, prepare, scale_rows
+from .margin import margin_index_target_loss
 
 __all__ = ["info_nce", "InfoNCE"]
 
@@ -37,6 +39,7 @@ def info_nce(
     masks: Sequence[TileMask] = (),
     tile_size: TileSize = None,
     reduction: str = "mean",
+    margin: float = 0.0,
 ) -> Tensor:
     """InfoNCE of ``anchors`` (N, d) against ``candidates`` (M, d), exact and tiled.
 
@@ -54,6 +57,9 @@ def info_nce(
         tile_size: tile of the logit matrix walked at a time (int or (rows, cols));
             default chosen from the sizes and free memory.
         reduction: ``"mean"`` over rows with a positive, ``"sum"``, or ``"none"``.
+        margin: additive margin (similarity units) subtracted from each positive
+            similarity before scaling, in the numerator and the denominator
+            (NT-Xent-AM); 0 is plain InfoNCE. See :mod:`contrastkit.objectives.margin`.
 
     Example::
 
@@ -70,6 +76,11 @@ def info_nce(
             )
         positives = torch.arange(n, device=q.device)
     qs = scale_rows(q, temperature)
+    margin = check_margin(margin)
+    if margin:
+        shift = margin * inverse_temperature_rows(temperature, n, q)
+        return margin_index_target_loss(qs, k, positives, shift, masks=masks, symmetric=symmetric,
+                                        tile_size=tile_size, reduction=reduction)
     return index_target_loss(qs, k, positives, masks=masks, symmetric=symmetric,
                              tile_size=tile_size, reduction=reduction)
 
@@ -89,13 +100,15 @@ class InfoNCE(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.05, symmetric: bool = False, learn_temperature: bool = False,
-                 similarity: str = "cosine", tile_size: TileSize = None) -> None:
+                 similarity: str = "cosine", tile_size: TileSize = None, margin: float = 0.0) -> None:
         super().__init__()
         self.temperature = Temperature(temperature, learnable=learn_temperature)
         self.symmetric = symmetric
         self.similarity = similarity
         self.tile_size = tile_size
+        self.margin = check_margin(margin)
 
     def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None) -> Tensor:
         return info_nce(anchors, candidates, temperature=self.temperature(), positives=positives,
-                        symmetric=self.symmetric, similarity=self.similarity, tile_size=self.tile_size)
+                        symmetric=self.symmetric, similarity=self.similarity, tile_size=self.tile_size,
+                        margin=self.margin)

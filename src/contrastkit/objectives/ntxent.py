@@ -19,14 +19,19 @@ from torch import Tensor, nn
 
 from ..engine import DiagonalMask
 from ..engine.tiling import TileSize
+from ._rows import check_margin, inverse_temperature_rows
 from .common import Temperature, index_target_loss, prepare, scale_rows
+from .margin import margin_index_target_loss
 
 __all__ = ["nt_xent", "NTXent"]
 
 
 def nt_xent(z1: Tensor, z2: Tensor, *, temperature: Union[float, Tensor] = 0.5, similarity: str = "cosine",
-            tile_size: TileSize = None) -> Tensor:
+            tile_size: TileSize = None, margin: float = 0.0) -> Tensor:
     """NT-Xent over two views ``z1``, ``z2`` (N, d); see the module docstring.
+
+    ``margin`` > 0 subtracts an additive margin (similarity units) from each positive
+    similarity before scaling, in the numerator and the denominator (NT-Xent-AM).
 
     Example::
 
@@ -40,6 +45,10 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: Union[float, Tensor] = 0.5, 
     idx = torch.arange(n, device=z.device)
     positives = torch.cat([idx + n, idx])
     zs = scale_rows(z, temperature)
+    margin = check_margin(margin)
+    if margin:
+        shift = margin * inverse_temperature_rows(temperature, 2 * n, z)
+        return margin_index_target_loss(zs, z, positives, shift, masks=[DiagonalMask(0)], tile_size=tile_size)
     return index_target_loss(zs, z, positives, masks=[DiagonalMask(0)], tile_size=tile_size)
 
 
@@ -52,12 +61,13 @@ class NTXent(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.5, learn_temperature: bool = False, similarity: str = "cosine",
-                 tile_size: TileSize = None) -> None:
+                 tile_size: TileSize = None, margin: float = 0.0) -> None:
         super().__init__()
         self.temperature = Temperature(temperature, learnable=learn_temperature)
         self.similarity = similarity
         self.tile_size = tile_size
+        self.margin = check_margin(margin)
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return nt_xent(z1, z2, temperature=self.temperature(), similarity=self.similarity,
-                       tile_size=self.tile_size)
+                       tile_size=self.tile_size, margin=self.margin)
