@@ -80,8 +80,9 @@ def test_siglip_matches_naive_values_and_gradients(p):
     assert_rel_close(got, want, what="value")
     w = torch.randn(got.shape, dtype=D64, generator=g) if got.dim() else torch.tensor(1.0, dtype=D64)
     inputs = [x, y, b] + params
+    atol = 1e-12 / min(p["temps"])   # entries exactly 0 (d = 1 cosine) are rounding noise scaled by 1/t
     for a, e, name in zip(grads_of((got * w).sum(), inputs), grads_of((want * w).sum(), inputs), "xybt"):
-        assert_rel_close(a, e, what=f"grad {name}", atol=1e-13)
+        assert_rel_close(a, e, what=f"grad {name}", atol=atol)
 
 
 def test_openclip_siglip_parity():

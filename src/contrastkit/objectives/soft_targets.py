@@ -33,10 +33,13 @@ and the supervision p one of
     teacher=t, neighbors=k        uniform over the k nearest neighbours of t_i (cosine), tiled top-k
     teacher=t, teacher_temperature=T   softmax_{j != i}(cos(t_i, t_j) / T)
 
-Rows whose p is undefined (a label seen once) are left out of the mean. All three
-terms come from one pass over the tiles (:func:`contrastkit.engine.tiled_pairwise.tiled_pairwise`
-with :class:`~contrastkit.engine.tiled_pairwise.KernelStats`): p is formed per tile from
-the labels / neighbour lists / teacher rows.
+Rows whose p is undefined (a label seen once) are left out of the mean. For labels
+or a k-NN graph with a dot-product kernel (cosine, Gaussian) the target term is an
+O(N d) mean of candidates and the denominator :func:`contrastkit.engine.tiled_logsumexp`;
+otherwise (teacher softmax, Student-t) all three terms come from one pass over the
+tiles (:func:`contrastkit.engine.tiled_pairwise.tiled_pairwise` with
+:class:`~contrastkit.engine.tiled_pairwise.KernelStats`), p formed per tile from the
+labels / neighbour lists / teacher rows.
 
 Example::
 
@@ -56,7 +59,7 @@ from torch import Tensor, nn
 
 from ..engine import DiagonalMask, tiled_logsumexp
 from ..engine.neighbors import tiled_topk
-from ..engine.positives import dense_label_ids
+from ..engine.positives import dense_label_ids, label_positive_logits
 from ..engine.tiled_pairwise import IndexWeights, KernelStats, LabelWeights, SoftmaxWeights, tiled_pairwise
 from ..engine.tiling import TileSize
 from ..engine.validation import check_embeddings, check_labels, check_pair, check_scale
@@ -286,13 +289,33 @@ def icon(
         sq = features.pow(2).sum(-1) * -0.5
         q, k, row_bias, col_bias = features, features, sq, sq
         op_kernel = "student_t"
-    op = KernelStats(op_kernel, weights=weights, lse=True, weight_entropy=entropy_from_op)
-    rows, _ = tiled_pairwise(q, k, op, row_bias=row_bias, col_bias=col_bias, masks=[DiagonalMask(0)],
-                             tile_size=tile_size)
-    rows = rows.to(features.dtype)
-    cross, lse = rows[0], rows[1]
-    if entropy_from_op:
-        neg_entropy = rows[2]
+    if op_kernel == "linear" and not entropy_from_op:
+        # labels / k-NN with a dot-product kernel: the target term is O(N d) (a per-class
+        # or per-neighbour-list mean of candidates), the denominator the tiled LSE.
+        lse, _ = tiled_logsumexp(q, k, row_bias=row_bias, col_bias=col_bias, masks=[DiagonalMask(0)],
+                                 tile_size=tile_size)
+        lse = lse.to(features.dtype)
+        if labels is not None:
+            cross, _ = label_positive_logits(q, k, labels, labels, self_offset=0)
+            if col_bias is not None:
+                csum = torch.zeros(n_cls, dtype=col_bias.dtype, device=dev).index_add(0, rid, col_bias)
+                cnt = count.to(col_bias.dtype).clamp(min=1)
+                cross = cross + row_bias + (csum[rid] - col_bias) / cnt
+        else:
+            kbar = k[idx[:, 0]]
+            for j in range(1, neighbors):
+                kbar = kbar + k[idx[:, j]]
+            cross = (q * kbar).sum(-1) / neighbors
+            if col_bias is not None:
+                cross = cross + row_bias + col_bias[idx].mean(1)
+    else:
+        op = KernelStats(op_kernel, weights=weights, lse=True, weight_entropy=entropy_from_op)
+        rows, _ = tiled_pairwise(q, k, op, row_bias=row_bias, col_bias=col_bias, masks=[DiagonalMask(0)],
+                                 tile_size=tile_size)
+        rows = rows.to(features.dtype)
+        cross, lse = rows[0], rows[1]
+        if entropy_from_op:
+            neg_entropy = rows[2]
     per_row = neg_entropy.to(features.dtype) - cross + lse
     if reduction == "none":
         return torch.where(valid, per_row, torch.zeros_like(per_row))
