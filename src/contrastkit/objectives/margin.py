@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..engine import IndexMask, TileMask, positive_logits, tiled_logsumexp
+from ..engine import DiagonalMask, IndexMask, TileMask, positive_logits, tiled_logsumexp
 from ..engine.tiling import TileSize
 from ..engine.validation import check_index
 from .common import REDUCTIONS, reduce_rows
@@ -64,7 +64,10 @@ def margin_index_target_loss(
     valid = index >= 0
     if not bool(valid.any()):
         raise ValueError("no anchor row has a positive (every entry of positives is -1)")
-    lse_r, lse_c = tiled_logsumexp(q, k, masks=[*masks, IndexMask(index)], symmetric=symmetric,
+    # the positive entries leave the denominator (a diagonal is the cheap mask for the common case)
+    diagonal = n <= m and bool((index == torch.arange(n, device=index.device)).all())
+    pos_mask = DiagonalMask(0) if diagonal else IndexMask(index)
+    lse_r, lse_c = tiled_logsumexp(q, k, masks=[*masks, pos_mask], symmetric=symmetric,
                                    tile_size=tile_size)
     pos = positive_logits(q, k, index) - shift.to(q.dtype)
     den_r = torch.logaddexp(lse_r.to(pos.dtype), pos)
