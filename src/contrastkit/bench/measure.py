@@ -52,7 +52,8 @@ def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _run_once(fn, inputs, tile, device) -> float:
+def _run_once(fn, inputs, tile, device):
+    """One forward + backward; returns (seconds, loss value)."""
     for t in inputs:
         if isinstance(t, torch.Tensor) and t.requires_grad:
             t.grad = None
@@ -61,7 +62,7 @@ def _run_once(fn, inputs, tile, device) -> float:
     loss = fn(*inputs, tile)
     loss.backward()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, float(loss.detach())
 
 
 def worker_main(spec: Dict) -> Dict:
@@ -71,6 +72,8 @@ def worker_main(spec: Dict) -> Dict:
     device = spec.get("device", "cpu")
     case = CASES[spec["objective"]]
     fn = {"ours": case.ours, "naive": case.naive, "peer": case.peer}[spec["method"]]
+    if fn is None:
+        raise ValueError(f"objective {spec['objective']!r} has no {spec['method']} implementation")
     n, dim, tile = spec["n"], spec["dim"], spec.get("tile")
     tile = tuple(tile) if isinstance(tile, list) else tile
     out = {"objective": spec["objective"], "method": spec["method"], "n": n, "dim": dim, "device": device}
@@ -85,14 +88,15 @@ def worker_main(spec: Dict) -> Dict:
     else:
         base, peak_before = _rss(), _max_rss()
     try:
-        times = [_run_once(fn, inputs, tile, device)]
+        first, out["loss"] = _run_once(fn, inputs, tile, device)
+        times = [first]
         if device.startswith("cuda"):
             out["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
         else:
             out["peak_extra_bytes"] = max(0, max(_max_rss(), peak_before) - base)
         budget = spec.get("repeat_budget_s", 3.0)
         while sum(times) < budget and len(times) < spec.get("max_repeats", 5):
-            times.append(_run_once(fn, inputs, tile, device))
+            times.append(_run_once(fn, inputs, tile, device)[0])
         out["seconds"] = min(times)
         out["repeats"] = len(times)
         out["status"] = "ok"
