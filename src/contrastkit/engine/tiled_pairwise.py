@@ -43,7 +43,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch

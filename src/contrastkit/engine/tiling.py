@@ -8,7 +8,7 @@ Python overhead, small enough for cache and for any machine's memory.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import psutil
 import torch

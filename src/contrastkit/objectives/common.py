@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine import TileMask, positive_logits, tiled_logsumexp
+from ..engine import DiagonalMask, IndexMask, TileMask, positive_logits, tiled_logsumexp
 from ..engine.tiling import TileSize
 from ..engine.validation import check_embeddings, check_index, check_pair, check_scale
 
@@ -27,6 +27,9 @@ __all__ = [
     "scale_rows",
     "reduce_rows",
     "index_target_loss",
+    "check_reduction",
+    "finish_rows",
+    "default_positives",
     "SIMILARITIES",
 ]
 
@@ -78,6 +81,42 @@ def _check_denominators(lse: Tensor, valid: Tensor, what: str) -> None:
         raise ValueError(f"{what} {i} has every candidate masked out of the denominator")
 
 
+def check_reduction(reduction: str, symmetric: bool = False) -> None:
+    """A known reduction; ``"none"`` only for one-direction losses."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if symmetric and reduction == "none":
+        raise ValueError("reduction='none' is not defined for symmetric losses (rows and columns differ)")
+
+
+def finish_rows(row_losses: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """Reduce the valid rows; for ``"none"`` the per-row vector with 0 on invalid rows."""
+    if reduction == "none":
+        return torch.where(valid, row_losses, torch.zeros_like(row_losses))
+    return reduce_rows(row_losses[valid], reduction)
+
+
+def default_positives(positives: Optional[Tensor], n: int, m: int, device: torch.device) -> Tensor:
+    """The diagonal (anchor i <-> candidate i) unless positives are given."""
+    if positives is not None:
+        return positives
+    if m < n:
+        raise ValueError(
+            f"default diagonal positives need at least as many candidates as anchors, got N={n}, M={m}; "
+            "pass positives= explicitly"
+        )
+    return torch.arange(n, device=device)
+
+
+def _scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """log sum of exp(values) grouped by ``index`` into ``size`` slots (-inf where empty)."""
+    top = torch.full((size,), float("-inf"), dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, index, values.detach(), reduce="amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros(size, dtype=values.dtype, device=values.device).index_add(0, index, (values - top[index]).exp())
+    return total.log() + top
+
+
 def index_target_loss(
     q: Tensor,
     k: Tensor,
@@ -88,6 +127,7 @@ def index_target_loss(
     tile_size: TileSize = None,
     reduction: str = "mean",
     row_bias: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
 ) -> Tensor:
     """Cross-entropy of each row of ``q k^T`` to one positive column (``-1``: none).
 
@@ -95,33 +135,50 @@ def index_target_loss(
     of the mean. With ``symmetric`` the column direction is added (CLIP): each column
     that is some row's positive is scored against all rows, and the two directions
     are averaged. One pass over the tiles computes both.
+
+    ``shift`` (N,) lowers each row's positive logit, in the numerator and inside the
+    denominator (additive margin, NT-Xent-AM: ``shift = margin / t``):
+
+        loss_i = -(X_ip - shift_i) + log( exp(X_ip - shift_i) + sum_{j != p} exp(X_ij) )
+
+    computed stably: the engine gives the log-sum-exp over the other entries (the
+    positive masked) and the shifted positive is added back with ``logaddexp``, so
+    nothing is subtracted from an exponential sum (no cancellation at small t).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction, symmetric)
     n, m = q.shape[0], k.shape[0]
     index = check_index("positives", index, n, m, q.device)
     valid = index >= 0
     if not bool(valid.any()):
         raise ValueError("no anchor row has a positive (every entry of positives is -1)")
+    masks = list(masks)
+    if shift is not None:  # the positive entries leave the denominator; a diagonal is the cheap mask
+        diagonal = n <= m and bool((index == torch.arange(n, device=index.device)).all())
+        masks.append(DiagonalMask(0) if diagonal else IndexMask(index))
     lse_r, lse_c = tiled_logsumexp(q, k, masks=masks, symmetric=symmetric, tile_size=tile_size, row_bias=row_bias)
     pos = positive_logits(q, k, index)
     if row_bias is not None:
         pos = pos + row_bias
-    _check_denominators(lse_r, valid, "anchor row")
-    row_losses = lse_r.to(pos.dtype) - pos
+    lse_r = lse_r.to(pos.dtype)
+    if shift is not None:
+        pos = pos - shift.to(pos.dtype)
+        lse_r = torch.logaddexp(lse_r, pos)
+    else:
+        _check_denominators(lse_r, valid, "anchor row")
+    row_losses = finish_rows(lse_r - pos, valid, reduction)
     if not symmetric:
-        if reduction == "none":
-            return torch.where(valid, row_losses, torch.zeros_like(row_losses))
-        return reduce_rows(row_losses[valid], reduction)
-    if reduction == "none":
-        raise ValueError("reduction='none' is not defined for symmetric losses (rows and columns differ)")
-    cols = index[valid]
-    col_pos = torch.zeros(m, dtype=pos.dtype, device=pos.device).index_add(0, cols, pos[valid])
+        return row_losses
+    cols, vals = index[valid], pos[valid]
+    col_pos = torch.zeros(m, dtype=pos.dtype, device=pos.device).index_add(0, cols, vals)
     col_count = torch.bincount(cols, minlength=m)
     has = col_count > 0
-    _check_denominators(lse_c, has, "candidate column")
-    col_losses = lse_c.to(pos.dtype)[has] - col_pos[has] / col_count[has].to(pos.dtype)
-    return 0.5 * (reduce_rows(row_losses[valid], reduction) + reduce_rows(col_losses, reduction))
+    lse_c = lse_c.to(pos.dtype)
+    if shift is not None:
+        lse_c = torch.logaddexp(lse_c, _scatter_logsumexp(vals, cols, m))
+    else:
+        _check_denominators(lse_c, has, "candidate column")
+    col_losses = lse_c[has] - col_pos[has] / col_count[has].to(pos.dtype)
+    return 0.5 * (row_losses + reduce_rows(col_losses, reduction))
 
 
 class Temperature(torch.nn.Module):

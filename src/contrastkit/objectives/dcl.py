@@ -37,7 +37,7 @@ from ..engine import DiagonalMask, IndexMask, positive_logits, tiled_logsumexp
 from ..engine.tiling import TileSize
 from ..engine.validation import check_index, check_scale
 from ._rows import append_candidates, expand_temperature, two_view_layout
-from .common import REDUCTIONS, Temperature, prepare, reduce_rows, scale_rows
+from .common import REDUCTIONS, Temperature, default_positives, finish_rows, prepare, scale_rows
 
 __all__ = ["dcl", "DCL", "DCLW"]
 
@@ -101,17 +101,8 @@ def dcl(
         n = a.shape[0]
         m = c.shape[0]
         q, k = a, append_candidates(c, extra_candidates, similarity)
-        if positives is None:
-            if m < n:
-                raise ValueError(
-                    f"default diagonal positives need at least as many candidates as anchors, got N={n}, M={m}; "
-                    "pass positives= explicitly"
-                )
-            index = torch.arange(n, device=a.device)
-            masks = [DiagonalMask(0)]
-        else:
-            index = check_index("positives", positives, n, m, a.device)
-            masks = [IndexMask(index)]
+        index = check_index("positives", default_positives(positives, n, m, a.device), n, m, a.device)
+        masks = [DiagonalMask(0)] if positives is None else [IndexMask(index)]
     valid = index >= 0
     if not bool(valid.any()):
         raise ValueError("no anchor row has a positive (every entry of positives is -1)")
@@ -131,9 +122,7 @@ def dcl(
             w = _vmf_weights(sim_pos, valid, sigma)
         pos = pos * w.to(pos.dtype)
     row_losses = lse - pos
-    if reduction == "none":
-        return torch.where(valid, row_losses, torch.zeros_like(row_losses))
-    return reduce_rows(row_losses[valid], reduction)
+    return finish_rows(row_losses, valid, reduction)
 
 
 class DCL(nn.Module):

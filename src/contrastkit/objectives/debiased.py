@@ -42,7 +42,7 @@ from ..engine import DiagonalMask, IndexMask, LSEStat, positive_logits, tiled_lo
 from ..engine.tiling import TileSize
 from ..engine.validation import check_index
 from ._rows import append_candidates, expand_temperature, inverse_temperature_rows, log1mexp, two_view_layout
-from .common import REDUCTIONS, Temperature, prepare, reduce_rows, scale_rows
+from .common import REDUCTIONS, Temperature, default_positives, finish_rows, prepare, scale_rows
 
 __all__ = ["debiased_contrastive", "hard_negative_contrastive", "DebiasedContrastive", "HardNegativeContrastive"]
 
@@ -107,17 +107,8 @@ def debiased_contrastive(
     else:
         m = c.shape[0]
         q, k = a, append_candidates(c, extra_candidates, similarity)
-        if positives is None:
-            if m < n:
-                raise ValueError(
-                    f"default diagonal positives need at least as many candidates as anchors, got N={n}, M={m}; "
-                    "pass positives= explicitly"
-                )
-            index = torch.arange(n, device=a.device)
-            masks = [DiagonalMask(0)]
-        else:
-            index = check_index("positives", positives, n, m, a.device)
-            masks = [IndexMask(index)]
+        index = check_index("positives", default_positives(positives, n, m, a.device), n, m, a.device)
+        masks = [DiagonalMask(0)] if positives is None else [IndexMask(index)]
         n_neg = k.shape[0] - 1
     valid = index >= 0
     if not bool(valid.any()):
@@ -148,9 +139,7 @@ def debiased_contrastive(
     # log(exp(P) + Ng) - P = softplus(log Ng - P); F.softplus cuts off above 20, so use logaddexp
     d = log_ng - pos
     row_losses = torch.logaddexp(d, torch.zeros_like(d))
-    if reduction == "none":
-        return torch.where(valid, row_losses, torch.zeros_like(row_losses))
-    return reduce_rows(row_losses[valid], reduction)
+    return finish_rows(row_losses, valid, reduction)
 
 
 def hard_negative_contrastive(

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from ..engine import TileMask
 from ..engine.tiling import TileSize
 from ._rows import check_margin, inverse_temperature_rows
-from .common import Temperature, index_target_loss, prepare, scale_rows
-from .margin import margin_index_target_loss
+from .common import Temperature, default_positives, index_target_loss, prepare, scale_rows
 
 __all__ = ["info_nce", "InfoNCE"]
 
@@ -59,7 +57,7 @@ def info_nce(
         reduction: ``"mean"`` over rows with a positive, ``"sum"``, or ``"none"``.
         margin: additive margin (similarity units) subtracted from each positive
             similarity before scaling, in the numerator and the denominator
-            (NT-Xent-AM); 0 is plain InfoNCE. See :mod:`contrastkit.objectives.margin`.
+            (NT-Xent-AM); 0 is plain InfoNCE. See :func:`~contrastkit.objectives.common.index_target_loss`.
 
     Example::
 
@@ -68,21 +66,12 @@ def info_nce(
     """
     q, k = prepare(similarity, anchors=anchors, candidates=candidates)
     n, m = q.shape[0], k.shape[0]
-    if positives is None:
-        if m < n:
-            raise ValueError(
-                f"default diagonal positives need at least as many candidates as anchors, got N={n}, M={m}; "
-                "pass positives= explicitly"
-            )
-        positives = torch.arange(n, device=q.device)
+    positives = default_positives(positives, n, m, q.device)
     qs = scale_rows(q, temperature)
     margin = check_margin(margin)
-    if margin:
-        shift = margin * inverse_temperature_rows(temperature, n, q)
-        return margin_index_target_loss(qs, k, positives, shift, masks=masks, symmetric=symmetric,
-                                        tile_size=tile_size, reduction=reduction)
+    shift = margin * inverse_temperature_rows(temperature, n, q) if margin else None
     return index_target_loss(qs, k, positives, masks=masks, symmetric=symmetric,
-                             tile_size=tile_size, reduction=reduction)
+                             tile_size=tile_size, reduction=reduction, shift=shift)
 
 
 class InfoNCE(nn.Module):

@@ -21,7 +21,6 @@ from ..engine import DiagonalMask
 from ..engine.tiling import TileSize
 from ._rows import check_margin, inverse_temperature_rows
 from .common import Temperature, index_target_loss, prepare, scale_rows
-from .margin import margin_index_target_loss
 
 __all__ = ["nt_xent", "NTXent"]
 
@@ -46,10 +45,8 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: Union[float, Tensor] = 0.5, 
     positives = torch.cat([idx + n, idx])
     zs = scale_rows(z, temperature)
     margin = check_margin(margin)
-    if margin:
-        shift = margin * inverse_temperature_rows(temperature, 2 * n, z)
-        return margin_index_target_loss(zs, z, positives, shift, masks=[DiagonalMask(0)], tile_size=tile_size)
-    return index_target_loss(zs, z, positives, masks=[DiagonalMask(0)], tile_size=tile_size)
+    shift = margin * inverse_temperature_rows(temperature, 2 * n, z) if margin else None
+    return index_target_loss(zs, z, positives, masks=[DiagonalMask(0)], tile_size=tile_size, shift=shift)
 
 
 class NTXent(nn.Module):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..engine.tiled_pairwise import Softplus, tiled_pairwise
 from ..engine.tiling import TileSize
 from ..engine.validation import check_index
-from .common import REDUCTIONS, Temperature, prepare, reduce_rows, scale_rows
+from .common import REDUCTIONS, Temperature, default_positives, prepare, reduce_rows, scale_rows
 
 __all__ = ["siglip", "SigLIP"]
 
@@ -90,14 +90,7 @@ def siglip(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     q, k = prepare(similarity, x=x, y=y)
     n, m = q.shape[0], k.shape[0]
-    if positives is None:
-        if m < n:
-            raise ValueError(
-                f"default diagonal positives need at least as many candidates as anchors, got N={n}, M={m}; "
-                "pass positives= explicitly"
-            )
-        positives = torch.arange(n, device=q.device)
-    positives = check_index("positives", positives, n, m, q.device)
+    positives = check_index("positives", default_positives(positives, n, m, q.device), n, m, q.device)
     qs = scale_rows(q, temperature)
     b = _bias_vector(bias, n, qs)
     rows, _ = tiled_pairwise(qs, k, Softplus(positives), row_bias=b, tile_size=tile_size)

@@ -63,7 +63,7 @@ from ..engine.positives import dense_label_ids, label_positive_logits
 from ..engine.tiled_pairwise import IndexWeights, KernelStats, LabelWeights, SoftmaxWeights, tiled_pairwise
 from ..engine.tiling import TileSize
 from ..engine.validation import check_embeddings, check_labels, check_pair, check_scale
-from .common import REDUCTIONS, Temperature, prepare, reduce_rows, scale_rows
+from .common import REDUCTIONS, Temperature, check_reduction, finish_rows, prepare, reduce_rows, scale_rows
 
 __all__ = ["cwcl", "CWCL", "icon", "ICon", "ICON_KERNELS"]
 
@@ -142,11 +142,8 @@ def cwcl(
     if not bool(valid.any()):
         raise ValueError("every anchor row has all-zero CWCL weights (teacher similarities all -1)")
     if not symmetric:
-        if reduction == "none":
-            return torch.where(valid, row_losses, torch.zeros_like(row_losses))
-        return reduce_rows(row_losses[valid], reduction)
-    if reduction == "none":
-        raise ValueError("reduction='none' is not defined for symmetric losses (rows and columns differ)")
+        return finish_rows(row_losses, valid, reduction)
+    check_reduction(reduction, symmetric=True)
     w_cols = 0.5 * (n + t_cols @ t_rows.sum(0))
     target_c = 0.5 * (qs.sum(0) + t_cols @ (qs.T @ t_rows).T)
     cross_c = (k * target_c).sum(-1)
@@ -317,9 +314,7 @@ def icon(
         if entropy_from_op:
             neg_entropy = rows[2]
     per_row = neg_entropy.to(features.dtype) - cross + lse
-    if reduction == "none":
-        return torch.where(valid, per_row, torch.zeros_like(per_row))
-    return reduce_rows(per_row[valid], reduction)
+    return finish_rows(per_row, valid, reduction)
 
 
 class ICon(nn.Module):

@@ -46,7 +46,7 @@ from ..engine import (
 from ..engine.tiling import TileSize
 from ..engine.validation import check_embeddings, check_labels
 from ._rows import append_candidates, check_margin, expand_temperature, inverse_temperature_rows
-from .common import REDUCTIONS, SIMILARITIES, Temperature, reduce_rows, scale_rows
+from .common import REDUCTIONS, SIMILARITIES, Temperature, finish_rows, scale_rows
 
 __all__ = ["supcon", "SupCon", "SupConStats"]
 
@@ -176,10 +176,7 @@ def supcon(
             row_losses = den - mean_pos
         else:
             row_losses = den - pos + count.clamp(min=1).to(pos.dtype).log()
-    if reduction == "none":
-        loss = torch.where(valid, row_losses, torch.zeros_like(row_losses))
-    else:
-        loss = reduce_rows(row_losses[valid], reduction)
+    loss = finish_rows(row_losses, valid, reduction)
     if not return_stats:
         return loss
     stats = SupConStats(
