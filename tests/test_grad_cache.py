@@ -86,12 +86,13 @@ def compare(loss_a, ga, loss_b, gb, rtol=1e-10):
             assert_rel_close(a, b, rtol=rtol, atol=rtol * 1e-3 * top, what=name)
 
 
+@pytest.mark.parametrize("keep_last", [True, False])
 @pytest.mark.parametrize("chunk", [3, 4, 5, 12])
-def test_cached_equals_plain_with_dropout(chunk):
+def test_cached_equals_plain_with_dropout(chunk, keep_last):
     enc = tiny_bert(0.1)
     loss_fn = ck.losses.InfoNCE(temperature=0.1, learn_temperature=True).double()
     q, d = token_batch(12, seed=1), token_batch(12, seed=2)
-    gc = GradCache(enc, loss_fn, chunk_size=chunk)
+    gc = GradCache(enc, loss_fn, chunk_size=chunk, keep_last=keep_last)
 
     torch.manual_seed(7)
     loss_ref = reference_step(gc, q, d)

@@ -177,6 +177,11 @@ class GradCache:
         autocast_dtype: e.g. ``torch.bfloat16``: run the encoder passes under
             ``torch.autocast`` (the loss is computed in float32 on upcast embeddings).
         embed_fn: ``embed_fn(module, chunk_inputs) -> (n, d)``; default :func:`default_embed`.
+        keep_last: encode the last chunk of each group with autograd in the first pass and
+            back-propagate through that graph instead of re-encoding it (saves one chunk's
+            forward per group; a batch of one chunk costs a plain step). Activation memory
+            is then that of one plain step at ``chunk_size`` rows per group. Off for a
+            ``DistributedDataParallel`` encoder.
 
     :meth:`step` leaves the gradients in ``.grad`` (accumulating, like ``backward``);
     clip and step the optimiser afterwards. ``last_embeddings`` holds the detached
@@ -198,7 +203,7 @@ class GradCache:
     def __init__(self, encoder: nn.Module, loss_fn: Callable[..., Tensor], *, doc_encoder: Optional[nn.Module] = None,
                  chunk_size: Optional[int] = 32, chunk_tokens: Optional[int] = None, sort_by_length: bool = False,
                  trim_padding: bool = True, autocast_dtype: Optional[torch.dtype] = None,
-                 embed_fn: Callable[[nn.Module, Inputs], Tensor] = default_embed) -> None:
+                 embed_fn: Callable[[nn.Module, Inputs], Tensor] = default_embed, keep_last: bool = True) -> None:
         if chunk_tokens is not None:
             if int(chunk_tokens) < 1:
                 raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens!r}")
@@ -213,6 +218,7 @@ class GradCache:
         self.sort_by_length, self.trim_padding = bool(sort_by_length), bool(trim_padding)
         self.autocast_dtype = autocast_dtype
         self.embed_fn = embed_fn
+        self.keep_last = bool(keep_last)
         self.last_embeddings: List[Tensor] = []
 
     # -- pieces (public so a reference step can use the very same chunks) --------
@@ -264,15 +270,23 @@ class GradCache:
         plans = [self.plan(inp) for inp in inputs]
         states: List[List[RandState]] = []
         reps: List[Tensor] = []
+        kept: Dict[int, Tensor] = {}  # group -> last chunk's embeddings, with their graph
         # 1. encode without autograd, remembering the RNG state before each chunk
-        with torch.no_grad():
-            for g, (inp, plan) in enumerate(zip(inputs, plans)):
-                st, embs = [], []
-                for idx in plan:
-                    st.append(RandState())
-                    embs.append(self.encode(g, inp, idx))
-                states.append(st)
-                reps.append(self._unpermute(embs, plan, g))
+        #    (the last chunk of each group keeps its graph when keep_last)
+        for g, (inp, plan) in enumerate(zip(inputs, plans)):
+            keep = self.keep_last and not _is_ddp(self.encoder_for(g))
+            st, embs = [], []
+            for c, idx in enumerate(plan):
+                st.append(RandState())
+                if keep and c == len(plan) - 1:
+                    with torch.enable_grad():
+                        kept[g] = self.encode(g, inp, idx)
+                    embs.append(kept[g].detach())
+                else:
+                    with torch.no_grad():
+                        embs.append(self.encode(g, inp, idx))
+            states.append(st)
+            reps.append(self._unpermute(embs, plan, g))
         after = RandState()
         # 2. the objective on the detached embeddings; cache d loss / d embedding
         leaves = [r.detach().float().requires_grad_() if r.dtype in (torch.float16, torch.bfloat16)
@@ -287,7 +301,13 @@ class GradCache:
                 raise ValueError("loss_fn must return a scalar tensor (use reduction='mean' or 'sum')")
             loss.backward()
         grads = [leaf.grad for leaf in leaves]
-        # 3. re-encode each chunk with autograd (same RNG) and back-propagate its gradient slice
+        # 3. back-propagate through the kept last chunks (freeing them first), then re-encode
+        #    every other chunk with autograd (same RNG) and back-propagate its gradient slice
+        for g, emb in list(kept.items()):
+            if grads[g] is not None:
+                idx = plans[g][-1]
+                emb.backward(grads[g][idx.to(grads[g].device)].to(emb.dtype))
+            del kept[g], emb
         last_of = self._last_chunks(plans)
         with torch.enable_grad():
             for g, (inp, plan) in enumerate(zip(inputs, plans)):
@@ -295,6 +315,8 @@ class GradCache:
                     continue
                 module = self.encoder_for(g)
                 for c, idx in enumerate(plan):
+                    if self.keep_last and not _is_ddp(module) and c == len(plan) - 1:
+                        continue
                     states[g][c].restore()
                     sync = (g, c) in last_of or not _is_ddp(module)
                     with (contextlib.nullcontext() if sync else module.no_sync()):
