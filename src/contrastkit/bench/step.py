@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ring", action="store_true", help="under torchrun: ring exchange instead of all_gather")
     p.add_argument("--quick", action="store_true", help="batch 32 and 64, mini-batch 16, 1 timed step, 64 tokens")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON line instead of a table")
+    p.add_argument("--table-from", default=None, metavar="FILE",
+                   help="print the table of a saved --json output (no new measurements)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
@@ -137,9 +139,11 @@ def _run_config(cfg: Dict) -> Dict:
             st_loss = st_losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=mini)
 
         def step():
+            # backward inside autocast too: CachedMNRL re-encodes in a backward hook, which must
+            # run in bfloat16 like its first pass (otherwise its second pass would be float32)
             with ctx():
                 loss = st_loss([dict(fq), dict(fd)], None)
-            loss.backward()
+                loss.backward()
             return loss
     opt = torch.optim.AdamW(params, lr=2e-5)
     loaded = _peak_rss_mb()
@@ -151,9 +155,10 @@ def _run_config(cfg: Dict) -> Dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     # warm-up (kernels, optimiser state): a full step for small batches, else one chunk-sized step
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     if batch <= 256:
         full_step()
@@ -170,7 +175,7 @@ def _run_config(cfg: Dict) -> Dict:
         "steps": steps, "step_s": step_s, "step_s_all": times, "warmup_s": warm_s,
         "seq_per_s": batch * (world if cfg.get("distributed") else 1) / step_s,
         "peak_rss_mb": _peak_rss_mb(), "rss_after_load_mb": loaded, "loss": losses_seen[-1],
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
     }
 
 
@@ -259,6 +264,7 @@ def _run_distributed(args) -> int:
             for r in rows:
                 print(f"  batch {r['batch']:>5} ({r['batch'] // world}/rank) mini {r['mini']:>3}: "
                       f"{r['seq_per_s']:.1f} seq/s, step {r['step_s']:.2f} s, peak {r['peak_rss_mb_max_rank']:.0f} MB")
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 
@@ -266,6 +272,11 @@ def _run_distributed(args) -> int:
 def run(args) -> int:
     if args.worker is not None:
         print(json.dumps(_run_config(json.loads(args.worker))), flush=True)
+        return 0
+    if args.table_from:
+        with open(args.table_from) as f:
+            saved = json.loads(f.read().strip().splitlines()[-1])
+        print(_fmt_table(saved["results"], bool(saved.get("bf16"))))
         return 0
     if args.quick:
         args.batch_sizes, args.mini_batch, args.steps, args.max_length = "32,64", 16, 1, 64
@@ -276,10 +287,10 @@ def run(args) -> int:
     for cfg in _configs(args):
         r = _subprocess(cfg)
         rows.append(r)
-        if not args.json:
-            msg = r.get("error") or f"{r['seq_per_s']:.1f} seq/s, peak {r['peak_rss_mb']:.0f} MB"
-            print(f"  [{time.perf_counter() - t0:6.0f} s] batch {cfg['batch']:>5} {cfg['method']:<13} {msg}",
-                  file=sys.stderr, flush=True)
+        # progress on stderr (stdout keeps the table or the one JSON line)
+        msg = r.get("error") or f"{r['seq_per_s']:.1f} seq/s, peak {r['peak_rss_mb']:.0f} MB"
+        print(f"  [{time.perf_counter() - t0:6.0f} s] batch {cfg['batch']:>5} {cfg['method']:<13} {msg}",
+              file=sys.stderr, flush=True)
     if args.json:
         import torch
 
