@@ -13,11 +13,12 @@ Public pieces:
 from .masks import DiagonalMask, DifferentLabelMask, IndexMask, LabelMask, TileMask
 from .multi_lse import LSEStat, tiled_multi_logsumexp
 from .positives import label_positive_logits, positive_logits
-from .tiled_lse import tiled_logsumexp
+from .tiled_lse import tiled_logsumexp, tiled_logsumexp_with_positives
 from .tiling import choose_tile
 
 __all__ = [
     "tiled_logsumexp",
+    "tiled_logsumexp_with_positives",
     "choose_tile",
     "TileMask",
     "DiagonalMask",

@@ -20,10 +20,20 @@ from torch import Tensor
 __all__ = ["positive_logits", "label_positive_logits", "dense_label_ids"]
 
 
+def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` as a batched matmul: no N x d product is materialised."""
+    return torch.bmm(a.unsqueeze(1), b.to(a.dtype).unsqueeze(2)).reshape(a.shape[0])
+
+
 def positive_logits(q: Tensor, k: Tensor, index: Tensor) -> Tensor:
-    """``q_i . k_{index_i}`` per row (0 where ``index_i == -1``), differentiable."""
-    safe = index.clamp(min=0)
-    out = (q * k[safe].to(q.dtype)).sum(-1)
+    """``q_i . k_{index_i}`` per row (0 where ``index_i == -1``), differentiable.
+
+    Diagonal positives (the common case) read ``k[:N]`` as a view: no gather copy.
+    """
+    n = q.shape[0]
+    if n <= k.shape[0] and bool((index == torch.arange(n, device=index.device)).all()):
+        return _rowwise_dot(q, k[:n])
+    out = _rowwise_dot(q, k[index.clamp(min=0)])
     return torch.where(index >= 0, out, torch.zeros_like(out))
 
 

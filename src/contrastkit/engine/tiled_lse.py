@@ -34,9 +34,10 @@ import torch
 from torch import Tensor
 
 from .masks import TileMask
+from .positives import positive_logits
 from .tiling import TileSize, choose_tile
 
-__all__ = ["tiled_logsumexp"]
+__all__ = ["tiled_logsumexp", "tiled_logsumexp_with_positives"]
 
 _NEG_INF = float("-inf")
 
@@ -77,18 +78,32 @@ class _Tiles:
     and its page faults, for every tile.
     """
 
-    def __init__(self, q, k, row_bias, col_bias, masks, tr, tc, n_buffers=1):
+    def __init__(self, q, k, row_bias, col_bias, masks, tr, tc, n_buffers=1, scale=None):
         acc = _accumulate_dtype(q.dtype)
         self.q, self.k = q.to(acc), k.to(acc)
+        # per-row scale (N,) or None: X = diag(scale) Q K^T, applied to one row block at a time
+        self.scale = None if scale is None else scale.to(acc).expand(self.q.shape[0])
+        self._block = (None, None)
         self.rb = None if row_bias is None else row_bias.to(acc)
         self.cb = None if col_bias is None else col_bias.to(acc)
         self.masks, self.tr, self.tc = masks, tr, tc
         self.n, self.m = self.q.shape[0], self.k.shape[0]
         self.buffers = [torch.empty(tr * tc, dtype=acc, device=q.device) for _ in range(n_buffers)]
 
+    def rows(self, r0, r1):
+        """Scaled anchor rows [r0, r1) (cached while the column loop runs)."""
+        if self.scale is None:
+            return self.q[r0:r1]
+        if self._block[0] != (r0, r1):
+            self._block = ((r0, r1), self.q[r0:r1] * self.scale[r0:r1, None])
+        return self._block[1]
+
     def logit_bound(self) -> float:
-        """An upper bound of |X_ij| over the whole matrix: max|q| max|k| + max|r| + max|c|."""
-        bound = self.q.norm(dim=1).max() * self.k.norm(dim=1).max()
+        """An upper bound of |X_ij| over the whole matrix: max|s q| max|k| + max|r| + max|c|."""
+        qn = self.q.norm(dim=1)
+        if self.scale is not None:
+            qn = qn * self.scale.abs()
+        bound = qn.max() * self.k.norm(dim=1).max()
         for b in (self.rb, self.cb):
             if b is not None:
                 bound = bound + b.abs().max()
@@ -105,7 +120,7 @@ class _Tiles:
                 yield r0, r1, c0, c1, self.logits(r0, r1, c0, c1)
 
     def logits(self, r0, r1, c0, c1):
-        x = torch.mm(self.q[r0:r1], self.k[c0:c1].T, out=self.view(0, r1 - r0, c1 - c0))
+        x = torch.mm(self.rows(r0, r1), self.k[c0:c1].T, out=self.view(0, r1 - r0, c1 - c0))
         if self.rb is not None:
             x += self.rb[r0:r1, None]
         if self.cb is not None:
@@ -170,8 +185,8 @@ def _tile_stats(tiles, x, r0, r1, c0, c1, symmetric, lim):
 
 class _TiledLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, row_bias, col_bias, masks, symmetric, tr, tc):
-        tiles = _Tiles(q, k, row_bias, col_bias, masks, tr, tc)
+    def forward(ctx, q, k, row_bias, col_bias, scale, index, masks, symmetric, tr, tc):
+        tiles = _Tiles(q, k, row_bias, col_bias, masks, tr, tc, scale=scale)
         lim = _Limits(tiles.q.dtype)
         acc = tiles.q.dtype
         direct = tiles.logit_bound() <= lim.direct
@@ -196,22 +211,31 @@ class _TiledLSE(torch.autograd.Function):
                 if symmetric:
                     cs = lse_c[c0:c1]
                     torch.logaddexp(cs, col, out=cs)
-        ctx.save_for_backward(q, k, row_bias, col_bias, lse_r, lse_c)
+        # the positive logits s_i q_i . k_{index_i}: an O(N d) gather, not a tile
+        if index is None:
+            pos = lse_r.new_zeros(0)
+            ctx.mark_non_differentiable(pos)
+        else:
+            pos = positive_logits(tiles.q, tiles.k, index)
+            if tiles.scale is not None:
+                pos = pos * tiles.scale
+        ctx.save_for_backward(q, k, row_bias, col_bias, scale, index, lse_r, lse_c)
         ctx.masks, ctx.symmetric, ctx.tr, ctx.tc, ctx.direct = masks, symmetric, tr, tc, direct
         if not symmetric:
             ctx.mark_non_differentiable(lse_c)
-        return lse_r, lse_c
+        return lse_r, lse_c, pos
 
     @staticmethod
-    def backward(ctx, g_r, g_c):
-        q, k, row_bias, col_bias, lse_r, lse_c = ctx.saved_tensors
-        need_q, need_k, need_rb, need_cb = ctx.needs_input_grad[:4]
-        tiles = _Tiles(q, k, row_bias, col_bias, ctx.masks, ctx.tr, ctx.tc, n_buffers=2)
+    def backward(ctx, g_r, g_c, g_pos):
+        q, k, row_bias, col_bias, scale, index, lse_r, lse_c = ctx.saved_tensors
+        need_q, need_k, need_rb, need_cb, need_s = ctx.needs_input_grad[:5]
+        tiles = _Tiles(q, k, row_bias, col_bias, ctx.masks, ctx.tr, ctx.tc, n_buffers=2, scale=scale)
         lim = _Limits(tiles.q.dtype)
         acc, n, m = tiles.q.dtype, tiles.n, tiles.m
         use_r = g_r is not None and bool(g_r.any())
         use_c = ctx.symmetric and g_c is not None and bool(g_c.any())
-        dq = torch.zeros_like(tiles.q) if need_q else None
+        # dq accumulates the gradient with respect to the scaled rows s q
+        dq = torch.zeros_like(tiles.q) if (need_q or need_s) else None
         dk = torch.zeros_like(tiles.k) if need_k else None
         drb = torch.zeros(n, dtype=acc, device=q.device) if need_rb else None
         dcb = torch.zeros(m, dtype=acc, device=q.device) if need_cb else None
@@ -230,8 +254,8 @@ class _TiledLSE(torch.autograd.Function):
             # Row-only: dX = diag(g) P, so g is applied to O(N d) operands, not to tiles.
             fold_rows = not use_c
             if fold_rows:
-                gq = tiles.q * gr[:, None]
-                pk = torch.zeros_like(tiles.q) if need_q else None
+                gq = tiles.q * (gr if tiles.scale is None else gr * tiles.scale)[:, None]
+                pk = dq  # accumulates P K; scaled by g once at the end
             for r0, r1, c0, c1, x in tiles:
                 if direct:
                     p = x.exp_()
@@ -270,20 +294,53 @@ class _TiledLSE(torch.autograd.Function):
                 if dq is not None:
                     dq[r0:r1].addmm_(dx, tiles.k[c0:c1])
                 if dk is not None:
-                    dk[c0:c1].addmm_(dx.T, tiles.q[r0:r1])
+                    dk[c0:c1].addmm_(dx.T, tiles.rows(r0, r1))
                 if drb is not None:
                     drb[r0:r1] += dx.sum(1)
                 if dcb is not None:
                     dcb[c0:c1] += dx.sum(0)
-            if fold_rows and pk is not None:
-                dq = pk.mul_(gr[:, None])
+            if fold_rows and dq is not None:
+                dq.mul_(gr[:, None])
+        if index is not None and g_pos is not None:
+            # d pos_i = g_i (s_i q_i . k_{index_i}): added in place, no N x d temporaries
+            has = index >= 0
+            rows, cols = has.nonzero(as_tuple=True)[0], index[has]
+            gp = g_pos.to(acc)[rows]
+            if dq is not None:
+                dq.index_add_(0, rows, tiles.k[cols] * gp[:, None])
+            if dk is not None:
+                sq = tiles.q[rows] if tiles.scale is None else tiles.q[rows] * tiles.scale[rows, None]
+                dk.index_add_(0, cols, sq.mul_(gp[:, None]))
+        dscale = None
+        if dq is not None and tiles.scale is not None:
+            # X = s_i q_i . k_j: d/ds_i = q_i . dX_i K, and d/dq_i = s_i dX_i K
+            if need_s:
+                per_row = torch.bmm(tiles.q.unsqueeze(1), dq.unsqueeze(2)).reshape(n)
+                dscale = per_row.sum().reshape(scale.shape) if scale.numel() == 1 else per_row
+                dscale = dscale.to(scale.dtype)
+            dq = dq.mul_(tiles.scale[:, None]) if need_q else None
         return (
             None if dq is None else dq.to(q.dtype),
             None if dk is None else dk.to(k.dtype),
             None if drb is None else drb.to(row_bias.dtype),
             None if dcb is None else dcb.to(col_bias.dtype),
-            None, None, None, None,
+            dscale,
+            None, None, None, None, None,
         )
+
+
+def _check_problem(q, k, row_bias, col_bias, scale, masks) -> Tuple[int, int]:
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"tiled_logsumexp needs q (N, d) and k (M, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+    n, m = q.shape[0], k.shape[0]
+    for name, b, size in (("row_bias", row_bias, n), ("col_bias", col_bias, m)):
+        if b is not None and (b.dim() != 1 or b.shape[0] != size):
+            raise ValueError(f"{name} must have shape ({size},), got {tuple(b.shape)}")
+    if scale is not None and (scale.dim() > 1 or scale.numel() not in (1, n)):
+        raise ValueError(f"scale must be a scalar or have shape ({n},), got {tuple(scale.shape)}")
+    for mask in masks:
+        mask.check(n, m, q.device)
+    return n, m
 
 
 def tiled_logsumexp(
@@ -295,8 +352,13 @@ def tiled_logsumexp(
     masks: Sequence[TileMask] = (),
     symmetric: bool = False,
     tile_size: TileSize = None,
+    scale: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Row (and column) log-sum-exp of ``q @ k.T + row_bias[:, None] + col_bias[None, :]``.
+    """Row (and column) log-sum-exp of ``s q @ k.T + row_bias[:, None] + col_bias[None, :]``.
+
+    ``scale`` (a scalar tensor or one per row, (N,); differentiable) multiplies the
+    anchors inside the engine, one row block at a time, so that ``q / temperature`` is
+    never materialised; its gradient is the O(N d) ``sum_i q_i . (dX K)_i``.
 
     Exact, differentiable in ``q``, ``k`` and the biases, and memory-bounded: no
     N x M matrix is kept, only tiles of ``tile_size`` (see :func:`choose_tile`).
@@ -304,14 +366,40 @@ def tiled_logsumexp(
     (and no gradient). Returns ``(lse_rows (N,), lse_cols (M,) or None)`` in float32
     (float64 for float64 inputs; bfloat16 / float16 inputs are accumulated in float32).
     """
-    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
-        raise ValueError(f"tiled_logsumexp needs q (N, d) and k (M, d), got {tuple(q.shape)} and {tuple(k.shape)}")
-    n, m = q.shape[0], k.shape[0]
-    for name, b, size in (("row_bias", row_bias, n), ("col_bias", col_bias, m)):
-        if b is not None and (b.dim() != 1 or b.shape[0] != size):
-            raise ValueError(f"{name} must have shape ({size},), got {tuple(b.shape)}")
-    for mask in masks:
-        mask.check(n, m, q.device)
+    n, m = _check_problem(q, k, row_bias, col_bias, scale, masks)
     tr, tc = choose_tile(n, m, q.shape[1], q.device, tile_size, element_size=4)
-    lse_r, lse_c = _TiledLSE.apply(q, k, row_bias, col_bias, tuple(masks), bool(symmetric), tr, tc)
+    lse_r, lse_c, _ = _TiledLSE.apply(q, k, row_bias, col_bias, scale, None, tuple(masks), bool(symmetric), tr, tc)
     return lse_r, (lse_c if symmetric else None)
+
+
+def tiled_logsumexp_with_positives(
+    q: Tensor,
+    k: Tensor,
+    positives: Tensor,
+    *,
+    row_bias: Optional[Tensor] = None,
+    col_bias: Optional[Tensor] = None,
+    masks: Sequence[TileMask] = (),
+    symmetric: bool = False,
+    tile_size: TileSize = None,
+    scale: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """:func:`tiled_logsumexp` plus the positive logits ``s_i q_i . k_{positives_i}``
+    (0 where ``positives_i == -1``) from the same Function, so that their backward adds
+    into the engine's gradient buffers in place instead of allocating N x d terms.
+
+    Returns ``(lse_rows, lse_cols or None, positive_logits)``. The positive logits do not
+    include ``row_bias``.
+
+    Example::
+
+        lse, _, pos = tiled_logsumexp_with_positives(q, k, torch.arange(len(q)), scale=torch.tensor(20.0))
+        loss = (lse - pos).mean()
+    """
+    n, m = _check_problem(q, k, row_bias, col_bias, scale, masks)
+    if positives.dim() != 1 or positives.shape[0] != n:
+        raise ValueError(f"positives must have shape ({n},), got {tuple(positives.shape)}")
+    tr, tc = choose_tile(n, m, q.shape[1], q.device, tile_size, element_size=4)
+    lse_r, lse_c, pos = _TiledLSE.apply(q, k, row_bias, col_bias, scale, positives.long(), tuple(masks),
+                                        bool(symmetric), tr, tc)
+    return lse_r, (lse_c if symmetric else None), pos.to(q.dtype)

@@ -20,6 +20,7 @@ TileSize = Union[int, Tuple[int, int], None]
 # Target entries per tile; measured on a 2-core AVX-512 box (docs/benchmarks.md).
 _DEFAULT_TILE_ENTRIES = 1 << 20
 _MAX_COLS = 4096
+_MATRIX_SHARE = 64
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -34,7 +35,8 @@ def choose_tile(n_rows: int, n_cols: int, dim: int, device: torch.device,
     """Return (row_tile, col_tile) for an n_rows x n_cols problem.
 
     ``tile_size`` overrides: an int for square tiles, a (rows, cols) pair, or None
-    for the automatic choice (about a million entries, capped by 1/8 of free memory).
+    for the automatic choice: about a million entries, at most 1/64 of the N x M
+    matrix, and capped by 1/8 of free memory.
     """
     if tile_size is not None:
         if isinstance(tile_size, int):
@@ -51,7 +53,10 @@ def choose_tile(n_rows: int, n_cols: int, dim: int, device: torch.device,
     if device.type == "cuda":
         entries = 1 << 24  # GPUs want much larger tiles to fill their cores
     budget = max(1 << 14, _free_bytes(device) // (8 * 3 * element_size))
-    entries = min(entries, budget)
+    # a tile (the backward holds two) stays a small fraction of the logit matrix it
+    # replaces, so the memory saving holds at moderate batch sizes too
+    share = max(1 << 16, (n_rows * n_cols) // _MATRIX_SHARE)
+    entries = min(entries, budget, share)
     tc = min(n_cols, _MAX_COLS if device.type != "cuda" else 16384)
     tr = max(1, min(n_rows, entries // max(tc, 1)))
     return tr, tc

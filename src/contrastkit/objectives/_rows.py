@@ -10,11 +10,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..engine.validation import check_embeddings, check_pair, check_scale
+from ..engine.normalize import l2_normalize
+from ..engine.validation import check_embeddings, check_pair
 
 __all__ = [
     "expand_temperature",
-    "inverse_temperature_rows",
     "check_margin",
     "log1mexp",
     "append_candidates",
@@ -29,17 +29,6 @@ def expand_temperature(temperature: Union[float, Tensor], n_samples: int, n_rows
             and n_rows != n_samples and n_samples > 1 and n_rows % n_samples == 0):
         return temperature.repeat(n_rows // n_samples)
     return temperature
-
-
-def inverse_temperature_rows(temperature: Union[float, Tensor], n_rows: int, like: Tensor) -> Tensor:
-    """``1 / t`` as an (n_rows,) tensor (differentiable in a tensor temperature)."""
-    check_scale("temperature", temperature, like=like, n_rows=n_rows)
-    if isinstance(temperature, Tensor):
-        t = temperature.to(like.dtype)
-        if t.dim() == 1 and t.numel() == n_rows and n_rows != 1:
-            return 1.0 / t
-        return (1.0 / t.reshape(())).expand(n_rows)
-    return torch.full((n_rows,), 1.0 / float(temperature), dtype=like.dtype, device=like.device)
 
 
 def check_margin(margin) -> float:
@@ -67,7 +56,7 @@ def append_candidates(k: Tensor, extra: Optional[Tensor], similarity: str, name:
     check_embeddings(name, extra)
     check_pair("candidates", k, name, extra)
     if similarity == "cosine":
-        extra = torch.nn.functional.normalize(extra, dim=-1)
+        extra = l2_normalize(extra)
     return torch.cat([k, extra])
 
 

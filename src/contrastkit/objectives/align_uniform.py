@@ -30,9 +30,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.normalize import l2_normalize
 from ..engine import DiagonalMask, tiled_logsumexp
 from ..engine.tiling import TileSize
 from ..engine.validation import check_embeddings, check_pair
@@ -74,7 +74,7 @@ def alignment(x: Tensor, y: Tensor, *, alpha: float = 2.0, normalize: bool = Fal
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of rows (positive pairs), got {x.shape[0]} and {y.shape[0]}")
     if normalize:
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        x, y = l2_normalize(x), l2_normalize(y)
     sq = (x - y).pow(2).sum(1)
     if alpha == 2.0:
         return sq.mean()
@@ -97,7 +97,7 @@ def uniformity(x: Tensor, *, t: float = 2.0, normalize: bool = False, tile_size:
     if n < 2:
         raise ValueError(f"uniformity needs at least 2 rows (it averages over pairs), got {n}")
     if normalize:
-        x = F.normalize(x, dim=-1)
+        x = l2_normalize(x)
     sq = x.pow(2).sum(-1) * (-t)
     lse_r, _ = tiled_logsumexp(x * (2.0 * t), x, row_bias=sq, col_bias=sq, masks=[DiagonalMask(0)],
                                tile_size=tile_size)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine import DiagonalMask, IndexMask, TileMask, positive_logits, tiled_logsumexp
+from ..engine.normalize import l2_normalize
+from ..engine import DiagonalMask, IndexMask, TileMask, tiled_logsumexp_with_positives
 from ..engine.tiling import TileSize
 from ..engine.validation import check_embeddings, check_index, check_pair, check_scale
 
@@ -30,6 +30,7 @@ __all__ = [
     "check_reduction",
     "finish_rows",
     "default_positives",
+    "inverse_temperature",
     "SIMILARITIES",
 ]
 
@@ -48,7 +49,7 @@ def prepare(similarity: str, **named: Tensor) -> Tuple[Tensor, ...]:
     for (a_name, a), (b_name, b) in zip(items, items[1:]):
         check_pair(a_name, a, b_name, b)
     if similarity == "cosine":
-        return tuple(F.normalize(x, dim=-1) for _, x in items)
+        return tuple(l2_normalize(x) for _, x in items)
     return tuple(x for _, x in items)
 
 
@@ -61,6 +62,18 @@ def scale_rows(x: Tensor, temperature: Union[float, Tensor]) -> Tensor:
             return x / t[:, None]
         return x / t.reshape(())
     return x * (1.0 / float(temperature))
+
+
+def inverse_temperature(temperature: Union[float, Tensor], like: Tensor) -> Tensor:
+    """``1 / temperature`` as a 0-dim tensor or one per row (N,), for the engine's ``scale=``
+    (differentiable in a tensor temperature); checked like :func:`scale_rows`."""
+    check_scale("temperature", temperature, like=like, n_rows=like.shape[0])
+    if isinstance(temperature, Tensor):
+        t = temperature.to(like.dtype)
+        if t.dim() == 1 and t.numel() == like.shape[0] and like.shape[0] != 1:
+            return 1.0 / t
+        return 1.0 / t.reshape(())
+    return torch.tensor(1.0 / float(temperature), dtype=like.dtype, device=like.device)
 
 
 def reduce_rows(losses: Tensor, reduction: str) -> Tensor:
@@ -128,10 +141,13 @@ def index_target_loss(
     reduction: str = "mean",
     row_bias: Optional[Tensor] = None,
     shift: Optional[Tensor] = None,
+    scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """Cross-entropy of each row of ``q k^T`` to one positive column (``-1``: none).
+    """Cross-entropy of each row of ``s q k^T`` to one positive column (``-1``: none).
 
-    ``q`` is already scaled by the temperature. Rows without a positive are left out
+    ``scale`` (0-dim or (N,), from :func:`inverse_temperature`) is applied inside the
+    engine, so ``q / t`` is never materialised; without it ``q`` is taken as already
+    scaled. Rows without a positive are left out
     of the mean. With ``symmetric`` the column direction is added (CLIP): each column
     that is some row's positive is scored against all rows, and the two directions
     are averaged. One pass over the tiles computes both.
@@ -155,8 +171,8 @@ def index_target_loss(
     if shift is not None:  # the positive entries leave the denominator; a diagonal is the cheap mask
         diagonal = n <= m and bool((index == torch.arange(n, device=index.device)).all())
         masks.append(DiagonalMask(0) if diagonal else IndexMask(index))
-    lse_r, lse_c = tiled_logsumexp(q, k, masks=masks, symmetric=symmetric, tile_size=tile_size, row_bias=row_bias)
-    pos = positive_logits(q, k, index)
+    lse_r, lse_c, pos = tiled_logsumexp_with_positives(q, k, index, masks=masks, symmetric=symmetric,
+                                                       tile_size=tile_size, row_bias=row_bias, scale=scale)
     if row_bias is not None:
         pos = pos + row_bias
     lse_r = lse_r.to(pos.dtype)

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from ..engine import DiagonalMask, IndexMask, LSEStat, positive_logits, tiled_logsumexp, tiled_multi_logsumexp
 from ..engine.tiling import TileSize
 from ..engine.validation import check_index
-from ._rows import append_candidates, expand_temperature, inverse_temperature_rows, log1mexp, two_view_layout
-from .common import REDUCTIONS, Temperature, default_positives, finish_rows, prepare, scale_rows
+from ._rows import append_candidates, expand_temperature, log1mexp, two_view_layout
+from .common import REDUCTIONS, Temperature, default_positives, finish_rows, inverse_temperature, prepare, scale_rows
 
 __all__ = ["debiased_contrastive", "hard_negative_contrastive", "DebiasedContrastive", "HardNegativeContrastive"]
 
@@ -126,7 +126,7 @@ def debiased_contrastive(
         hi, lo = tiled_multi_logsumexp(qs, k, [LSEStat(1.0 + beta), LSEStat(beta)], masks=masks,
                                        tile_size=tile_size).to(pos.dtype)
         r = log_q + hi - lo
-    floor = log_q - inverse_temperature_rows(temperature, rows, q).to(pos.dtype)
+    floor = log_q - inverse_temperature(temperature, q).expand(rows).to(pos.dtype)
     if tau_plus > 0.0:
         # log(exp(R) - tau+ Q exp(P)) = R + log(1 - exp(log(tau+ Q) + P - R)), when the argument is < 0
         x = math.log(tau_plus * n_neg) + pos - r

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ..engine import TileMask
 from ..engine.tiling import TileSize
-from ._rows import check_margin, inverse_temperature_rows
-from .common import Temperature, default_positives, index_target_loss, prepare, scale_rows
+from ._rows import check_margin
+from .common import Temperature, default_positives, index_target_loss, inverse_temperature, prepare
 
 __all__ = ["info_nce", "InfoNCE"]
 
@@ -67,10 +67,10 @@ def info_nce(
     q, k = prepare(similarity, anchors=anchors, candidates=candidates)
     n, m = q.shape[0], k.shape[0]
     positives = default_positives(positives, n, m, q.device)
-    qs = scale_rows(q, temperature)
+    scale = inverse_temperature(temperature, q)
     margin = check_margin(margin)
-    shift = margin * inverse_temperature_rows(temperature, n, q) if margin else None
-    return index_target_loss(qs, k, positives, masks=masks, symmetric=symmetric,
+    shift = margin * scale.expand(n) if margin else None
+    return index_target_loss(q, k, positives, masks=masks, symmetric=symmetric, scale=scale,
                              tile_size=tile_size, reduction=reduction, shift=shift)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..engine.tiling import TileSize
 from ..engine.validation import check_scale
-from .common import index_target_loss, prepare, scale_rows
+from .common import index_target_loss, inverse_temperature, prepare
 
 __all__ = ["multiple_negatives_ranking", "MultipleNegativesRanking"]
 
@@ -66,9 +66,9 @@ def multiple_negatives_ranking(anchors: Tensor, positives: Tensor, *hard_negativ
     check_scale("scale", scale, like=a, n_rows=a.shape[0])
     k = torch.cat(prepared[1:]) if len(prepared) > 2 else p
     temperature = 1.0 / scale if isinstance(scale, Tensor) else 1.0 / float(scale)
-    qs = scale_rows(a, temperature)
     index = torch.arange(a.shape[0], device=a.device)
-    return index_target_loss(qs, k, index, symmetric=symmetric, tile_size=tile_size)
+    return index_target_loss(a, k, index, symmetric=symmetric, tile_size=tile_size,
+                             scale=inverse_temperature(temperature, a))
 
 
 class MultipleNegativesRanking(nn.Module):

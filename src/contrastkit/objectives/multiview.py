@@ -38,9 +38,9 @@ from __future__ import annotations
 from typing import Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.normalize import l2_normalize
 from ..engine import DiagonalMask, tiled_logsumexp
 from ..engine.tiling import TileSize
 from ..engine.validation import check_embeddings, check_scale
@@ -108,7 +108,7 @@ def multiview_info_nce(
         raise ValueError(
             f"multi-view InfoNCE needs at least 2 views per sample (features (N, V, d) with V >= 2), got V={v}"
         )
-    z3 = F.normalize(features, dim=-1) if similarity == "cosine" else features
+    z3 = l2_normalize(features) if similarity == "cosine" else features
     z = z3.reshape(n * v, d)
     scale = _row_scale(temperature, n, v, z)
     zs = z * scale[:, None] if isinstance(scale, Tensor) and scale.dim() == 1 else z * scale

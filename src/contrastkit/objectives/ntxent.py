@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ..engine import DiagonalMask
 from ..engine.tiling import TileSize
-from ._rows import check_margin, inverse_temperature_rows
-from .common import Temperature, index_target_loss, prepare, scale_rows
+from ._rows import check_margin
+from .common import Temperature, index_target_loss, inverse_temperature, prepare
 
 __all__ = ["nt_xent", "NTXent"]
 
@@ -43,10 +43,11 @@ def nt_xent(z1: Tensor, z2: Tensor, *, temperature: Union[float, Tensor] = 0.5, 
     z = torch.cat([a, b])
     idx = torch.arange(n, device=z.device)
     positives = torch.cat([idx + n, idx])
-    zs = scale_rows(z, temperature)
+    scale = inverse_temperature(temperature, z)
     margin = check_margin(margin)
-    shift = margin * inverse_temperature_rows(temperature, 2 * n, z) if margin else None
-    return index_target_loss(zs, z, positives, masks=[DiagonalMask(0)], tile_size=tile_size, shift=shift)
+    shift = margin * scale.expand(2 * n) if margin else None
+    return index_target_loss(z, z, positives, masks=[DiagonalMask(0)], tile_size=tile_size, shift=shift,
+                             scale=scale)
 
 
 class NTXent(nn.Module):

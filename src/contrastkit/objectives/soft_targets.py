@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.normalize import l2_normalize
 from ..engine import DiagonalMask, tiled_logsumexp
 from ..engine.neighbors import tiled_topk
 from ..engine.positives import dense_label_ids, label_positive_logits
@@ -274,7 +275,7 @@ def icon(
     # --- learned kernel X = f(U), U = q.k + r + c
     row_bias = col_bias = None
     if kernel == "cosine":
-        z = F.normalize(features, dim=-1)
+        z = l2_normalize(features)
         q, k = scale_rows(z, temperature), z
         op_kernel = "linear"
     elif kernel == "gaussian":

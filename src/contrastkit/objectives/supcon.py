@@ -34,6 +34,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..engine.normalize import l2_normalize
 from ..engine import (
     DiagonalMask,
     DifferentLabelMask,
@@ -45,8 +46,8 @@ from ..engine import (
 )
 from ..engine.tiling import TileSize
 from ..engine.validation import check_embeddings, check_labels
-from ._rows import append_candidates, check_margin, expand_temperature, inverse_temperature_rows
-from .common import REDUCTIONS, SIMILARITIES, Temperature, finish_rows, scale_rows
+from ._rows import append_candidates, check_margin, expand_temperature
+from .common import REDUCTIONS, SIMILARITIES, Temperature, finish_rows, inverse_temperature, scale_rows
 
 __all__ = ["supcon", "SupCon", "SupConStats"]
 
@@ -131,7 +132,7 @@ def supcon(
     margin = check_margin(margin)
     z, row_labels, n_samples = _flatten_views(features, labels)
     if similarity == "cosine":
-        z = torch.nn.functional.normalize(z, dim=-1)
+        z = l2_normalize(z)
     rows = z.shape[0]
     k, col_labels = z, row_labels
     if (extra_candidates is None) != (extra_labels is None):
@@ -165,7 +166,7 @@ def supcon(
              LSEStat(1.0, (DifferentLabelMask(row_labels, col_labels), DiagonalMask(0)))],
             tile_size=tile_size,
         ).to(mean_pos.dtype)
-        shift = margin * inverse_temperature_rows(temperature, rows, z) if margin else None
+        shift = margin * inverse_temperature(temperature, z).expand(rows) if margin else None
         if shift is not None:
             pos = pos - shift
             mean_pos = mean_pos - shift
