@@ -7,9 +7,10 @@ Every (anchor, candidate) pair is an independent binary classification:
 
 with z_ij = +1 for the positive pair (default j = i) and -1 otherwise. As in the
 paper (and open_clip's ``SigLipLoss``) it is summed over pairs and divided by the
-number of anchors N. Exact and tiled: the loss is a tiled sum of the element-wise
-term (:class:`contrastkit.engine.tiled_pairwise.Softplus`, softplus(U) off the
-positive, softplus(-U) on it), and no N x M matrix is ever kept.
+number of anchors N. Exact and tiled: the loss
+is the tiled row sum of softplus(U) over the negative pairs (positive cells masked;
+:func:`contrastkit.engine.tiled_softplus.tiled_softplus_rows`, backward sigmoid(U))
+plus softplus(-U) of the positive logits, an O(N d) gather; no N x M matrix is kept.
 
 The paper initialises the learnable log-scale t' = log 10 (temperature 0.1) and the
 bias b = -10; :class:`SigLIP` does the same.
@@ -28,10 +29,12 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..engine.tiled_pairwise import Softplus, tiled_pairwise
+from ..engine.masks import DiagonalMask, IndexMask
+from ..engine.positives import positive_logits
+from ..engine.tiled_softplus import tiled_softplus_rows
 from ..engine.tiling import TileSize
 from ..engine.validation import check_index
-from .common import REDUCTIONS, Temperature, default_positives, prepare, reduce_rows, scale_rows
+from .common import REDUCTIONS, Temperature, default_positives, inverse_temperature, prepare, reduce_rows
 
 __all__ = ["siglip", "SigLIP"]
 
@@ -91,10 +94,17 @@ def siglip(
     q, k = prepare(similarity, x=x, y=y)
     n, m = q.shape[0], k.shape[0]
     positives = check_index("positives", default_positives(positives, n, m, q.device), n, m, q.device)
-    qs = scale_rows(q, temperature)
-    b = _bias_vector(bias, n, qs)
-    rows, _ = tiled_pairwise(qs, k, Softplus(positives), row_bias=b, tile_size=tile_size)
-    return reduce_rows(rows[0].to(qs.dtype), reduction)
+    scale = inverse_temperature(temperature, q)
+    b = _bias_vector(bias, n, q)
+    # negatives: tiled sum of softplus(U) with the positive cells masked; positives:
+    # softplus(-U_ip) from an O(N d) gather (stable, no cancellation for confident pairs)
+    diagonal = n <= m and bool((positives == torch.arange(n, device=q.device)).all())
+    mask = DiagonalMask(0) if diagonal else IndexMask(positives)
+    rows = tiled_softplus_rows(q, k, row_bias=b, scale=scale, masks=[mask], tile_size=tile_size).to(q.dtype)
+    pos = positive_logits(q, k, positives) * scale + b
+    rows = rows + torch.where(positives >= 0, torch.nn.functional.softplus(-pos, threshold=1000.0),
+                              torch.zeros_like(pos))
+    return reduce_rows(rows, reduction)
 
 
 class SigLIP(nn.Module):
