@@ -32,13 +32,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Tuple
+from typing import Optional, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .masks import TileMask
-from .tiled_lse import _accumulate_dtype, _lse, _tile
+from .tiled_lse import _accumulate_dtype, _Limits, _lse, _tile, _Tiles
 from .tiling import TileSize, choose_tile
 
 __all__ = ["LSEStat", "tiled_multi_logsumexp"]
@@ -72,9 +72,74 @@ def _stat_view(x: Tensor, stat: LSEStat, last: bool, r0: int, r1: int, c0: int, 
     return y
 
 
+def _direct(q: Tensor, k: Tensor, stats, tr: int, tc: int, masks) -> bool:
+    """Whether every ``scale * X`` is provably within the engine's direct range, so that
+    exp needs no stabiliser (see ``_Limits.direct`` in tiled_lse)."""
+    tiles = _Tiles(q, k, None, None, masks, 1, 1)
+    top = max(float(s.scale) for s in stats)
+    return tiles.logit_bound() * top <= _Limits(tiles.q.dtype).direct
+
+
+def _scaled_exp(tiles: _Tiles, x: Tensor, stat: LSEStat, buffer: Optional[int], r0, r1, c0, c1) -> Tensor:
+    """exp(scale * x) with the stat's masks, in place in x (``buffer=None``) or in a scratch buffer."""
+    y = x if buffer is None else tiles.view(buffer, r1 - r0, c1 - c0).copy_(x)
+    if stat.scale != 1.0:
+        y.mul_(stat.scale)
+    for m in stat.masks:
+        if m.touches(r0, r1, c0, c1):
+            m.apply_(y, r0, r1, c0, c1)
+    return y.exp_()
+
+
+def _forward_direct(q, k, stats, masks, tr, tc):
+    """Plain sums of exp(scale * X) per statistic, reused buffers, no stabiliser."""
+    tiles = _Tiles(q, k, None, None, masks, tr, tc, n_buffers=2)
+    sums = torch.zeros((len(stats), tiles.n), dtype=tiles.q.dtype, device=q.device)
+    last = len(stats) - 1
+    for r0, r1, c0, c1, x in tiles:
+        for s, stat in enumerate(stats):
+            sums[s, r0:r1] += _scaled_exp(tiles, x, stat, None if s == last else 1, r0, r1, c0, c1).sum(1)
+    return sums.log_()
+
+
+def _backward_direct(q, k, stats, masks, tr, tc, out, g, need_q, need_k):
+    """dX = sum_s a_s g_s exp(-lse_s) exp(a_s X): one exponential per statistic per tile."""
+    tiles = _Tiles(q, k, None, None, masks, tr, tc, n_buffers=3)
+    acc = tiles.q.dtype
+    dq = torch.zeros_like(tiles.q) if need_q else None
+    dk = torch.zeros_like(tiles.k) if need_k else None
+    scales = torch.tensor([float(st.scale) for st in stats], dtype=acc, device=q.device)[:, None]
+    coef = torch.where(torch.isfinite(out), (-_finite_or_zero(out)).exp(), torch.zeros_like(out)) * g * scales
+    used = [s for s in range(len(stats)) if bool(coef[s].any())]
+    if not used:
+        return dq, dk
+    for r0, r1, c0, c1, x in tiles:
+        dx = None
+        for pos, s in enumerate(used):
+            # x is consumed by the last statistic; the first keeps its term in scratch 1, the
+            # ones between use scratch 2
+            buffer = None if pos == len(used) - 1 else (1 if pos == 0 else 2)
+            e = _scaled_exp(tiles, x, stats[s], buffer, r0, r1, c0, c1)
+            if dx is None:
+                dx = e.mul_(coef[s, r0:r1, None])
+            else:
+                dx.addcmul_(e, coef[s, r0:r1, None])
+        if dq is not None:
+            dq[r0:r1].addmm_(dx, tiles.k[c0:c1])
+        if dk is not None:
+            dk[c0:c1].addmm_(dx.T, tiles.q[r0:r1])
+    return dq, dk
+
+
 class _TiledMultiLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, stats, masks, tr, tc):
+        ctx.direct = _direct(q, k, stats, tr, tc, masks)
+        if ctx.direct:
+            out = _forward_direct(q, k, stats, masks, tr, tc)
+            ctx.save_for_backward(q, k, out)
+            ctx.stats, ctx.masks, ctx.tr, ctx.tc = stats, masks, tr, tc
+            return out
         acc = _accumulate_dtype(q.dtype)
         qa, ka = q.to(acc), k.to(acc)
         n, m = qa.shape[0], ka.shape[0]
@@ -105,6 +170,10 @@ class _TiledMultiLSE(torch.autograd.Function):
         qa, ka = q.to(acc), k.to(acc)
         n, m = qa.shape[0], ka.shape[0]
         need_q, need_k = ctx.needs_input_grad[:2]
+        if ctx.direct:
+            dq, dk = _backward_direct(q, k, stats, masks, tr, tc, out, g.to(acc), need_q, need_k)
+            return (None if dq is None else dq.to(q.dtype), None if dk is None else dk.to(k.dtype),
+                    None, None, None, None)
         dq = torch.zeros_like(qa) if need_q else None
         dk = torch.zeros_like(ka) if need_k else None
         g = g.to(acc)
