@@ -11,6 +11,7 @@ same process.
     contrastkit bench loss                  # 1,024 / 4,096 / 16,384 / 65,536
     contrastkit bench loss --large          # + 262,144
     contrastkit bench loss --objective supcon --sizes 4096 65536
+    contrastkit bench loss --objective all          # every objective at 4,096 and 65,536
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ PEER_SIZES = [128, 256]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--objective", default="info_nce", choices=sorted(CASES) + ["all"],
-                   help="objective to measure; 'all' runs every objective next to plain InfoNCE")
+    p.add_argument("--objective", nargs="+", default=["info_nce"], choices=sorted(CASES) + ["all"], metavar="NAME",
+                   help=f"objective(s) to measure, of {sorted(CASES)}; 'all' runs every objective next to plain InfoNCE")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help=f"batch sizes N (default {DEFAULT_SIZES} for info_nce, {OBJECTIVE_SIZES} otherwise)")
     p.add_argument("--large", action="store_true", help=f"also run N = {LARGE_SIZE:,}")
@@ -161,7 +162,12 @@ def _print_summary(results: List[Dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    objectives = [o for o in CASES if o != "nt_xent"] if args.objective == "all" else [args.objective]
+    if "all" in args.objective:
+        objectives = [o for o in CASES if o != "nt_xent"]
+    else:
+        objectives = list(dict.fromkeys(args.objective))
+        if len(objectives) > 1 and "info_nce" not in objectives:
+            objectives.insert(0, "info_nce")  # the reference of the summary
     default = DEFAULT_SIZES if objectives == ["info_nce"] else OBJECTIVE_SIZES
     sizes = sorted(set((args.sizes or default) + ([LARGE_SIZE] if args.large else [])))
     limit = int((args.mem_limit_gb * 2**30) if args.mem_limit_gb else psutil.virtual_memory().available * 0.9)
