@@ -43,6 +43,9 @@ class LossCase:
     # where the peer computes a related objective rather than this one, the case
     # whose ``ours`` / ``peer`` are compared like for like at the peer sizes
     peer_case: Optional[str] = None
+    # logit pairs per N^2 (MNRL with one hard negative scores N x 2N): the summary
+    # compares time per pair with plain InfoNCE's
+    pairs: float = 1.0
 
 
 def _eye(n, device):
@@ -203,6 +206,7 @@ CASES: Dict[str, LossCase] = {
         ours=lambda a, b, labels, tile: ck.functional.multiple_negatives_ranking(
             a, b, b.roll(1, 0).detach(), scale=20.0, tile_size=tile),
         naive=_naive_mnrl,
+        pairs=2.0,
     ),
     "supcon": LossCase(
         name="SupCon L_out (labels: N/4 classes)",
