@@ -53,6 +53,7 @@ CASES = {
     "mnrl_hard_negatives": (lambda: ck.losses.MultipleNegativesRanking(scale=5.0), 3, False),
     "mnrl_symmetric": (lambda: ck.losses.MultipleNegativesRanking(scale=5.0, symmetric=True), 2, False),
     "ntxent": (lambda: ck.losses.NTXent(temperature=0.5, learn_temperature=True), 2, False),
+    "siglip_two_towers": (lambda: ck.losses.SigLIP(temperature=0.3, bias=-2.0, learnable=True), 2, True),
 }
 
 

@@ -29,7 +29,7 @@ Example (``torchrun --nproc-per-node 2 train.py``)::
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -42,11 +42,13 @@ from ..objectives.common import prepare, scale_rows
 from ..objectives.info_nce import InfoNCE
 from ..objectives.mnrl import MultipleNegativesRanking, _flatten_negatives
 from ..objectives.ntxent import NTXent
+from ..objectives.siglip import SigLIP, siglip
 
 __all__ = [
     "DistributedLoss",
     "all_gather_with_grad",
     "ring_logsumexp",
+    "distributed_siglip",
     "check_same_shapes",
     "average_gradients",
     "mean_over_ranks",
@@ -230,6 +232,91 @@ def ring_logsumexp(q: Tensor, k: Tensor, *, group=None, self_offset: Optional[in
     return _RingLSE.apply(q, k, group, self_offset, tile_size)
 
 
+def _siglip_block(x, y, temperature, bias, positives, tile_size) -> Tensor:
+    return siglip(x, y, temperature=temperature, bias=bias, positives=positives, similarity="dot",
+                  tile_size=tile_size, reduction="sum")
+
+
+class _RingSigLIP(torch.autograd.Function):
+    """Sum of SigLIP's pairwise terms of the local rows against every rank's candidates,
+    the candidate blocks passed round the ring; the backward recomputes each block and
+    sends its candidate gradient on with it, so it ends at its owner."""
+
+    @staticmethod
+    def forward(ctx, x, y, temperature, bias, group, tile_size):
+        rank, world, to_, from_ = _neighbours(group)
+        own = torch.arange(x.shape[0], device=x.device)
+        none = torch.full_like(own, -1)
+        cur, total = y.detach().contiguous(), None
+        for s in range(world):
+            reqs = None
+            if s < world - 1:
+                nxt, reqs = _exchange(cur, to_, from_, group, tag=3)
+            part = _siglip_block(x.detach(), cur, temperature.detach(), bias.detach(), own if s == 0 else none,
+                                 tile_size)
+            total = part if total is None else total + part
+            if reqs is not None:
+                _wait(reqs)
+                cur = nxt
+        ctx.save_for_backward(x, y, temperature, bias)
+        ctx.group, ctx.tile_size = group, tile_size
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, temperature, bias = ctx.saved_tensors
+        group, tile_size = ctx.group, ctx.tile_size
+        rank, world, to_, from_ = _neighbours(group)
+        own = torch.arange(x.shape[0], device=x.device)
+        none = torch.full_like(own, -1)
+        dx, dt, db = torch.zeros_like(x), torch.zeros_like(temperature), torch.zeros_like(bias)
+        cur, acc_in, acc_reqs = y.detach().contiguous(), None, None
+        for s in range(world):
+            k_reqs = None
+            if s < world - 1:
+                nxt, k_reqs = _exchange(cur, to_, from_, group, tag=4)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(True) for t in (x, cur, temperature, bias)]
+                part = _siglip_block(*leaves, own if s == 0 else none, tile_size)
+                gx, gy, gt, gb = torch.autograd.grad(part, leaves, grad_outputs=g, allow_unused=True)
+            for acc, grad in ((dx, gx), (dt, gt), (db, gb)):
+                if grad is not None:
+                    acc += grad
+            gy = torch.zeros_like(cur) if gy is None else gy
+            if s > 0:
+                _wait(acc_reqs)
+                gy = acc_in + gy
+            if world > 1:
+                acc_in, acc_reqs = _exchange(gy.contiguous(), to_, from_, group, tag=5)
+            else:
+                acc_in = gy
+            if k_reqs is not None:
+                _wait(k_reqs)
+                cur = nxt
+        if world > 1:
+            _wait(acc_reqs)
+        return dx, acc_in, dt, db, None, None
+
+
+def distributed_siglip(x: Tensor, y: Tensor, temperature: Tensor, bias: Tensor, *, mode: str = "gather",
+                       group=None, tile_size: TileSize = None) -> Tensor:
+    """The rank's share of SigLIP over the whole batch: its ``n`` rows against every rank's
+    candidates (its positives in its own block), summed and divided by ``n``, so that the
+    mean over ranks is the 1-rank loss ``sum over all pairs / N``.
+
+    ``x``, ``y`` prepared (normalised) local rows; ``temperature`` and ``bias`` tensors."""
+    rank, world = rank_and_world(group)
+    n = x.shape[0]
+    t = temperature.to(x.dtype).reshape(())
+    b = (bias if isinstance(bias, Tensor) else torch.tensor(float(bias))).to(x.dtype).reshape(())
+    if world == 1 or mode == "gather":
+        y_all = all_gather_with_grad(y, group)
+        total = _siglip_block(x, y_all, t, b, torch.arange(n, device=x.device) + rank * n, tile_size)
+    else:
+        total = _RingSigLIP.apply(x, y, t, b, group, tile_size)
+    return total / n
+
+
 def _lse_all(q: Tensor, k: Tensor, mode: str, group, self_offset: Optional[int], tile_size: TileSize) -> Tensor:
     if mode == "ring":
         return ring_logsumexp(q, k, group=group, self_offset=self_offset, tile_size=tile_size)
@@ -297,7 +384,9 @@ class DistributedLoss(nn.Module):
     Supports :class:`~contrastkit.losses.InfoNCE` (``forward(anchors, candidates,
     positives=None)``; ``positives`` index the *local* candidates),
     :class:`~contrastkit.losses.MultipleNegativesRanking` (``forward(anchors, positives,
-    *hard_negatives)``) and :class:`~contrastkit.losses.NTXent` (``forward(z1, z2)``), with
+    *hard_negatives)``), :class:`~contrastkit.losses.NTXent` (``forward(z1, z2)``) and
+    :class:`~contrastkit.losses.SigLIP` (``forward(x, y)``: the exact whole-batch SigLIP,
+    each rank's pairs against every rank's candidates), with
     their temperature (learnable or not), similarity and symmetric settings. With one
     process (or torch.distributed not initialised) it equals the wrapped objective.
 
@@ -320,9 +409,9 @@ class DistributedLoss(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(objective, (InfoNCE, MultipleNegativesRanking, NTXent)):
+        if not isinstance(objective, (InfoNCE, MultipleNegativesRanking, NTXent, SigLIP)):
             raise ValueError(
-                f"DistributedLoss supports InfoNCE, MultipleNegativesRanking and NTXent, got "
+                f"DistributedLoss supports InfoNCE, MultipleNegativesRanking, NTXent and SigLIP, got "
                 f"{type(objective).__name__}; for another objective gather candidates with "
                 "all_gather_with_grad and scale the loss as distributed_index_loss does"
             )
@@ -350,6 +439,16 @@ class DistributedLoss(nn.Module):
                                           symmetric=obj.symmetric, tile_size=tile)
         if positives is not None:
             raise ValueError(f"{type(obj).__name__} takes no positives= argument")
+        if isinstance(obj, SigLIP):
+            if len(args) != 2:
+                raise ValueError("SigLIP takes (x, y)")
+            x, y = prepare(obj.similarity, x=args[0], y=args[1])
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"x and y must hold the same number of rows per rank, got {x.shape[0]} and "
+                                 f"{y.shape[0]}")
+            check_same_shapes(self.group, x=x, y=y)
+            return distributed_siglip(x, y, obj.temperature(), obj.bias, mode=self.mode, group=self.group,
+                                      tile_size=tile)
         if isinstance(obj, MultipleNegativesRanking):
             if len(args) < 2:
                 raise ValueError("MultipleNegativesRanking takes (anchors, positives, *hard_negatives)")
