@@ -154,21 +154,51 @@ def _block_lse(q: Tensor, k: Tensor, self_offset: Optional[int], own: bool, tile
     return tiled_logsumexp(q, k, masks=masks, tile_size=tile_size)[0]
 
 
+def _ring_blocks(k: Tensor, group, tag: int):
+    """Yield ``(step, block)``: the rank's own ``k`` first, then each other rank's as it
+    arrives round the ring; the next block is already in flight while one is used."""
+    _, world, to_, from_ = _neighbours(group)
+    cur = k.detach().contiguous()
+    for s in range(world):
+        reqs = None
+        if s < world - 1:
+            nxt, reqs = _exchange(cur, to_, from_, group, tag=tag)
+        yield s, cur
+        if reqs is not None:
+            _wait(reqs)
+            cur = nxt
+
+
+def _ring_block_gradients(k: Tensor, group, tags: Tuple[int, int], block_grad) -> Tensor:
+    """Walk the blocks of ``k`` round the ring again for a backward: ``block_grad(step,
+    block)`` returns this rank's gradient for the block it holds (or None); that gradient
+    joins the block's accumulator, which travels one step behind the block, so that each
+    rank ends with the sum over ranks of the gradients for its own ``k``."""
+    _, world, to_, from_ = _neighbours(group)
+    acc_in, acc_reqs, in_flight = None, None, []
+    for s, cur in _ring_blocks(k, group, tags[0]):
+        gk = block_grad(s, cur)
+        gk = torch.zeros_like(cur) if gk is None else gk
+        if s > 0:
+            _wait(acc_reqs)
+            gk = acc_in + gk
+        if world > 1:
+            acc_in, acc_reqs = _exchange(gk.contiguous(), to_, from_, group, tag=tags[1])
+            in_flight.append(gk)  # keep the sent buffer alive until its send completes
+        else:
+            acc_in = gk
+    if world > 1:
+        _wait(acc_reqs)
+    return acc_in
+
+
 class _RingLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, group, self_offset, tile_size):
-        rank, world, to_, from_ = _neighbours(group)
-        qd, cur = q.detach(), k.detach().contiguous()
-        lse = None
-        for s in range(world):
-            reqs = None
-            if s < world - 1:
-                nxt, reqs = _exchange(cur, to_, from_, group, tag=0)
+        qd, lse = q.detach(), None
+        for s, cur in _ring_blocks(k, group, tag=0):
             l = _block_lse(qd, cur, self_offset, s == 0, tile_size)
             lse = l if lse is None else torch.logaddexp(lse, l)
-            if reqs is not None:
-                _wait(reqs)
-                cur = nxt
         ctx.save_for_backward(q, k, lse)
         ctx.group, ctx.self_offset, ctx.tile_size = group, self_offset, tile_size
         return lse
@@ -177,16 +207,11 @@ class _RingLSE(torch.autograd.Function):
     def backward(ctx, g):
         q, k, lse = ctx.saved_tensors
         group, self_offset, tile_size = ctx.group, ctx.self_offset, ctx.tile_size
-        rank, world, to_, from_ = _neighbours(group)
         need_q, need_k = ctx.needs_input_grad[:2]
         dq = torch.zeros_like(q) if need_q else None
-        cur = k.detach().contiguous()
-        acc_in, acc_reqs, send_keep = None, None, []
         g = g.detach()
-        for s in range(world):
-            k_reqs = None
-            if s < world - 1:
-                nxt, k_reqs = _exchange(cur, to_, from_, group, tag=1)
+
+        def block_grad(s, cur):
             with torch.enable_grad():
                 qq = q.detach().requires_grad_(True)
                 kk = cur.detach().requires_grad_(True)
@@ -195,24 +220,11 @@ class _RingLSE(torch.autograd.Function):
                 w = torch.where(torch.isfinite(l), (l - lse.to(l.dtype)).exp(), torch.zeros_like(l)) * g.to(l.dtype)
                 gq, gk = torch.autograd.grad(l, (qq, kk), grad_outputs=w, allow_unused=True)
             if dq is not None and gq is not None:
-                dq += gq
-            gk = torch.zeros_like(cur) if gk is None else gk
-            # the gradient of this block travels with it and ends at its owner
-            if s > 0:
-                _wait(acc_reqs)
-                gk = acc_in + gk
-            if world > 1:
-                acc_in, acc_reqs = _exchange(gk.contiguous(), to_, from_, group, tag=2)
-                send_keep.append(gk)
-            else:
-                acc_in = gk
-            if k_reqs is not None:
-                _wait(k_reqs)
-                cur = nxt
-        if world > 1:
-            _wait(acc_reqs)
-        dk = acc_in if need_k else None
-        return dq, dk, None, None, None
+                dq.add_(gq)
+            return gk
+
+        dk = _ring_block_gradients(k, group, (1, 2), block_grad)
+        return dq, dk if need_k else None, None, None, None
 
 
 def ring_logsumexp(q: Tensor, k: Tensor, *, group=None, self_offset: Optional[int] = None,
@@ -244,20 +256,13 @@ class _RingSigLIP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, temperature, bias, group, tile_size):
-        rank, world, to_, from_ = _neighbours(group)
         own = torch.arange(x.shape[0], device=x.device)
         none = torch.full_like(own, -1)
-        cur, total = y.detach().contiguous(), None
-        for s in range(world):
-            reqs = None
-            if s < world - 1:
-                nxt, reqs = _exchange(cur, to_, from_, group, tag=3)
+        total = None
+        for s, cur in _ring_blocks(y, group, tag=3):
             part = _siglip_block(x.detach(), cur, temperature.detach(), bias.detach(), own if s == 0 else none,
                                  tile_size)
             total = part if total is None else total + part
-            if reqs is not None:
-                _wait(reqs)
-                cur = nxt
         ctx.save_for_backward(x, y, temperature, bias)
         ctx.group, ctx.tile_size = group, tile_size
         return total
@@ -266,36 +271,22 @@ class _RingSigLIP(torch.autograd.Function):
     def backward(ctx, g):
         x, y, temperature, bias = ctx.saved_tensors
         group, tile_size = ctx.group, ctx.tile_size
-        rank, world, to_, from_ = _neighbours(group)
         own = torch.arange(x.shape[0], device=x.device)
         none = torch.full_like(own, -1)
         dx, dt, db = torch.zeros_like(x), torch.zeros_like(temperature), torch.zeros_like(bias)
-        cur, acc_in, acc_reqs = y.detach().contiguous(), None, None
-        for s in range(world):
-            k_reqs = None
-            if s < world - 1:
-                nxt, k_reqs = _exchange(cur, to_, from_, group, tag=4)
+
+        def block_grad(s, cur):
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_(True) for t in (x, cur, temperature, bias)]
                 part = _siglip_block(*leaves, own if s == 0 else none, tile_size)
                 gx, gy, gt, gb = torch.autograd.grad(part, leaves, grad_outputs=g, allow_unused=True)
             for acc, grad in ((dx, gx), (dt, gt), (db, gb)):
                 if grad is not None:
-                    acc += grad
-            gy = torch.zeros_like(cur) if gy is None else gy
-            if s > 0:
-                _wait(acc_reqs)
-                gy = acc_in + gy
-            if world > 1:
-                acc_in, acc_reqs = _exchange(gy.contiguous(), to_, from_, group, tag=5)
-            else:
-                acc_in = gy
-            if k_reqs is not None:
-                _wait(k_reqs)
-                cur = nxt
-        if world > 1:
-            _wait(acc_reqs)
-        return dx, acc_in, dt, db, None, None
+                    acc.add_(grad)
+            return gy
+
+        dy = _ring_block_gradients(y, group, (4, 5), block_grad)
+        return dx, dy, dt, db, None, None
 
 
 def distributed_siglip(x: Tensor, y: Tensor, temperature: Tensor, bias: Tensor, *, mode: str = "gather",
