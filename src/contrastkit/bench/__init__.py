@@ -6,4 +6,5 @@ Each submodule has ``add_arguments(parser)`` and ``run(args) -> int``.
 BENCHMARKS = {
     "loss": "contrastkit.bench.loss",
     "step": "contrastkit.bench.step",
+    "train": "contrastkit.bench.train",
 }

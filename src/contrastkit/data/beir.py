@@ -4,7 +4,7 @@ Reads the BEIR layout (``corpus.jsonl[.gz]`` with ``_id``, ``title``, ``text``;
 ``queries.jsonl[.gz]`` with ``_id``, ``text``; ``qrels/<split>.tsv`` with
 ``query-id``, ``corpus-id``, ``score``). Any malformed record is a ValueError that
 names the file and the line. The bundled SciFact copy is found from the package
-(the repository's ``data/`` folder, or ``$CONTRASTKIT_DATA``); a path may be given.
+(``contrastkit/bundled`` inside the package, or ``$CONTRASTKIT_DATA``); a path may be given.
 
 Example::
 
@@ -31,19 +31,17 @@ PathLike = Union[str, os.PathLike]
 
 
 def data_dir() -> Path:
-    """The folder that holds the bundled datasets.
+    """The folder that holds the bundled datasets (SciFact, STS Benchmark).
 
-    ``$CONTRASTKIT_DATA`` when set; otherwise the repository's ``data/`` folder found
-    from this file (``src/contrastkit/data/beir.py`` -> ``<repo>/data``); otherwise
-    ``./data``. Raises FileNotFoundError naming the places tried.
+    ``$CONTRASTKIT_DATA`` when set; otherwise the package's own ``contrastkit/bundled``
+    folder (shipped inside the wheel as package data, so an installed contrastkit
+    needs no clone). Raises FileNotFoundError naming the places tried.
     """
     tried = []
     env = os.environ.get("CONTRASTKIT_DATA")
     if env:
         tried.append(Path(env))
-    here = Path(__file__).resolve()
-    tried += [parent / "data" for parent in here.parents[2:5]]
-    tried.append(Path.cwd() / "data")
+    tried.append(Path(__file__).resolve().parents[1] / "bundled")
     for p in tried:
         if (p / "scifact").is_dir() or (env and p == Path(env) and p.is_dir()):
             return p
