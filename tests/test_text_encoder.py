@@ -75,3 +75,44 @@ def test_wraps_a_model_from_a_config():
     assert out.shape == (3, 8)
     with pytest.raises(ValueError, match="no tokenizer"):
         enc.tokenize(["x"])
+
+
+def test_last_token_pooling_right_and_left_padding():
+    h = torch.arange(2 * 4 * 3, dtype=torch.float64).reshape(2, 4, 3)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(pool(h, right, "last"), torch.stack([h[0, 1], h[1, 3]]))
+    assert torch.equal(pool(h, left, "last"), torch.stack([h[0, 3], h[1, 3]]))
+
+
+def test_sentence_transformers_folder_settings_are_read():
+    enc = TextEncoder("all-MiniLM-L6-v2", max_length=None)
+    assert enc.pooling == "mean" and enc.normalize is True and enc.max_length == 256
+
+
+def test_encode_keeps_order_and_bf16_agrees(minilm_encoder):
+    texts = ["a", "a much longer sentence about proteins and cells", "mid length text", "b c"]
+    sorted_ = minilm_encoder.encode(texts, sort_by_length=True)
+    plain = minilm_encoder.encode(texts, sort_by_length=False, batch_size=1)
+    torch.testing.assert_close(sorted_, plain, atol=1e-5, rtol=1e-5)
+    bf16 = minilm_encoder.encode(texts, precision="bf16")
+    assert bf16.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(bf16, plain)
+    assert float(cos.min()) > 0.995, cos
+    with pytest.raises(ValueError, match="precision"):
+        minilm_encoder.encode(texts, precision="fp16")
+
+
+def test_save_loads_in_sentence_transformers_with_same_embeddings(tmp_path, minilm_encoder):
+    from sentence_transformers import SentenceTransformer
+
+    minilm_encoder.save(str(tmp_path / "model"))
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    texts = ["protein folding", "a claim about vitamin D and bone density"]
+    st = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    ours = minilm_encoder.encode(texts)
+    theirs = st.encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    again = TextEncoder(str(tmp_path / "model"), max_length=None)
+    assert (again.pooling, again.normalize, again.max_length) == ("mean", True, minilm_encoder.max_length)
+    torch.testing.assert_close(again.encode(texts), ours, atol=1e-6, rtol=1e-6)

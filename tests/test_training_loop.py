@@ -1,0 +1,142 @@
+"""The shared training loop: config validation, run folder rules, atomic checkpoints, exact resume."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from contrastkit.training import (ConfigError, RunFolder, RunFolderError, Trainer, build_schedule, load_checkpoint,
+                                  load_config, save_checkpoint)
+from contrastkit.training.config import describe_fields, dump_config
+
+
+class ListBatches:
+    """A resumable, seeded batch source over a fixed dataset (shuffled per epoch)."""
+
+    def __init__(self, data, batch_size, seed=0):
+        self.data, self.bs, self.seed = data, batch_size, seed
+        self.epoch, self.pos = 0, 0
+
+    def set_epoch(self, e):
+        self.epoch = e
+
+    def __len__(self):
+        return len(self.data) // self.bs
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.data), generator=g)
+        while self.pos < len(self):
+            idx = order[self.pos * self.bs:(self.pos + 1) * self.bs]
+            self.pos += 1
+            yield self.data[idx]
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = int(s["pos"])
+
+
+def _make(tmp, total_steps, *, eval_every=2, checkpoint_every=None, resume=False, overwrite=False, crash_at=None):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1)).double()
+    data = torch.randn(40, 5, dtype=torch.float64)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05)
+    sched = build_schedule(opt, kind="linear", total_steps=total_steps, warmup_steps=2)
+
+    calls = []
+
+    def step_fn(batch):
+        calls.append(1)
+        if crash_at is not None and len(calls) == crash_at:
+            raise KeyboardInterrupt("killed")
+        loss = (net(batch) - batch.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        return loss.detach()
+
+    def evaluate(step):
+        with torch.no_grad():
+            net.eval()
+            return {"ndcg@10": float(-(net(data) - data.sum(1, keepdim=True)).pow(2).mean())}
+
+    run = RunFolder.create(tmp, resume=resume, overwrite=overwrite)
+    tr = Trainer(modules={"model": net}, step_fn=step_fn, batches=ListBatches(data, 8), optimizer=opt,
+                 scheduler=sched, total_steps=total_steps, evaluate=evaluate, eval_every=eval_every,
+                 checkpoint_every=checkpoint_every, run=run, progress=False, examples_per_step=8,
+                 save_best=lambda folder: folder.mkdir(exist_ok=True))
+    return tr, net
+
+
+def test_resume_gives_the_same_final_weights(tmp_path):
+    full, net_full = _make(tmp_path / "full", 13)
+    full.fit()
+    # killed during step 10 (the last checkpoint is step 7's: checkpoint_every=7), then resumed
+    part, _ = _make(tmp_path / "part", 13, checkpoint_every=7, crash_at=10)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    resumed, net_resumed = _make(tmp_path / "part", 13, resume=True)
+    result = resumed.fit(resume=True)
+    assert result.steps == 13
+    for a, b in zip(net_full.parameters(), net_resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history]
+    assert resumed.best_step == full.best_step
+
+
+def test_run_folder_is_never_overwritten_unasked(tmp_path):
+    run = RunFolder.create(tmp_path / "r")
+    run.log({"phase": "x"})
+    with pytest.raises(RunFolderError, match="--overwrite"):
+        RunFolder.create(tmp_path / "r")
+    with pytest.raises(RunFolderError, match="no checkpoint"):
+        RunFolder.create(tmp_path / "r", resume=True)
+    assert run.records()[0]["phase"] == "x"
+    RunFolder.create(tmp_path / "r", overwrite=True)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_checkpoint_roundtrip_restores_rng_and_rejects_mismatch(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / "c", modules={"model": net}, state={"step": 3})
+    a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    state = load_checkpoint(tmp_path / "c", modules={"model": net})
+    assert state["step"] == 3
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(tmp_path / "c", modules={"model": torch.nn.Linear(3, 3, bias=False)})
+    # an interrupted write leaves the previous checkpoint intact
+    def boom(_):
+        raise RuntimeError("disk full")
+    from contrastkit.training.run_folder import atomic_replace_dir
+    with pytest.raises(RuntimeError):
+        atomic_replace_dir(boom, tmp_path / "c")
+    assert load_checkpoint(tmp_path / "c", modules={"model": net})["step"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.schedule=foo", "optim.schedule: 'foo' is not allowed; allowed values: linear, cosine, constant"),
+    ("batching.batch_size=1", "batching.batch_size: 1 must be >= 2"),
+    ("nope.x=1", "unknown field nope"),
+    ("optim.nope=1", "unknown field optim.nope"),
+    ("optim.lr=abc", "optim.lr: expected a number"),
+    ("negatives.rank_window=[5,2]", "negatives.rank_window"),
+    ("train.precision=fp16", "allowed values: auto, bf16, fp32"),
+    ("interpolation.alphas=[1.5]", "interpolation.alphas"),
+])
+def test_config_errors_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(overrides=[override])
+
+
+def test_config_yaml_roundtrip_and_file_line_errors(tmp_path):
+    cfg = load_config(overrides=["optim.epochs=2", "negatives.rank_window=[2, 9]"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg and again.negatives.rank_window == (2, 9)
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: 1e-5\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml:"):
+        load_config(tmp_path / "bad.yaml")
+    assert any(row[0] == "optim.lr" for row in describe_fields())
