@@ -86,3 +86,42 @@ def test_malformed_records_name_file_and_line(tmp_path, corpus, queries, qrels, 
 
 def test_exported():
     assert ck.data.scifact_pairs is scifact_pairs
+
+
+def test_examples_carry_ids_and_source(scifact):
+    ex = scifact.examples("train")
+    assert len(ex) == 919 and [(e.query, e.positive) for e in ex] == scifact.pairs("train")
+    e = ex[0]
+    assert (e.query_id, e.positive_id, e.negatives) == ("0", "31715818", ())
+    assert e.source.endswith("train.tsv:2")  # line 1 is the header
+    ids, texts = scifact.corpus_texts()
+    assert len(ids) == 5183 and texts[ids.index("31715818")] == e.positive
+
+
+def test_unknown_ids_name_line_and_skip(tmp_path):
+    qrels = "query-id\tcorpus-id\tscore\nq1\td1\t1\nq7\td1\t1\nq1\td9\t1\nq1\td2\t1\nq1\tbad\n"
+    folder = make(tmp_path, GOOD_C, GOOD_Q, qrels, gz=False)
+    with pytest.raises(ValueError, match=r"train\.tsv:6: expected 3"):
+        load_beir(folder).examples("train")
+    stats = ck.data.BadRecords()
+    ds = load_beir(folder)
+    ex = ds.examples("train", skip_bad_records=True, stats=stats)
+    assert [(e.query_id, e.positive_id) for e in ex] == [("q1", "d1"), ("q1", "d2")]
+    assert ex[1].positive == "y" and ex[1].source.endswith("train.tsv:5")
+    assert stats.count == 3
+    assert "train.tsv:6" in stats.reasons[0]
+    assert any("train.tsv:3: query-id 'q7'" in r for r in stats.reasons)
+    assert any("train.tsv:4: corpus-id 'd9'" in r for r in stats.reasons)
+    # once loaded with the bad line skipped, the strict call still names the unknown id with its line
+    with pytest.raises(ValueError, match=r"train\.tsv:3: query-id 'q7' is not in the queries file"):
+        ds.examples("train")
+
+
+def test_load_beir_skip_bad_corpus_lines(tmp_path):
+    folder = make(tmp_path, GOOD_C + ["{not json", GOOD_C[0]], GOOD_Q + ["[1]"], "q1\td1\t1\n")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl\.gz:3"):
+        load_beir(folder)
+    stats = ck.data.BadRecords()
+    ds = load_beir(folder, skip_bad_records=True, stats=stats)
+    assert len(ds.corpus) == 2 and len(ds.queries) == 1 and stats.count == 3
+    assert "corpus.jsonl.gz:4: duplicate _id 'd1'" in stats.reasons[1]

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
-__all__ = ["BeirDataset", "load_beir", "scifact_pairs", "data_dir", "read_jsonl", "read_qrels"]
+from .examples import Example
+
+__all__ = ["BeirDataset", "load_beir", "scifact_pairs", "data_dir", "read_jsonl", "read_qrels", "iter_qrels"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -75,115 +77,204 @@ def _find(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{folder} has no {stem}.jsonl or {stem}.jsonl.gz")
 
 
-def read_jsonl(path: PathLike, required: Tuple[str, ...] = ("_id", "text")) -> Iterator[Tuple[int, dict]]:
+def read_jsonl(path: PathLike, required: Tuple[str, ...] = ("_id", "text"), *, skip_bad_records: bool = False,
+               stats=None) -> Iterator[Tuple[int, dict]]:
     """Yield ``(line_number, record)`` of a (gzipped) JSON-lines file; blank lines are
     skipped; a line that is not a JSON object with string ``required`` fields is a
-    ValueError naming the file and line."""
+    ValueError naming the file and line (with ``skip_bad_records`` it is counted in
+    ``stats``, a :class:`~contrastkit.data.BadRecords`, and skipped)."""
     path = Path(path)
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for key in required:
-                if key not in rec:
-                    raise ValueError(f"{path}:{lineno}: record has no {key!r} field")
-                if not isinstance(rec[key], str):
-                    raise ValueError(f"{path}:{lineno}: field {key!r} must be a string, got {type(rec[key]).__name__}")
+                rec = _json_record(path, lineno, line, required)
+            except ValueError as err:
+                if not skip_bad_records:
+                    raise
+                _count(stats, err)
+                continue
             yield lineno, rec
 
 
-def read_qrels(path: PathLike) -> Dict[str, Dict[str, int]]:
-    """``{query_id: {doc_id: score}}`` from a BEIR qrels TSV (header ``query-id corpus-id score``
-    optional). A malformed line is a ValueError naming the file and line."""
+def _count(stats, err) -> None:
+    if stats is not None:
+        stats.add(str(err))
+
+
+def _json_record(path: Path, lineno: int, line: str, required: Tuple[str, ...]) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    for key in required:
+        if key not in rec:
+            raise ValueError(f"{path}:{lineno}: record has no {key!r} field")
+        if not isinstance(rec[key], str):
+            raise ValueError(f"{path}:{lineno}: field {key!r} must be a string, got {type(rec[key]).__name__}")
+    return rec
+
+
+def iter_qrels(path: PathLike, *, skip_bad_records: bool = False, stats=None) -> Iterator[Tuple[int, str, str, int]]:
+    """Yield ``(line_number, query_id, corpus_id, score)`` of a BEIR qrels TSV (header
+    ``query-id corpus-id score`` optional). A malformed line is a ValueError naming the
+    file and line (counted in ``stats`` and skipped with ``skip_bad_records``)."""
     path = Path(path)
-    out: Dict[str, Dict[str, int]] = {}
     with _open_text(path) as f:
         for lineno, row in enumerate(csv.reader(f, delimiter="\t"), 1):
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if lineno == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
                 continue
-            if len(row) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                                 f"got {len(row)}")
-            qid, did, score = (c.strip() for c in row)
-            if not qid or not did:
-                raise ValueError(f"{path}:{lineno}: empty query-id or corpus-id")
             try:
-                s = int(float(score))
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: score {score!r} is not a number") from None
-            out.setdefault(qid, {})[did] = s
+                if len(row) != 3:
+                    raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score), "
+                                     f"got {len(row)}")
+                qid, did, score = (c.strip() for c in row)
+                if not qid or not did:
+                    raise ValueError(f"{path}:{lineno}: empty query-id or corpus-id")
+                try:
+                    s = int(float(score))
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: score {score!r} is not a number") from None
+            except ValueError as err:
+                if not skip_bad_records:
+                    raise
+                _count(stats, err)
+                continue
+            yield lineno, qid, did, s
+
+
+def read_qrels(path: PathLike, *, skip_bad_records: bool = False, stats=None) -> Dict[str, Dict[str, int]]:
+    """``{query_id: {doc_id: score}}`` from a BEIR qrels TSV (header ``query-id corpus-id score``
+    optional). A malformed line is a ValueError naming the file and line."""
+    out: Dict[str, Dict[str, int]] = {}
+    for _, qid, did, s in iter_qrels(path, skip_bad_records=skip_bad_records, stats=stats):
+        out.setdefault(qid, {})[did] = s
     return out
 
 
 @dataclass
 class BeirDataset:
     """A BEIR dataset in memory: ``corpus`` {id: (title, text)}, ``queries`` {id: text},
-    ``qrels`` {split: {query_id: {doc_id: score}}} (loaded on demand)."""
+    ``qrels`` {split: {query_id: {doc_id: score}}} (loaded on demand; ``qrel_lines``
+    keeps the qrels line of each (query_id, doc_id) for error messages)."""
 
     folder: Path
     corpus: Dict[str, Tuple[str, str]]
     queries: Dict[str, str]
     qrels: Dict[str, Dict[str, Dict[str, int]]] = field(default_factory=dict)
+    qrel_lines: Dict[str, Dict[Tuple[str, str], int]] = field(default_factory=dict, repr=False)
 
     def document(self, doc_id: str) -> str:
         """``title + " " + text`` (BEIR's usual document string), stripped."""
         title, text = self.corpus[doc_id]
         return f"{title} {text}".strip() if title else text.strip()
 
-    def load_qrels(self, split: str) -> Dict[str, Dict[str, int]]:
+    def corpus_texts(self) -> Tuple[List[str], List[str]]:
+        """``(doc_ids, documents)`` of the whole corpus in file order (documents as
+        :meth:`document` gives them), e.g. to encode it once for mining / evaluation."""
+        ids = list(self.corpus)
+        return ids, [self.document(d) for d in ids]
+
+    def qrels_path(self, split: str) -> Path:
+        return self.folder / "qrels" / f"{split}.tsv"
+
+    def load_qrels(self, split: str, *, skip_bad_records: bool = False, stats=None) -> Dict[str, Dict[str, int]]:
+        """``{query_id: {doc_id: score}}`` of ``qrels/<split>.tsv`` (cached)."""
         if split not in self.qrels:
-            path = self.folder / "qrels" / f"{split}.tsv"
+            path = self.qrels_path(split)
             if not path.is_file():
                 have = sorted(p.stem for p in (self.folder / "qrels").glob("*.tsv"))
                 raise FileNotFoundError(f"no qrels for split {split!r} in {self.folder / 'qrels'} (have {have})")
-            self.qrels[split] = read_qrels(path)
+            out: Dict[str, Dict[str, int]] = {}
+            lines: Dict[Tuple[str, str], int] = {}
+            for lineno, qid, did, s in iter_qrels(path, skip_bad_records=skip_bad_records, stats=stats):
+                out.setdefault(qid, {})[did] = s
+                lines[(qid, did)] = lineno
+            self.qrels[split], self.qrel_lines[split] = out, lines
         return self.qrels[split]
 
-    def pairs(self, split: str = "train", min_score: int = 1) -> List[Tuple[str, str]]:
-        """(query text, positive document text) for every judged pair with score >= ``min_score``,
-        in qrels order. A qrel naming an unknown query or document is a ValueError."""
-        qrels = self.load_qrels(split)
-        path = self.folder / "qrels" / f"{split}.tsv"
-        out = []
-        for qid, docs in qrels.items():
-            if qid not in self.queries:
-                raise ValueError(f"{path}: query-id {qid!r} is not in the queries file")
-            for did, score in docs.items():
-                if score < min_score:
-                    continue
+    def _judged(self, split: str, min_score: int, skip_bad_records: bool, stats) -> Iterator[Tuple[str, str, str]]:
+        """(query_id, doc_id, "file:line") of every judged pair with score >= min_score."""
+        qrels = self.load_qrels(split, skip_bad_records=skip_bad_records, stats=stats)
+        path = self.qrels_path(split)
+        lines = self.qrel_lines.get(split, {})
+        judged = [(q, d, s) for q, docs in qrels.items() for d, s in docs.items()]
+        if all((q, d) in lines for q, d, _ in judged):
+            judged.sort(key=lambda t: lines[(t[0], t[1])])  # file order
+        for qid, did, score in judged:
+            where = f"{path}:{lines[(qid, did)]}" if (qid, did) in lines else str(path)
+            try:
+                if qid not in self.queries:
+                    raise ValueError(f"{where}: query-id {qid!r} is not in the queries file")
                 if did not in self.corpus:
-                    raise ValueError(f"{path}: corpus-id {did!r} (query {qid!r}) is not in the corpus")
-                out.append((self.queries[qid], self.document(did)))
-        return out
+                    raise ValueError(f"{where}: corpus-id {did!r} (query {qid!r}) is not in the corpus")
+            except ValueError as err:
+                if not skip_bad_records:
+                    raise
+                _count(stats, err)
+                continue
+            if score >= min_score:
+                yield qid, did, where
+
+    def pairs(self, split: str = "train", min_score: int = 1, *, skip_bad_records: bool = False,
+              stats=None) -> List[Tuple[str, str]]:
+        """(query text, positive document text) for every judged pair with score >= ``min_score``,
+        in qrels file order. A qrel naming an unknown query or document is a ValueError naming
+        the qrels file and line (counted in ``stats`` and skipped with ``skip_bad_records``)."""
+        return [(self.queries[q], self.document(d)) for q, d, _ in self._judged(split, min_score, skip_bad_records, stats)]
+
+    def examples(self, split: str = "train", *, min_score: int = 1, skip_bad_records: bool = False,
+                 stats=None) -> List[Example]:
+        """One :class:`~contrastkit.data.Example` per judged (query, relevant document)
+        pair with score >= ``min_score``, in qrels file order, with ``query_id``,
+        ``positive_id`` and ``source`` (the qrels ``file:line``); the document text is
+        ``title + " " + text`` as in :meth:`pairs`. Unknown ids raise as in :meth:`pairs`.
+
+        Example::
+
+            ex = ck.data.load_beir("scifact").examples("train")   # 919 examples
+        """
+        return [Example(self.queries[q], self.document(d), query_id=q, positive_id=d, source=where)
+                for q, d, where in self._judged(split, min_score, skip_bad_records, stats)]
 
 
-def load_beir(path: Optional[PathLike] = None, *, name: str = "scifact") -> BeirDataset:
-    """Read a BEIR folder (default: the bundled ``data/<name>``; a bare name such as
-    ``"scifact"`` is looked up in the bundled data folder)."""
+def load_beir(path: Optional[PathLike] = None, *, name: str = "scifact", skip_bad_records: bool = False,
+              stats=None) -> BeirDataset:
+    """Read a BEIR folder (default: the bundled ``contrastkit/bundled/<name>``; a bare
+    name such as ``"scifact"`` is looked up in the bundled data folder). A malformed
+    corpus / query line is a ValueError naming file and line; ``skip_bad_records``
+    counts it in ``stats`` (a :class:`~contrastkit.data.BadRecords`) and skips it."""
     folder = _resolve(path, name)
     corpus_file, queries_file = _find(folder, "corpus"), _find(folder, "queries")
     corpus: Dict[str, Tuple[str, str]] = {}
-    for lineno, rec in read_jsonl(corpus_file, ("_id", "text")):
+    for lineno, rec in read_jsonl(corpus_file, ("_id", "text"), skip_bad_records=skip_bad_records, stats=stats):
         title = rec.get("title", "")
-        if title is None:
-            title = ""
-        if not isinstance(title, str):
-            raise ValueError(f"{corpus_file}:{lineno}: field 'title' must be a string, got {type(title).__name__}")
-        if rec["_id"] in corpus:
-            raise ValueError(f"{corpus_file}:{lineno}: duplicate _id {rec['_id']!r}")
+        try:
+            if title is None:
+                title = ""
+            if not isinstance(title, str):
+                raise ValueError(f"{corpus_file}:{lineno}: field 'title' must be a string, got {type(title).__name__}")
+            if rec["_id"] in corpus:
+                raise ValueError(f"{corpus_file}:{lineno}: duplicate _id {rec['_id']!r}")
+        except ValueError as err:
+            if not skip_bad_records:
+                raise
+            _count(stats, err)
+            continue
         corpus[rec["_id"]] = (title, rec["text"])
     queries: Dict[str, str] = {}
-    for lineno, rec in read_jsonl(queries_file, ("_id", "text")):
+    for lineno, rec in read_jsonl(queries_file, ("_id", "text"), skip_bad_records=skip_bad_records, stats=stats):
         if rec["_id"] in queries:
-            raise ValueError(f"{queries_file}:{lineno}: duplicate _id {rec['_id']!r}")
+            err = ValueError(f"{queries_file}:{lineno}: duplicate _id {rec['_id']!r}")
+            if not skip_bad_records:
+                raise err
+            _count(stats, err)
+            continue
         queries[rec["_id"]] = rec["text"]
     return BeirDataset(folder, corpus, queries)
 
