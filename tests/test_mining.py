@@ -1,0 +1,167 @@
+"""Hard-negative mining: hand-made cases, a naive reference, filters, seeds, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from contrastkit.data import Example
+from contrastkit.negatives import MinedNegatives, known_positives, mine_hard_negatives
+
+
+def naive_mine(q, c, positives, num_negatives, window, relative_margin, absolute_margin):
+    """Full score matrix, stable sort, positives removed, window, filters, top survivors."""
+    s = (q.double() @ c.double().T).numpy()
+    out = []
+    for i, pos in enumerate(positives):
+        order = [j for j in np.argsort(-s[i], kind="stable") if j not in set(pos)]
+        cand = order[window[0]:window[1]]
+        sp = s[i, pos[0]]
+        keep = [j for j in cand if not (relative_margin is not None and s[i, j] > relative_margin * sp)
+                and not (absolute_margin is not None and s[i, j] > sp - absolute_margin)]
+        out.append([int(j) for j in keep[:num_negatives]])
+    return out
+
+
+def test_hand_made_ranking_window_and_margins():
+    c = torch.eye(8)
+    # query 0 scores document j by w[j]; its positive is document 0 (score 1.0)
+    w = torch.tensor([[1.0, 0.99, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+    m = mine_hard_negatives(w, c, [[0]], num_negatives=3, rank_window=(0, 8), relative_margin=None)
+    assert m.indices == [[1, 2, 3]] and m.scores[0] == pytest.approx([0.99, 0.9, 0.8])
+    assert m.positive_scores == [pytest.approx(1.0)]
+    # skip the first two ranks (after removing the positive)
+    m = mine_hard_negatives(w, c, [[0]], num_negatives=3, rank_window=(2, 8), relative_margin=None)
+    assert m.indices == [[3, 4, 5]]
+    # NV-Retriever 95%: 0.99 > 0.95 * 1.0 is dropped
+    m = mine_hard_negatives(w, c, [[0]], num_negatives=3, rank_window=(0, 8), relative_margin=0.95)
+    assert m.indices == [[2, 3, 4]] and m.stats["filtered"] == 1 and m.stats["candidates"] == 7
+    # absolute margin 0.15: drop scores above 0.85
+    m = mine_hard_negatives(w, c, [[0]], num_negatives=3, rank_window=(0, 8), relative_margin=None,
+                            absolute_margin=0.15)
+    assert m.indices == [[3, 4, 5]] and m.stats["filtered"] == 2
+    # both filters: the stricter wins per candidate
+    m = mine_hard_negatives(w, c, [[0]], num_negatives=2, rank_window=(0, 8), relative_margin=0.95,
+                            absolute_margin=0.15)
+    assert m.indices == [[3, 4]]
+    # other known positives (doc 1 here) never come back as negatives
+    m = mine_hard_negatives(w, c, [[0, 1]], num_negatives=2, rank_window=(0, 8), relative_margin=None)
+    assert m.indices == [[2, 3]]
+    # the margin refers to the row's own (first) positive, not the best-scoring one
+    m = mine_hard_negatives(w, c, [[3, 0]], num_negatives=2, rank_window=(0, 8), relative_margin=0.95)
+    assert m.indices == [[4, 5]]  # 0.99, 0.9 > 0.95 * 0.8 = 0.76 dropped, and 0.7 <= 0.76 kept
+
+
+def test_short_window_counted():
+    c = torch.eye(5)
+    q = torch.tensor([[1.0, 0.5, 0.4, 0.0, 0.0], [0.0, 1.0, 0.98, 0.97, 0.5]])
+    m = mine_hard_negatives(q, c, [[0], [1]], num_negatives=3, rank_window=(0, 3), relative_margin=0.95)
+    assert m.indices[0] == [1, 2, 3]
+    assert m.indices[1] == [4]  # 0.98 and 0.97 filtered, window (0, 3) ends before more
+    assert m.stats["short_queries"] == 1 and m.stats["no_negative_queries"] == 0
+    m = mine_hard_negatives(q, c, [[0], [1]], num_negatives=2, rank_window=(10, 20))
+    assert m.indices == [[], []] and m.stats["no_negative_queries"] == 2
+    text = m.summary()
+    assert "queries short of negatives: 2" in text and "negative score: none" in text
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_naive_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(37, 16, generator=g), dim=1)
+    c = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    pos = [[int(j) for j in torch.randperm(300, generator=g)[: 1 + i % 3]] for i in range(37)]
+    for window, rm, am in [((0, 30), 0.95, None), ((3, 50), None, 0.05), ((5, 12), 0.9, 0.1), ((0, 300), None, None)]:
+        m = mine_hard_negatives(q, c, pos, num_negatives=4, rank_window=window, relative_margin=rm, absolute_margin=am,
+                                method="exact")
+        assert m.indices == naive_mine(q, c, pos, 4, window, rm, am)
+        for i, row in enumerate(m.indices):
+            assert m.scores[i] == pytest.approx([float(q[i] @ c[j]) for j in row], abs=1e-5)
+            assert not set(row) & set(pos[i])
+    f = mine_hard_negatives(q, c, pos, num_negatives=4, rank_window=(0, 30), method="faiss-flat")
+    assert f.indices == naive_mine(q, c, pos, 4, (0, 30), 0.95, None)
+
+
+def test_random_sampling_seeded_within_window():
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(20, 8, generator=g), dim=1)
+    c = F.normalize(torch.randn(200, 8, generator=g), dim=1)
+    c[:20] = F.normalize(q + 0.2 * torch.randn(20, 8, generator=g), dim=1)  # positives close to their queries
+    pos = [[i] for i in range(20)]
+    a = mine_hard_negatives(q, c, pos, num_negatives=3, rank_window=(2, 20), sampling="random", seed=5)
+    b = mine_hard_negatives(q, c, pos, num_negatives=3, rank_window=(2, 20), sampling="random", seed=5)
+    other = mine_hard_negatives(q, c, pos, num_negatives=3, rank_window=(2, 20), sampling="random", seed=6)
+    assert a.indices == b.indices and a.indices != other.indices
+    allowed = mine_hard_negatives(q, c, pos, num_negatives=18, rank_window=(2, 20), relative_margin=0.95)
+    for i in range(20):
+        assert len(a.indices[i]) == 3 and set(a.indices[i]) <= set(allowed.indices[i])
+        ranks = [allowed.indices[i].index(j) for j in a.indices[i]]
+        assert ranks == sorted(ranks)  # returned in rank order
+    # spread: the draw reaches beyond the top three
+    assert any(set(a.indices[i]) != set(allowed.indices[i][:3]) for i in range(20))
+
+
+def test_stats_and_to_examples():
+    c = torch.eye(6)
+    q = torch.tensor([[1.0, 0.5, 0.3, 0.2, 0.0, 0.0], [0.0, 0.2, 1.0, 0.4, 0.0, 0.0]])
+    m = mine_hard_negatives(q, c, [[0], [2]], num_negatives=1, rank_window=(0, 5))
+    assert m.stats["positive_score"]["mean"] == pytest.approx(1.0)
+    assert m.stats["negative_score"]["mean"] == pytest.approx(0.45)
+    assert m.stats["gap"]["mean"] == pytest.approx(0.55)
+    texts = [f"doc{j}" for j in range(6)]
+    ex = [Example("q0", "doc0", negatives=("old",)), Example("q1", "doc2")]
+    out = m.to_examples(ex, texts, [f"id{j}" for j in range(6)])
+    assert out[0].negatives == ("doc1",) and out[0].negative_ids == ("id1",) and out[1].negatives == ("doc3",)
+    assert out[0].query == "q0" and ex[0].negatives == ("old",)
+    short = mine_hard_negatives(q, c, [[0], [2]], num_negatives=5, rank_window=(0, 2))
+    assert len(short.to_examples(ex, texts, drop_short=True)) == 0
+    with pytest.raises(ValueError, match="2 examples for 1 mined rows"):
+        MinedNegatives([[1]], [[0.5]], [1.0]).to_examples(ex, texts)
+
+
+def test_known_positives():
+    ex = [Example("q", "A", query_id="1", positive_id="d0"), Example("q", "C", query_id="1", positive_id="d2"),
+          Example("r", "B", query_id="2", positive_id="d1"), Example("s", "C")]
+    ids, texts = ["d0", "d1", "d2"], ["A", "B", "C"]
+    assert known_positives(ex, corpus_ids=ids, corpus_texts=texts) == [[0, 2], [2, 0], [1], [2]]
+    assert known_positives(ex, corpus_texts=texts) == [[0, 2], [2, 0], [1], [2]]
+    with pytest.raises(ValueError, match="f.jsonl:3: the positive_id 'd9' is not in the corpus"):
+        known_positives([Example("q", "A", positive_id="d9", source="f.jsonl:3")], corpus_ids=ids)
+    with pytest.raises(ValueError, match="example 0: the positive text"):
+        known_positives([Example("q", "Z")], corpus_texts=texts)
+
+
+def test_scifact_positives_round_trip():
+    import contrastkit as ck
+
+    ds = ck.data.load_beir()
+    ex = ds.examples("train")
+    ids, texts = ds.corpus_texts()
+    pos = known_positives(ex, corpus_ids=ids)
+    assert all(ids[p[0]] == e.positive_id and texts[p[0]] == e.positive for p, e in zip(pos, ex))
+    multi = [p for p in pos if len(p) > 1]
+    assert multi and all(len(set(p)) == len(p) for p in pos)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(positives=[[0], [9]]), r"positives\[1\] holds corpus index 9, outside \[0, 6\)"),
+    (dict(positives=[[0], []]), r"positives\[1\] is empty"),
+    (dict(positives=[[0]]), "1 rows for 2 query rows"),
+    (dict(rank_window=(5, 5)), "is empty: need start < stop"),
+    (dict(rank_window=(-1, 5)), "rank_window start must be an int >= 0"),
+    (dict(rank_window=5), r"rank_window must be \(start, stop\)"),
+    (dict(num_negatives=0), "num_negatives must be an int >= 1"),
+    (dict(sampling="hard"), "sampling must be one of"),
+    (dict(relative_margin=1.5), r"relative_margin must be None or in \(0, 1\]"),
+    (dict(absolute_margin=float("nan")), "absolute_margin must be None or a finite number"),
+    (dict(query_embeddings=torch.randn(2, 3)), "dimension"),
+    (dict(corpus_embeddings=torch.randn(6)), r"corpus_embeddings \(C, d\)"),
+    (dict(method="annoy"), "method must be one of"),
+])
+def test_bad_input(kwargs, message):
+    args = dict(query_embeddings=torch.randn(2, 4), corpus_embeddings=torch.randn(6, 4), positives=[[0], [1]])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        mine_hard_negatives(args.pop("query_embeddings"), args.pop("corpus_embeddings"), args.pop("positives"), **args)
