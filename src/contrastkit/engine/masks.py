@@ -13,10 +13,24 @@ Example::
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 from torch import Tensor
 
-__all__ = ["TileMask", "DiagonalMask", "LabelMask", "DifferentLabelMask", "IndexMask"]
+__all__ = ["diagonal_cells", "TileMask", "DiagonalMask", "LabelMask", "DifferentLabelMask", "IndexMask"]
+
+
+def diagonal_cells(offset: int, r0: int, r1: int, c0: int, c1: int,
+                   device: torch.device) -> Optional[Tuple[Tensor, Tensor]]:
+    """Local (rows, cols) indices of the entries (i, i + offset) inside the tile rows
+    [r0, r1) x columns [c0, c1), or None when the tile holds none of them."""
+    lo = max(r0, c0 - offset)
+    hi = min(r1, c1 - offset)
+    if hi <= lo:
+        return None
+    rows = torch.arange(lo - r0, hi - r0, device=device)
+    return rows, rows + (r0 + offset - c0)
 
 
 class TileMask:
@@ -49,12 +63,9 @@ class DiagonalMask(TileMask):
         return (r0 + self.offset) < c1 and (r1 - 1 + self.offset) >= c0
 
     def apply_(self, x, r0, r1, c0, c1):
-        lo = max(r0, c0 - self.offset)
-        hi = min(r1, c1 - self.offset)
-        if hi <= lo:
-            return
-        rows = torch.arange(lo - r0, hi - r0, device=x.device)
-        x[rows, rows + (r0 + self.offset - c0)] = float("-inf")
+        cells = diagonal_cells(self.offset, r0, r1, c0, c1, x.device)
+        if cells is not None:
+            x[cells] = float("-inf")
 
     def __repr__(self):
         return f"DiagonalMask(offset={self.offset})"

@@ -2,25 +2,29 @@
 
 For anchors Q (N x d) and candidates K (M x d) the base tile is
 
-    U_ij = q_i . k_j + r_i + c_j              (r, c optional row / column offsets)
+    U_ij = s_i q_i . k_j + r_i + c_j          (s: optional ``scale=``, 1 / temperature;
+                                               r, c: optional row / column offsets)
 
-and a :class:`TileOp` turns each tile of U into S element-wise tiles V^s (for
-instance SigLIP's ``softplus(U)``, a target-weighted kernel ``w_ij X(U_ij)`` or a
-kernel ``X(U_ij)`` whose log-sum-exp is wanted). :func:`tiled_pairwise` reduces
+walked by the engine's one walker (:class:`contrastkit.engine.tiles.Tiles`: reused tile
+buffer, masks, in-engine scale). A :class:`TileOp` turns each tile of U into S
+element-wise tiles V^s (a target-weighted kernel ``w_ij X(U_ij)``, a kernel ``X(U_ij)``
+whose log-sum-exp is wanted, the entropy of the weights). :func:`tiled_pairwise` reduces
 each of them over the columns (and, on request, over the rows):
 
     out_s[i] = sum_j V^s_ij            ("sum" outputs)
-    out_s[i] = log sum_j exp(V^s_ij)   ("lse" outputs; running max, exact)
+    out_s[i] = log sum_j exp(V^s_ij)   ("lse" outputs; exact)
 
-The forward pass keeps only these O(S (N + M)) statistics. The backward pass
-recomputes each tile, forms the coefficient of each output
+The forward pass keeps only these O(S (N + M)) statistics; when every "lse" value is
+provably within the direct range (:class:`contrastkit.engine.tiles.Limits`) the sums of
+exp need no running maximum. The backward pass recomputes each tile, forms the
+coefficient of each output
 
-    C^s_ij = g^s_i                     ("sum")
+    C^s_ij = g^s_i                          ("sum")
     C^s_ij = g^s_i exp(V^s_ij - out_s[i])   ("lse")   (+ the column terms)
 
 lets the op turn them into dU_ij = sum_s C^s_ij dV^s_ij / dU_ij, and forms
-dQ = dU K, dK = dU^T Q, dr = row sums, dc = column sums. Peak extra memory is
-O((N + M) d + a few tiles).
+dQ = diag(s) dU K, dK = dU^T diag(s) Q, ds_i = q_i . (dU K)_i, dr = row sums,
+dc = column sums. Peak extra memory is O((N + M) d + a few tiles).
 
 Per-tile inputs of an op (targets from labels, teacher embeddings, neighbour lists)
 are small tensors (N, ...) that the op turns into a tile of weights on the fly
@@ -30,31 +34,37 @@ carry no gradient: teachers are frozen.
 Entries dropped by masks (:mod:`contrastkit.engine.masks`) contribute 0 to "sum"
 outputs and ``exp(-inf) = 0`` to "lse" outputs, and receive no gradient.
 
-A temperature / scale is folded into Q by the caller (so autograd gives its
-gradient); a scalar bias can be passed as ``row_bias=b.expand(N)``.
+(SigLIP's softplus has its own Function, :mod:`contrastkit.engine.tiled_softplus`.)
 
 Example::
 
-    from contrastkit.engine.tiled_pairwise import Softplus, tiled_pairwise
-    diag = torch.arange(len(x))
-    rows, _ = tiled_pairwise(x / 0.1, y, Softplus(diag), row_bias=b.expand(len(x)))
-    loss = rows[0].sum()          # sum_ij -log sigmoid(z_ij (x_i . y_j / 0.1 + b))
+    import torch
+    from contrastkit.engine.tiled_pairwise import KernelStats, LabelWeights, tiled_pairwise
+    x = torch.nn.functional.normalize(torch.randn(32, 8), dim=-1)
+    y = torch.randint(0, 4, (32,))
+    count = (torch.bincount(y)[y] - 1).clamp(min=1).double()
+    op = KernelStats("linear", weights=LabelWeights(y, y, 1.0 / count, self_offset=0), lse=True)
+    rows, _ = tiled_pairwise(x, x, op, scale=10.0)
+    # rows[0]_i = sum_j p_ij 10 x_i . x_j,  rows[1]_i = log sum_j exp(10 x_i . x_j)
 """
 
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Tuple
 
+import math
+
 import torch
 from torch import Tensor
 
-from .masks import TileMask
+from .masks import TileMask, diagonal_cells
+from .tiles import NEG_INF, Limits, Scale, Tiles, accumulate_dtype, as_scale, check_problem, finite_or_zero, \
+    lse, scale_grad
 from .tiling import TileSize, choose_tile
 
 __all__ = [
     "tiled_pairwise",
     "TileOp",
-    "Softplus",
     "KernelStats",
     "TileWeights",
     "LabelWeights",
@@ -63,32 +73,7 @@ __all__ = [
     "KERNELS",
 ]
 
-_NEG_INF = float("-inf")
 KERNELS = ("linear", "student_t")
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _lse(x: Tensor, dim: int) -> Tensor:
-    m = x.amax(dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return (x - m).exp_().sum(dim).log_().add_(m.squeeze(dim))
-
-
-def _safe(lse: Tensor) -> Tensor:
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-
-
-def _diagonal_cells(offset: int, r0: int, r1: int, c0: int, c1: int):
-    """Local (rows, cols) of the entries (i, i + offset) inside a tile, or None."""
-    lo = max(r0, c0 - offset)
-    hi = min(r1, c1 - offset)
-    if hi <= lo:
-        return None
-    rows = torch.arange(lo - r0, hi - r0)
-    return rows, rows + (r0 + offset - c0)
 
 
 # --------------------------------------------------------------------------- weights
@@ -107,10 +92,9 @@ class TileWeights:
 def _zero_self(w: Tensor, offset: Optional[int], r0, r1, c0, c1) -> Tensor:
     if offset is None:
         return w
-    cells = _diagonal_cells(offset, r0, r1, c0, c1)
+    cells = diagonal_cells(offset, r0, r1, c0, c1, w.device)
     if cells is not None:
-        rows, cols = cells
-        w[rows.to(w.device), cols.to(w.device)] = 0
+        w[cells] = 0
     return w
 
 
@@ -176,7 +160,7 @@ class SoftmaxWeights(TileWeights):
             raise ValueError(f"SoftmaxWeights do not fit a {n_rows} x {n_cols} problem")
 
     def tile(self, r0, r1, c0, c1, dtype, device):
-        acc = _accumulate_dtype(self.a.dtype)
+        acc = accumulate_dtype(self.a.dtype)
         t = self.a[r0:r1].to(acc) @ self.b[c0:c1].to(acc).T
         t.sub_(self.row_lse[r0:r1, None].to(acc)).exp_()
         return _zero_self(t.to(dtype), self.self_offset, r0, r1, c0, c1)
@@ -196,6 +180,11 @@ class TileOp:
     def check(self, n_rows: int, n_cols: int) -> None:
         pass
 
+    def value_bound(self, u_bound: float) -> Optional[float]:
+        """A bound of |V^s| for the "lse" outputs given |U| <= ``u_bound`` (None: unknown,
+        the log-sum-exps are then stabilised by their running maximum)."""
+        return None
+
     def values(self, u: Tensor, r0: int, r1: int, c0: int, c1: int) -> Tuple[List[Tensor], Any]:
         """Element-wise output tiles (same shape as ``u``) and a context for :meth:`grad`."""
         raise NotImplementedError
@@ -203,57 +192,6 @@ class TileOp:
     def grad(self, u: Tensor, ctx: Any, vals: List[Tensor], coefs: List[Optional[Tensor]]) -> Tensor:
         """dU = sum_s coefs[s] * dV^s/dU (``coefs[s]`` None: that output has no gradient)."""
         raise NotImplementedError
-
-
-class Softplus(TileOp):
-    """SigLIP's pairwise term: V = -log sigmoid(z U) with z = +1 at the positive cell
-    (i, positives[i]) of each row (-1: none) and z = -1 elsewhere, i.e.
-    V = softplus(U) off the positives and softplus(-U) on them, computed stably
-    (no cancellation for confident pairs); dV/dU = sigmoid(U) - [positive].
-
-    Without ``positives`` every pair is a negative: V = softplus(U).
-    """
-
-    reductions = ("sum",)
-    differentiable = (True,)
-
-    def __init__(self, positives: Optional[Tensor] = None) -> None:
-        self.positives = None if positives is None else positives.long()
-
-    def check(self, n_rows, n_cols):
-        p = self.positives
-        if p is not None:
-            if p.shape != (n_rows,):
-                raise ValueError(f"Softplus positives must have shape ({n_rows},), got {tuple(p.shape)}")
-            if p.numel() and (int(p.max()) >= n_cols or int(p.min()) < -1):
-                raise ValueError(f"Softplus positives must lie in [-1, {n_cols})")
-
-    def _cells(self, r0, r1, c0, c1):
-        if self.positives is None:
-            return None
-        cols = self.positives[r0:r1]
-        inside = (cols >= c0) & (cols < c1)
-        if not bool(inside.any()):
-            return None
-        rows = inside.nonzero().squeeze(1)
-        return rows, cols[rows] - c0
-
-    @staticmethod
-    def _softplus(u: Tensor) -> Tensor:
-        return torch.log1p(torch.exp(-u.abs())).add_(u.clamp(min=0))
-
-    def values(self, u, r0, r1, c0, c1):
-        v = self._softplus(u)
-        cells = self._cells(r0, r1, c0, c1)
-        if cells is not None:
-            v[cells] = self._softplus(-u[cells])
-        return [v], cells
-
-    def grad(self, u, ctx, vals, coefs):
-        s = torch.sigmoid(u)
-        if ctx is not None:
-            s[ctx] = -torch.sigmoid(-u[ctx])
-        return s.mul_(coefs[0])
 
 
 class KernelStats(TileOp):
@@ -291,6 +229,10 @@ class KernelStats(TileOp):
         if self.weights is not None:
             self.weights.check(n_rows, n_cols)
 
+    def value_bound(self, u_bound):
+        # linear: X = U; student_t: X = -log(1 + d2) with 0 <= d2 = -2U <= 2 |U|
+        return u_bound if self.kernel == "linear" else math.log1p(2.0 * u_bound)
+
     def _kernel(self, u: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         if self.kernel == "linear":
             return u, None
@@ -325,72 +267,60 @@ class KernelStats(TileOp):
         if total.shape != u.shape:
             total = total.expand_as(u).clone()
         if self.kernel == "student_t":
-            total = total * (2.0 / (1.0 + d2))
+            # d/dU -log(1 + max(-2U, 0)) = 2 / (1 + d2) where U <= 0, and 0 where the clamp holds
+            total = total * torch.where(u <= 0, 2.0 / (1.0 + d2), torch.zeros_like(d2))
         return total
 
 
 # --------------------------------------------------------------------------- engine
 
 
-def _drop_tile(masks: Sequence[TileMask], r0, r1, c0, c1, dtype, device) -> Optional[Tensor]:
-    touching = [m for m in masks if m.touches(r0, r1, c0, c1)]
-    if not touching:
-        return None
-    z = torch.zeros(r1 - r0, c1 - c0, dtype=dtype, device=device)
-    for m in touching:
-        m.apply_(z, r0, r1, c0, c1)
-    return torch.isinf(z)
-
-
-def _base(qb, kb, rb, cb, r0, r1, c0, c1):
-    u = qb @ kb.T
-    if rb is not None:
-        u += rb[r0:r1, None]
-    if cb is not None:
-        u += cb[None, c0:c1]
-    return u
-
-
-def _masked_values(op, u, drop, r0, r1, c0, c1):
-    vals, ctx = op.values(u, r0, r1, c0, c1)
+def _values(op: TileOp, tiles: Tiles, u: Tensor, r0, r1, c0, c1):
+    """The op's output tiles with the masked entries (``-inf`` in ``u`` from the walker) set
+    to 0 ("sum") / -inf ("lse"); ``u`` itself has them replaced by 0. Returns
+    (values, op context, bool tile of dropped entries or None)."""
+    drop = None
+    if tiles.touched:
+        drop = torch.isneginf(u)
+        u.masked_fill_(drop, 0.0)
+    vals, octx = op.values(u, r0, r1, c0, c1)
     if drop is not None:
-        vals = [v.masked_fill(drop, 0.0 if red == "sum" else _NEG_INF) for v, red in zip(vals, op.reductions)]
-    return vals, ctx
+        vals = [v.masked_fill(drop, 0.0 if red == "sum" else NEG_INF) for v, red in zip(vals, op.reductions)]
+    return vals, octx, drop
 
 
 class _TiledPairwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, row_bias, col_bias, op, masks, columns, tr, tc):
-        acc = _accumulate_dtype(q.dtype)
-        qa, ka = q.to(acc), k.to(acc)
-        rb = None if row_bias is None else row_bias.to(acc)
-        cb = None if col_bias is None else col_bias.to(acc)
-        n, m = qa.shape[0], ka.shape[0]
-        S = len(op.reductions)
-        init = [0.0 if red == "sum" else _NEG_INF for red in op.reductions]
-        rows = torch.stack([torch.full((n,), v, dtype=acc, device=q.device) for v in init])
-        cols = torch.stack([torch.full((m if columns else 0,), v, dtype=acc, device=q.device) for v in init])
-        for r0 in range(0, n, tr):
-            r1 = min(n, r0 + tr)
-            qb = qa[r0:r1]
-            for c0 in range(0, m, tc):
-                c1 = min(m, c0 + tc)
-                u = _base(qb, ka[c0:c1], rb, cb, r0, r1, c0, c1)
-                drop = _drop_tile(masks, r0, r1, c0, c1, acc, q.device)
-                vals, _ = _masked_values(op, u, drop, r0, r1, c0, c1)
-                for s in range(S):
-                    v = vals[s]
-                    if op.reductions[s] == "sum":
-                        rows[s, r0:r1] += v.sum(1)
-                        if columns:
-                            cols[s, c0:c1] += v.sum(0)
-                    else:
-                        run = rows[s, r0:r1]
-                        torch.logaddexp(run, _lse(v, 1), out=run)
-                        if columns:
-                            cs = cols[s, c0:c1]
-                            torch.logaddexp(cs, _lse(v, 0), out=cs)
-        ctx.save_for_backward(q, k, row_bias, col_bias, rows, cols)
+    def forward(ctx, q, k, row_bias, col_bias, scale, op, masks, columns, tr, tc):
+        tiles = Tiles(q, k, row_bias, col_bias, masks, (tr, tc), n_buffers=2, scale=scale)
+        lim, acc, dev = Limits(tiles.dtype), tiles.dtype, q.device
+        vb = op.value_bound(tiles.logit_bound()) if "lse" in op.reductions else None
+        direct = vb is not None and vb <= lim.direct
+        # "sum" outputs and direct "lse" outputs start from 0, stabilised "lse" outputs from -inf
+        init = [NEG_INF if red == "lse" and not direct else 0.0 for red in op.reductions]
+        rows = torch.tensor(init, dtype=acc, device=dev)[:, None].repeat(1, tiles.n)
+        cols = torch.tensor(init, dtype=acc, device=dev)[:, None].repeat(1, tiles.m if columns else 0)
+        for r0, r1, c0, c1, u in tiles:
+            vals, _, _ = _values(op, tiles, u, r0, r1, c0, c1)
+            for s, (v, red) in enumerate(zip(vals, op.reductions)):
+                if red == "sum" or direct:
+                    if red == "lse":
+                        v = torch.exp(v, out=tiles.view(1, r1 - r0, c1 - c0))
+                    rows[s, r0:r1] += v.sum(1)
+                    if columns:
+                        cols[s, c0:c1] += v.sum(0)
+                    continue
+                run = rows[s, r0:r1]
+                torch.logaddexp(run, lse(tiles.view(1, r1 - r0, c1 - c0).copy_(v), 1, lim.flush), out=run)
+                if columns:
+                    cs = cols[s, c0:c1]
+                    torch.logaddexp(cs, lse(tiles.view(1, r1 - r0, c1 - c0).copy_(v), 0, lim.flush), out=cs)
+        if direct:
+            for s, red in enumerate(op.reductions):
+                if red == "lse":
+                    rows[s].log_()
+                    cols[s].log_()
+        ctx.save_for_backward(q, k, row_bias, col_bias, scale, rows, cols)
         ctx.op, ctx.masks, ctx.columns, ctx.tr, ctx.tc = op, masks, columns, tr, tc
         if not columns:
             ctx.mark_non_differentiable(cols)
@@ -398,70 +328,55 @@ class _TiledPairwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_rows, g_cols):
-        q, k, row_bias, col_bias, rows, cols = ctx.saved_tensors
-        op, masks, columns, tr, tc = ctx.op, ctx.masks, ctx.columns, ctx.tr, ctx.tc
-        acc = rows.dtype
-        qa, ka = q.to(acc), k.to(acc)
-        rb = None if row_bias is None else row_bias.to(acc)
-        cb = None if col_bias is None else col_bias.to(acc)
-        n, m = qa.shape[0], ka.shape[0]
+        q, k, row_bias, col_bias, scale, rows, cols = ctx.saved_tensors
+        op, columns = ctx.op, ctx.columns
         S = len(op.reductions)
         use_r = [g_rows is not None and op.differentiable[s] and bool(g_rows[s].any()) for s in range(S)]
         use_c = [columns and g_cols is not None and op.differentiable[s] and bool(g_cols[s].any())
                  for s in range(S)]
-        need_q, need_k, need_rb, need_cb = ctx.needs_input_grad[:4]
-        dq = torch.zeros_like(qa) if need_q else None
-        dk = torch.zeros_like(ka) if need_k else None
-        drb = torch.zeros(n, dtype=acc, device=q.device) if need_rb else None
-        dcb = torch.zeros(m, dtype=acc, device=q.device) if need_cb else None
+        need_q, need_k, need_rb, need_cb, need_s = ctx.needs_input_grad[:5]
+        tiles = Tiles(q, k, row_bias, col_bias, ctx.masks, (ctx.tr, ctx.tc), scale=scale)
+        acc, dev, n, m = tiles.dtype, q.device, tiles.n, tiles.m
+        dq = torch.zeros_like(tiles.q) if (need_q or need_s) else None
+        dk = torch.zeros_like(tiles.k) if need_k else None
+        drb = torch.zeros(n, dtype=acc, device=dev) if need_rb else None
+        dcb = torch.zeros(m, dtype=acc, device=dev) if need_cb else None
         if any(use_r) or any(use_c):
-            gr = g_rows.to(acc) if any(use_r) else None
-            gc = g_cols.to(acc) if any(use_c) else None
-            lr = _safe(rows)
-            lc = _safe(cols) if columns else None
-            for r0 in range(0, n, tr):
-                r1 = min(n, r0 + tr)
-                qb = qa[r0:r1]
-                for c0 in range(0, m, tc):
-                    c1 = min(m, c0 + tc)
-                    kb = ka[c0:c1]
-                    u = _base(qb, kb, rb, cb, r0, r1, c0, c1)
-                    drop = _drop_tile(masks, r0, r1, c0, c1, acc, q.device)
-                    vals, octx = _masked_values(op, u, drop, r0, r1, c0, c1)
-                    coefs: List[Optional[Tensor]] = []
-                    for s in range(S):
-                        c = None
-                        if op.reductions[s] == "sum":
-                            if use_r[s]:
-                                c = gr[s, r0:r1, None]
-                            if use_c[s]:
-                                cc = gc[s, None, c0:c1]
-                                c = cc if c is None else c + cc
-                        else:
-                            if use_r[s]:
-                                c = (vals[s] - lr[s, r0:r1, None]).exp_().mul_(gr[s, r0:r1, None])
-                            if use_c[s]:
-                                cc = (vals[s] - lc[s, None, c0:c1]).exp_().mul_(gc[s, None, c0:c1])
-                                c = cc if c is None else c.add_(cc)
-                        coefs.append(c)
-                    du = op.grad(u, octx, vals, coefs)
-                    if du.shape != u.shape:
-                        du = du.expand_as(u).clone()
-                    if drop is not None:
-                        du = du.masked_fill(drop, 0.0)
-                    if dq is not None:
-                        dq[r0:r1].addmm_(du, kb)
-                    if dk is not None:
-                        dk[c0:c1].addmm_(du.T, qb)
-                    if drb is not None:
-                        drb[r0:r1] += du.sum(1)
-                    if dcb is not None:
-                        dcb[c0:c1] += du.sum(0)
+            # an all-dropped row / column (-inf log-sum-exp) gets no gradient
+            gr = torch.where(torch.isfinite(rows), g_rows.to(acc), torch.zeros_like(rows)) if any(use_r) else None
+            gc = torch.where(torch.isfinite(cols), g_cols.to(acc), torch.zeros_like(cols)) if any(use_c) else None
+            lr, lc = finite_or_zero(rows), finite_or_zero(cols)
+            for r0, r1, c0, c1, u in tiles:
+                vals, octx, drop = _values(op, tiles, u, r0, r1, c0, c1)
+                coefs: List[Optional[Tensor]] = []
+                for s in range(S):
+                    c = None
+                    if op.reductions[s] == "sum":
+                        if use_r[s]:
+                            c = gr[s, r0:r1, None]
+                        if use_c[s]:
+                            cc = gc[s, None, c0:c1]
+                            c = cc if c is None else c + cc
+                    else:
+                        if use_r[s]:
+                            c = (vals[s] - lr[s, r0:r1, None]).exp_().mul_(gr[s, r0:r1, None])
+                        if use_c[s]:
+                            cc = (vals[s] - lc[s, None, c0:c1]).exp_().mul_(gc[s, None, c0:c1])
+                            c = cc if c is None else c.add_(cc)
+                    coefs.append(c)
+                du = op.grad(u, octx, vals, coefs)
+                if du.shape != u.shape:
+                    du = du.expand_as(u).clone()
+                if drop is not None:
+                    du = du.masked_fill(drop, 0.0)
+                tiles.accumulate(du, r0, r1, c0, c1, dq, dk, drb, dcb)
+        dq, dscale = (None, None) if dq is None else scale_grad(tiles.q, dq, scale, need_s, need_q)
         return (
             None if dq is None else dq.to(q.dtype),
             None if dk is None else dk.to(k.dtype),
             None if drb is None else drb.to(row_bias.dtype),
             None if dcb is None else dcb.to(col_bias.dtype),
+            dscale,
             None, None, None, None, None,
         )
 
@@ -476,29 +391,30 @@ def tiled_pairwise(
     masks: Sequence[TileMask] = (),
     columns: bool = False,
     tile_size: TileSize = None,
+    scale: Scale = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Row (and column) reductions of ``op`` over ``U = q @ k.T + row_bias[:, None] + col_bias[None, :]``.
+    """Row (and column) reductions of ``op`` over ``U = s q @ k.T + row_bias[:, None] + col_bias[None, :]``.
 
-    Exact, differentiable in ``q``, ``k`` and the biases, memory-bounded (tiles of
-    ``tile_size``, see :func:`choose_tile`). Returns ``(rows (S, N), cols (S, M) or None)``
-    with one line per output of ``op``, in float32 (float64 for float64 inputs).
+    ``scale`` (s = 1 / temperature): a python number, a 0-dim tensor (possibly requiring
+    grad) or one per anchor row (N,); it multiplies the dot product only, inside the walk,
+    with its exact gradient. Exact, differentiable in ``q``, ``k``, the biases and
+    ``scale``, memory-bounded (tiles of ``tile_size``, see :func:`choose_tile`). Returns
+    ``(rows (S, N), cols (S, M) or None)`` with one line per output of ``op``, in float32
+    (float64 for float64 inputs).
 
     Example::
 
-        rows, _ = tiled_pairwise(x, y, Softplus())
-        total = rows[0].sum()                       # sum_ij softplus(x_i . y_j)
+        import torch
+        from contrastkit.engine.tiled_pairwise import KernelStats, tiled_pairwise
+        x, y = torch.randn(16, 4), torch.randn(24, 4)
+        rows, cols = tiled_pairwise(x, y, KernelStats("linear", lse=True), columns=True, scale=0.5)
+        # rows[0] = logsumexp(0.5 x @ y.T, dim=1), cols[0] = logsumexp(0.5 x @ y.T, dim=0)
     """
-    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
-        raise ValueError(f"tiled_pairwise needs q (N, d) and k (M, d), got {tuple(q.shape)} and {tuple(k.shape)}")
     if not isinstance(op, TileOp):
         raise ValueError(f"op must be a TileOp, got {type(op).__name__}")
-    n, m = q.shape[0], k.shape[0]
-    for name, b, size in (("row_bias", row_bias, n), ("col_bias", col_bias, m)):
-        if b is not None and (b.dim() != 1 or b.shape[0] != size):
-            raise ValueError(f"{name} must have shape ({size},), got {tuple(b.shape)}")
-    for mask in masks:
-        mask.check(n, m, q.device)
+    n, m = check_problem("tiled_pairwise", q, k, row_bias, col_bias, masks)
+    scale = as_scale(scale, n, q)
     op.check(n, m)
     tr, tc = choose_tile(n, m, q.shape[1], q.device, tile_size, element_size=4)
-    rows, cols = _TiledPairwise.apply(q, k, row_bias, col_bias, op, tuple(masks), bool(columns), tr, tc)
+    rows, cols = _TiledPairwise.apply(q, k, row_bias, col_bias, scale, op, tuple(masks), bool(columns), tr, tc)
     return rows, (cols if columns else None)
