@@ -11,8 +11,10 @@
   of the loss, per tile (:mod:`.false_negatives`).
 """
 
+from .false_negatives import DuplicatePositiveMask, GuideMask, mnrl_columns
 from .mining import MinedNegatives, known_positives, mine_hard_negatives
 from .momentum import MomentumEncoder
 from .queue import MemoryQueue
 
-__all__ = ["MemoryQueue", "MomentumEncoder", "MinedNegatives", "mine_hard_negatives", "known_positives"]
+__all__ = ["MemoryQueue", "MomentumEncoder", "MinedNegatives", "mine_hard_negatives", "known_positives",
+           "DuplicatePositiveMask", "GuideMask", "mnrl_columns"]
