@@ -23,6 +23,7 @@ from contrastkit.engine import (
     tiled_logsumexp_with_positives,
     tiled_multi_logsumexp,
 )
+from contrastkit.engine.neighbors import tiled_topk
 from contrastkit.engine.normalize import l2_normalize
 from contrastkit.engine.tiled_pairwise import IndexWeights, KernelStats, LabelWeights, tiled_pairwise
 from contrastkit.engine.tiled_softplus import tiled_softplus_rows
@@ -83,6 +84,22 @@ def test_walker_visits_every_tile_once_into_one_reused_buffer():
     assert torch.equal(torch.isinf(full), torch.isinf(want))
     assert_rel_close(full[torch.isfinite(want)], want[torch.isfinite(want)], rtol=1e-6)
     assert tiles.logit_bound() >= float(want[torch.isfinite(want)].abs().max())
+
+
+@pytest.mark.parametrize("tile", [1, (3, 4), (5, 2), None])
+@pytest.mark.parametrize("self_offset", [None, 0, 2])
+def test_tiled_topk_on_the_walker(tile, self_offset):
+    gen = torch.Generator().manual_seed(13)
+    q, k = torch.randn(11, 4, generator=gen, dtype=D64), torch.randn(9, 4, generator=gen, dtype=D64)
+    vals, idx = tiled_topk(q, k, 3, self_offset=self_offset, tile_size=tile)
+    s = q @ k.T
+    if self_offset is not None:
+        i = torch.arange(11)
+        ok = i + self_offset < 9
+        s[i[ok], i[ok] + self_offset] = NEG
+    want_v, want_i = s.topk(3, dim=1)
+    assert torch.equal(idx, want_i)
+    assert_rel_close(vals, want_v)
 
 
 def test_as_scale_forms_and_errors():
