@@ -15,6 +15,8 @@ from .false_negatives import DuplicatePositiveMask, GuideMask, mnrl_columns
 from .mining import MinedNegatives, known_positives, mine_hard_negatives
 from .momentum import MomentumEncoder
 from .queue import MemoryQueue
+from .samplers import B3BatchSampler, NoDuplicatesBatchSampler
 
 __all__ = ["MemoryQueue", "MomentumEncoder", "MinedNegatives", "mine_hard_negatives", "known_positives",
-           "DuplicatePositiveMask", "GuideMask", "mnrl_columns"]
+           "DuplicatePositiveMask", "GuideMask", "mnrl_columns",
+           "NoDuplicatesBatchSampler", "B3BatchSampler"]
