@@ -219,3 +219,211 @@ def test_plain_tensor_inputs_and_errors():
         GradCache(lin, loss_fn).step({"a": torch.ones(3, 2), "b": torch.ones(4, 2)})
     with pytest.raises(ValueError, match="scalar"):
         GradCache(lin, lambda a, b: (a * b).sum(1)).step(x, y)
+
+
+# --- hook mode: gc.embed(...) + the caller's loss.backward() ---------------------------
+
+def hook_step(gc: GradCache, *inputs, loss_args=()):
+    """The hook mode as a user writes it: embeddings, own loss, plain backward."""
+    embs = gc.embed(*inputs)
+    assert all(e.requires_grad for e in embs)
+    loss = gc.loss_fn(*embs, *loss_args)
+    loss.backward()
+    return loss.detach()
+
+
+HOOK_CASES = {
+    # name: (groups, rows, chunking, two towers, objective factory, labels?)
+    "1 group supcon": (1, 12, {"chunk_size": 5}, False,
+                       lambda: ck.losses.SupCon(temperature=0.1, learn_temperature=True).double(), True),
+    "2 groups shared": (2, 11, {"chunk_size": 4}, False,
+                        lambda: ck.losses.InfoNCE(temperature=0.1, learn_temperature=True).double(), False),
+    "2 groups towers": (2, 10, {"chunk_size": 3}, True,
+                        lambda: ck.losses.InfoNCE(temperature=0.2, symmetric=True).double(), False),
+    "3 groups towers mnrl": (3, 10, {"chunk_size": 4}, True,
+                             lambda: ck.losses.MultipleNegativesRanking(scale=10.0), False),
+    "3 groups shared tokens": (3, 9, {"chunk_tokens": 30, "sort_by_length": True}, False,
+                               lambda: ck.losses.MultipleNegativesRanking(scale=20.0), False),
+}
+
+
+@pytest.mark.parametrize("keep_last", [True, False])
+@pytest.mark.parametrize("case", list(HOOK_CASES))
+def test_hook_mode_equals_step_and_plain_step(case, keep_last):
+    """Three ways, one gradient: a plain step (the same chunks with autograd), step(), and
+    embed() + the caller's backward; float64, dropout active, uneven chunks."""
+    groups, rows, chunking, towers, factory, labelled = HOOK_CASES[case]
+    q_enc = tiny_bert(0.1, seed=0)
+    d_enc = tiny_bert(0.1, seed=1) if towers else None
+    loss_fn = factory()
+    mods = [m for m in (q_enc, d_enc, loss_fn) if m is not None]
+    inputs = [token_batch(rows, seed=20 + g) for g in range(groups)]
+    loss_args = (torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3, 0][:rows]),) if labelled else ()
+    gc = GradCache(q_enc, loss_fn, doc_encoder=d_enc, keep_last=keep_last, **chunking)
+    assert any(len(idx) != len(gc.plan(inputs[0])[0]) for idx in gc.plan(inputs[0])), "chunks must be uneven"
+
+    results = []
+    for run in (lambda: reference_step(gc, *inputs, loss_args=loss_args),
+                lambda: gc.step(*inputs, loss_args=loss_args),
+                lambda: hook_step(gc, *inputs, loss_args=loss_args)):
+        zero(*mods)
+        torch.manual_seed(11)
+        loss = run()
+        results.append((loss, grads(*mods), torch.get_rng_state()))
+    (loss_ref, g_ref, rng_ref), (loss_s, g_s, rng_s), (loss_h, g_h, rng_h) = results
+    compare(loss_s, g_s, loss_ref, g_ref)
+    compare(loss_h, g_h, loss_ref, g_ref)
+    compare(loss_h, g_h, loss_s, g_s, rtol=1e-12)
+    assert torch.equal(rng_s, rng_ref) and torch.equal(rng_h, rng_ref), "the RNG must end where a plain step leaves it"
+    assert all(g is not None for _, g in grads(q_enc) if True)
+    if d_enc is not None:
+        assert any(g is not None and float(g.abs().max()) > 0 for _, g in grads(d_enc))
+
+
+def test_hook_mode_without_replay_would_differ():
+    """The check above can fail: re-encoding without restoring the RNG (dropout masks drawn
+    anew) gives other gradients."""
+    enc = tiny_bert(0.3)
+    loss_fn = ck.losses.InfoNCE(temperature=0.1).double()
+    q, d = token_batch(8, seed=30), token_batch(8, seed=31)
+    gc = GradCache(enc, loss_fn, chunk_size=3, keep_last=False)
+    torch.manual_seed(4)
+    reference_step(gc, q, d)
+    g_ref = grads(enc)
+    zero(enc)
+    original = ck.scale.RandState.restore
+    try:
+        ck.scale.RandState.restore = lambda self: None  # a replay that forgets the RNG
+        torch.manual_seed(4)
+        hook_step(gc, q, d)
+    finally:
+        ck.scale.RandState.restore = original
+    worst = max(float((a - b).abs().max()) for (_, a), (_, b) in zip(grads(enc), g_ref) if a is not None)
+    assert worst > 1e-6
+
+
+def test_hook_mode_several_groups_partial_use_and_accumulation():
+    """A loss that leaves one group unused back-propagates the others; two embed() calls
+    before one backward accumulate like two plain steps (gradient accumulation)."""
+    enc = tiny_bert(0.1)
+    loss_fn = ck.losses.InfoNCE(temperature=0.1).double()
+    q, d, n = token_batch(7, seed=40), token_batch(7, seed=41), token_batch(7, seed=42)
+    gc = GradCache(enc, loss_fn, chunk_size=3)
+    torch.manual_seed(1)
+    loss_ref = reference_step(gc, q, d)
+    g_ref = grads(enc)
+    zero(enc)
+    torch.manual_seed(1)
+    eq, ed, en = gc.embed(q, d, n)
+    loss = loss_fn(eq, ed)
+    loss.backward()
+    compare(loss.detach(), grads(enc), loss_ref, g_ref)
+
+    # accumulation: 0.5 * (batch A) + 0.5 * (batch B) in one backward == two plain steps
+    q2, d2 = token_batch(5, seed=43), token_batch(5, seed=44)
+    zero(enc)
+    torch.manual_seed(2)
+    reference_step(GradCache(enc, lambda a, b: 0.5 * loss_fn(a, b), chunk_size=3), q, d)
+    reference_step(GradCache(enc, lambda a, b: 0.5 * loss_fn(a, b), chunk_size=3), q2, d2)
+    g_ref = grads(enc)
+    zero(enc)
+    torch.manual_seed(2)
+    a = gc.embed(q, d)
+    b = gc.embed(q2, d2)
+    (0.5 * loss_fn(*a) + 0.5 * loss_fn(*b)).backward()
+    compare(loss, grads(enc), loss, g_ref)
+
+
+def test_hook_mode_no_grad_is_plain_inference():
+    enc = tiny_bert(0.1)
+    enc.eval()
+    q = token_batch(7, seed=50)
+    gc = GradCache(enc, chunk_size=3)
+    with torch.no_grad():
+        (e,) = gc.embed(q)
+        full = enc(**q)
+    assert not e.requires_grad
+    assert_rel_close(e, full, rtol=1e-10, what="embeddings")
+
+
+def test_hook_mode_bfloat16_option_and_callers_autocast():
+    """autocast_dtype=bf16, or the caller's own autocast region around embed(): the
+    backward (outside any autocast) must replay the encoder under the same autocast."""
+    enc = tiny_bert(0.1, dtype=torch.float32)
+    loss_fn = ck.losses.InfoNCE(temperature=0.1)
+    q, d = token_batch(10, seed=60), token_batch(10, seed=61)
+    gc16 = GradCache(enc, loss_fn, chunk_size=4, autocast_dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    loss_ref = gc16.step(q, d)
+    g_ref = grads(enc)
+
+    zero(enc)
+    torch.manual_seed(2)
+    embs = gc16.embed(q, d)
+    assert all(e.dtype == torch.float32 for e in embs)
+    loss = loss_fn(*embs)
+    loss.backward()
+    compare(loss.detach(), grads(enc), loss_ref, g_ref, rtol=1e-6)
+
+    gc = GradCache(enc, loss_fn, chunk_size=4)
+    zero(enc)
+    torch.manual_seed(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embs = gc.embed(q, d)
+    loss = loss_fn(*embs)
+    loss.backward()  # outside the autocast region
+    compare(loss.detach(), grads(enc), loss_ref, g_ref, rtol=1e-6)
+
+    # the float32 gradients are not those (so the comparison above can fail)
+    zero(enc)
+    torch.manual_seed(2)
+    gc.step(q, d)
+    worst = max(float((a - b).abs().max() / b.abs().max()) for (_, a), (_, b) in zip(grads(enc), g_ref)
+                if a is not None and float(b.abs().max()) > 0)
+    assert worst > 1e-4
+
+
+def test_hook_mode_misuse_raises():
+    enc = tiny_bert(0.1)
+    loss_fn = ck.losses.InfoNCE(temperature=0.1).double()
+    q, d = token_batch(6, seed=70), token_batch(6, seed=71)
+    gc = GradCache(enc, loss_fn, chunk_size=4)
+
+    # a second backward through the same embeddings
+    a, b = gc.embed(q, d)
+    loss = (a * b).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already back-propagated"):
+        loss.backward()
+
+    # the optimiser stepped between embed() and backward()
+    opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+    a, b = gc.embed(q, d)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified in place.*optimizer.step"):
+        loss_fn(a, b).backward()
+
+    # train / eval switched
+    a, b = gc.embed(q, d)
+    enc.eval()
+    with pytest.raises(RuntimeError, match="switched to eval mode"):
+        loss_fn(a, b).backward()
+    enc.train()
+
+    # a parameter replaced
+    a, b = gc.embed(q, d)
+    lin = enc.model.embeddings.word_embeddings
+    lin.weight = torch.nn.Parameter(lin.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="replaced"):
+        loss_fn(a, b).backward()
+
+    # the inputs changed in place
+    a, b = gc.embed(q, d)
+    d["input_ids"][0, 0] = 5
+    with pytest.raises(RuntimeError, match=r"inputs\[1\]\['input_ids'\] was modified in place"):
+        loss_fn(a, b).backward()
+
+    with pytest.raises(ValueError, match="needs loss_fn"):
+        GradCache(enc).step(q, d)
+    with pytest.raises(ValueError, match="at least one input group"):
+        gc.embed()

@@ -158,16 +158,212 @@ def _is_ddp(module: nn.Module) -> bool:
     return isinstance(module, nn.parallel.DistributedDataParallel)
 
 
+def _device_type(inputs: Inputs) -> str:
+    if isinstance(inputs, Tensor):
+        return inputs.device.type
+    for v in inputs.values():
+        if isinstance(v, Tensor):
+            return v.device.type
+    return "cpu"
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """Half-precision embeddings (from autocast) are given to the objective in float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _unpermute(embs: List[Tensor], plan: List[Tensor], group: int) -> Tensor:
+    """Concatenate the chunks' embeddings and put the rows back in input order."""
+    for e in embs:
+        if not isinstance(e, Tensor) or e.dim() != 2:
+            raise ValueError(f"the encoder of group {group} must return (n, d) embeddings, got "
+                             f"{tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__}")
+    cat = torch.cat(embs)
+    order = torch.cat(plan).to(cat.device)
+    if bool((order == torch.arange(len(order), device=cat.device)).all()):
+        return cat
+    out = torch.empty_like(cat)
+    out[order] = cat
+    return out
+
+
+def _backprop_slice(emb: Tensor, grad: Tensor, index: Tensor) -> None:
+    """Back-propagate the cached gradient rows ``index`` into the graph of one chunk."""
+    emb.backward(grad[index.to(grad.device)].to(emb.dtype))
+
+
+class _Snapshot:
+    """What the cached re-encode relies on, recorded right after the first pass: the
+    encoders' parameters (identity and in-place version counter), every submodule's
+    train/eval flag, and the version counters of the input tensors."""
+
+    def __init__(self, modules: Sequence[nn.Module], inputs: Sequence[Inputs]) -> None:
+        self.params = [(name, p, p._version) for m in modules for name, p in m.named_parameters()]
+        self.modes = [(name, mod, mod.training) for m in modules for name, mod in m.named_modules()]
+        self.tensors = []
+        for g, inp in enumerate(inputs):
+            items = [("", inp)] if isinstance(inp, Tensor) else list(inp.items())
+            self.tensors += [(g, k, t, t._version) for k, t in items if isinstance(t, Tensor)]
+        self.modules = list(modules)
+
+    def check(self) -> None:
+        now = [p for m in self.modules for _, p in m.named_parameters()]
+        if len(now) != len(self.params) or any(a is not b for a, (_, b, _) in zip(now, self.params)):
+            raise RuntimeError(
+                "GradCache: the encoder's parameters were replaced between gc.embed() and loss.backward() "
+                "(the cached re-encode would differentiate other weights); back-propagate before changing "
+                "the model, then embed again")
+        for name, p, version in self.params:
+            if p._version != version:
+                raise RuntimeError(
+                    f"GradCache: encoder parameter {name!r} was modified in place (e.g. by optimizer.step() or "
+                    "load_state_dict) between gc.embed() and loss.backward(); the cached re-encode would compute "
+                    "gradients at other weights than the embeddings came from. Call loss.backward() before "
+                    "optimizer.step(), and gc.embed() again for the next step")
+        for name, mod, training in self.modes:
+            if mod.training != training:
+                raise RuntimeError(
+                    f"GradCache: module {name or type(mod).__name__!r} switched to "
+                    f"{'train' if mod.training else 'eval'} mode between gc.embed() and loss.backward(); the "
+                    "re-encode must run in the mode the embeddings were computed in (dropout)")
+        for g, key, t, version in self.tensors:
+            if t._version != version:
+                where = f"inputs[{g}]" + (f"[{key!r}]" if key else "")
+                raise RuntimeError(f"GradCache: {where} was modified in place between gc.embed() and "
+                                   "loss.backward(); the re-encode needs the inputs the embeddings came from")
+
+
+class _CachedBatch:
+    """One gradient-cached batch: the plan of chunks, the RNG state before each chunk,
+    the first pass without autograd and the replay with autograd. Both :meth:`GradCache.step`
+    and :meth:`GradCache.embed` run through it (the single copy of the chunk / RNG logic)."""
+
+    def __init__(self, gc: "GradCache", inputs: Sequence[Inputs]) -> None:
+        self.gc = gc
+        self.inputs: Optional[List[Inputs]] = list(inputs)
+        self.plans = [gc.plan(inp) for inp in self.inputs]
+        # autocast as the first pass sees it (the option, else the caller's), replayed in backward
+        self.autocast = gc._autocast_setting(self.inputs[0])
+        self.states: List[List[RandState]] = []
+        self.kept: Dict[int, Tensor] = {}  # group -> last chunk's embeddings, with their graph
+        self.snapshot: Optional[_Snapshot] = None
+        self.done = False
+
+    def keeps_last(self, group: int) -> bool:
+        return self.gc.keep_last and not _is_ddp(self.gc.encoder_for(group))
+
+    def encode(self, group: int, index: Tensor) -> Tensor:
+        return self.gc.encode(group, self.inputs[group], index, autocast=self.autocast)
+
+    def first_pass(self, record: bool) -> List[Tensor]:
+        """Every group's embeddings (rows in input order, half precision upcast), encoded
+        chunk by chunk without autograd; with ``record`` the RNG state before each chunk is
+        kept and, with ``keep_last``, the last chunk of each group keeps its graph."""
+        reps = []
+        for g, plan in enumerate(self.plans):
+            keep = record and self.keeps_last(g)
+            states, embs = [], []
+            for c, idx in enumerate(plan):
+                if record:
+                    states.append(RandState())
+                if keep and c == len(plan) - 1:
+                    with torch.enable_grad():
+                        self.kept[g] = self.encode(g, idx)
+                    embs.append(self.kept[g].detach())
+                else:
+                    with torch.no_grad():
+                        embs.append(self.encode(g, idx))
+            self.states.append(states)
+            reps.append(_upcast(_unpermute(embs, plan, g)))
+        if record:
+            modules = list({id(m): m for m in (self.gc.encoder_for(g) for g in range(len(self.plans)))}.values())
+            self.snapshot = _Snapshot(modules, self.inputs)
+        return reps
+
+    def replay(self, grads: Sequence[Optional[Tensor]]) -> None:
+        """Back-propagate ``grads`` (d loss / d embeddings of each group, None for a group the
+        loss did not use) into the encoders: through the kept last chunks, then by re-encoding
+        every other chunk with autograd after restoring its RNG state. The RNG is restored to
+        its state at the call (the replay draws nothing as far as the caller can tell)."""
+        if self.done:
+            raise RuntimeError(
+                "GradCache: these embeddings were already back-propagated once; the cached re-encode ran "
+                "and its inputs were released. Call gc.embed() again for another backward (retain_graph "
+                "cannot replay a gradient-cached encoder)")
+        self.snapshot.check()
+        self.done = True
+        outer = RandState()
+        try:
+            for g, emb in list(self.kept.items()):  # free each kept graph as soon as it is used
+                del self.kept[g]
+                if grads[g] is not None and emb.requires_grad:
+                    _backprop_slice(emb, grads[g], self.plans[g][-1])
+                del emb
+            last_of = self._last_chunks(grads)
+            with torch.enable_grad():
+                for g, plan in enumerate(self.plans):
+                    if grads[g] is None:
+                        continue
+                    module = self.gc.encoder_for(g)
+                    for c, idx in enumerate(plan):
+                        if c == len(plan) - 1 and self.keeps_last(g):
+                            continue
+                        self.states[g][c].restore()
+                        sync = not _is_ddp(module) or (g, c) in last_of
+                        with (contextlib.nullcontext() if sync else module.no_sync()):
+                            emb = self.encode(g, idx)
+                            if emb.requires_grad:
+                                _backprop_slice(emb, grads[g], idx)
+        finally:
+            outer.restore()
+            self.inputs, self.states, self.kept = None, [], {}
+
+    def _last_chunks(self, grads: Sequence[Optional[Tensor]]) -> set:
+        """(group, chunk) of the last chunk each distinct encoder re-encodes (DDP syncs there)."""
+        last: Dict[int, tuple] = {}
+        for g, plan in enumerate(self.plans):
+            if plan and grads[g] is not None:
+                last[id(self.gc.encoder_for(g))] = (g, len(plan) - 1)
+        return set(last.values())
+
+
+class _CachedEncode(torch.autograd.Function):
+    """Autograd node of :meth:`GradCache.embed`: forward is the first pass (no graph kept
+    but the ``keep_last`` chunks'); backward receives every group's gradient at once and
+    replays the encoders with them (a reentrant backward, as torch's reentrant checkpoint)."""
+
+    @staticmethod
+    def forward(ctx, batch: _CachedBatch, anchor: Tensor):  # noqa: D401 - autograd signature
+        ctx.set_materialize_grads(False)
+        ctx.batch = batch
+        return tuple(batch.first_pass(record=True))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.batch.replay(grads)
+        return None, None
+
+
 class GradCache:
-    """Gradient-cached training step for one shared encoder or two towers and any objective.
+    """Gradient caching for one shared encoder or two towers and any objective, in two modes.
+
+    * ``gc.step(q, d, ...)``: encode, compute ``loss_fn``, back-propagate; returns the loss.
+    * ``embs = gc.embed(q, d, ...)``: the embeddings only, as tensors that require grad; the
+      caller computes any loss on them and calls ``loss.backward()`` as usual. That backward
+      re-encodes each chunk with autograd (RNG restored, so dropout replays) and
+      back-propagates the cached gradient slice into the encoder: the same code serves a
+      plain training loop, a sentence-transformers loss
+      (:class:`contrastkit.integrations.sentence_transformers.CachedLoss`) or a Lightning
+      ``training_step``. ``step()`` is exactly ``embed`` + ``loss_fn`` + ``backward``.
 
     Args:
         encoder: encodes input group 0 (queries / anchors), and every group when
             ``doc_encoder`` is None (shared towers).
-        loss_fn: any callable on the embeddings, e.g. a ``ck.losses`` module; it is
-            called as ``loss_fn(*embeddings, *loss_args, **loss_kwargs)`` and must return
-            a scalar. Wrap it in :class:`contrastkit.scale.DistributedLoss` for many
-            processes: the cached (local) embeddings are what is gathered.
+        loss_fn: for :meth:`step` (optional for :meth:`embed`): any callable on the
+            embeddings, e.g. a ``ck.losses`` module, called as
+            ``loss_fn(*embeddings, *loss_args, **loss_kwargs)``, returning a scalar. Wrap it in
+            :class:`contrastkit.scale.DistributedLoss` for many processes: the cached (local)
+            embeddings are what is gathered.
         doc_encoder: encodes groups 1, 2, ... (documents, hard negatives): two towers.
         chunk_size: rows per chunk (default 32).
         chunk_tokens: instead, a budget of padded tokens per chunk (rows x longest row).
@@ -175,17 +371,25 @@ class GradCache:
         trim_padding: cut the all-padding trailing columns of each chunk (needs an
             ``attention_mask``).
         autocast_dtype: e.g. ``torch.bfloat16``: run the encoder passes under
-            ``torch.autocast`` (the loss is computed in float32 on upcast embeddings).
+            ``torch.autocast`` (the embeddings are upcast to float32 for the loss). Without
+            it, an autocast region around ``embed()`` is recorded and replayed in backward.
         embed_fn: ``embed_fn(module, chunk_inputs) -> (n, d)``; default :func:`default_embed`.
         keep_last: encode the last chunk of each group with autograd in the first pass and
             back-propagate through that graph instead of re-encoding it (saves one chunk's
             forward per group; a batch of one chunk costs a plain step). Activation memory
-            is then that of one plain step at ``chunk_size`` rows per group. Off for a
+            is then that of one plain step at ``chunk_size`` rows per group (held from
+            ``embed()`` to ``backward()`` in the hook mode). Off for a
             ``DistributedDataParallel`` encoder.
 
-    :meth:`step` leaves the gradients in ``.grad`` (accumulating, like ``backward``);
-    clip and step the optimiser afterwards. ``last_embeddings`` holds the detached
-    embeddings of the last step (e.g. to push to a memory queue).
+    Gradients accumulate in ``.grad`` (like ``backward``); clip and step the optimiser
+    afterwards. ``last_embeddings`` holds the detached embeddings of the last :meth:`step`
+    (e.g. to push to a memory queue).
+
+    Contract of the hook mode: call ``backward()`` (not ``torch.autograd.grad``: the
+    re-encode accumulates into ``.grad``) once, before the encoder changes. Changing a
+    parameter in place (``optimizer.step()``), replacing one, switching train/eval or
+    modifying the inputs in place between ``embed()`` and ``backward()``, or a second
+    backward (``retain_graph=True``), raises a ``RuntimeError`` saying which.
 
     A ``DistributedDataParallel`` encoder is handled: all but its last chunk run under
     ``no_sync()`` so gradients are all-reduced once. Parameters outside it (a learnable
@@ -198,11 +402,17 @@ class GradCache:
                        chunk_tokens=4096, sort_by_length=True, autocast_dtype=torch.bfloat16)
         loss = gc.step(q_batch, d_batch)
         loss = gc.step(q_batch, d_batch, extra_candidates=queue)   # MoCo-style queue
+
+        q, d, n = gc.embed(q_batch, d_batch, negatives_batch)      # hook mode
+        loss = ck.losses.MultipleNegativesRanking(scale=20.0)(q, d, n)
+        loss.backward()                                            # re-encodes, chunk by chunk
+        optimizer.step(); optimizer.zero_grad()
     """
 
-    def __init__(self, encoder: nn.Module, loss_fn: Callable[..., Tensor], *, doc_encoder: Optional[nn.Module] = None,
-                 chunk_size: Optional[int] = 32, chunk_tokens: Optional[int] = None, sort_by_length: bool = False,
-                 trim_padding: bool = True, autocast_dtype: Optional[torch.dtype] = None,
+    def __init__(self, encoder: nn.Module, loss_fn: Optional[Callable[..., Tensor]] = None, *,
+                 doc_encoder: Optional[nn.Module] = None, chunk_size: Optional[int] = 32,
+                 chunk_tokens: Optional[int] = None, sort_by_length: bool = False, trim_padding: bool = True,
+                 autocast_dtype: Optional[torch.dtype] = None,
                  embed_fn: Callable[[nn.Module, Inputs], Tensor] = default_embed, keep_last: bool = True) -> None:
         if chunk_tokens is not None:
             if int(chunk_tokens) < 1:
@@ -235,22 +445,63 @@ class GradCache:
         """The inputs of one chunk (rows ``index``, padding trimmed)."""
         return select_rows(inputs, index, trim_padding=self.trim_padding)
 
-    def _autocast(self, inputs: Inputs):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        t = inputs if isinstance(inputs, Tensor) else next(v for v in inputs.values() if isinstance(v, Tensor))
-        return torch.autocast(device_type=t.device.type, dtype=self.autocast_dtype)
+    def _autocast_setting(self, inputs: Inputs) -> tuple:
+        """(device type, enabled, dtype): ``autocast_dtype`` if set, else the caller's autocast."""
+        dev = _device_type(inputs)
+        if self.autocast_dtype is not None:
+            return dev, True, self.autocast_dtype
+        try:
+            return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+        except (RuntimeError, TypeError):  # a device type autocast does not know
+            return dev, False, None
 
-    def encode(self, group: int, inputs: Inputs, index: Tensor) -> Tensor:
-        """Embeddings of one chunk of one group (autograd as the caller's mode says)."""
+    def encode(self, group: int, inputs: Inputs, index: Tensor, *, autocast: Optional[tuple] = None) -> Tensor:
+        """Embeddings of one chunk of one group (autograd as the caller's mode says), under
+        ``autocast`` = (device type, enabled, dtype), default :meth:`_autocast_setting`."""
         sub = self.chunk(inputs, index)
-        with self._autocast(sub):
+        dev, enabled, dtype = autocast if autocast is not None else self._autocast_setting(sub)
+        if enabled or (dtype is not None and torch.is_autocast_enabled(dev)):
+            ctx = torch.autocast(device_type=dev, dtype=dtype, enabled=enabled)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
             return self.embed_fn(self.encoder_for(group), sub)
 
-    # -- the step --------------------------------------------------------------
+    def _check_inputs(self, inputs: Sequence[Inputs], where: str) -> None:
+        if not inputs:
+            raise ValueError(f"GradCache.{where} needs at least one input group")
+        for g, inp in enumerate(inputs):
+            _batch_size(inp, f"inputs[{g}]")
+
+    # -- hook mode ---------------------------------------------------------------
+    def embed(self, *inputs: Inputs) -> tuple:
+        """Embeddings of every input group, one (n_g, d) tensor per group, in input order.
+
+        With autograd enabled they require grad and carry one autograd node: the caller's
+        ``loss.backward()`` hands it ``d loss / d embeddings`` of every group at once, and it
+        re-encodes each chunk with autograd (RNG and autocast as in the first pass) and
+        back-propagates the slice into the encoders' ``.grad``. Under ``torch.no_grad()``
+        (evaluation) the chunked embeddings are returned without any of that.
+        Half-precision embeddings (autocast) are returned in float32.
+
+        Example::
+
+            q, d = gc.embed(q_batch, d_batch)
+            loss = objective(q, d)
+            loss.backward()          # the encoder's gradients of the whole batch
+        """
+        self._check_inputs(inputs, "embed")
+        batch = _CachedBatch(self, inputs)
+        if not torch.is_grad_enabled():
+            return tuple(batch.first_pass(record=False))
+        anchor = torch.empty(0, requires_grad=True)  # makes the outputs part of the graph
+        return _CachedEncode.apply(batch, anchor)
+
+    # -- the step ----------------------------------------------------------------
     def step(self, *inputs: Inputs, extra_candidates: Optional[Tensor] = None, extra_group: int = 1,
              loss_args: Sequence[Any] = (), loss_kwargs: Optional[Dict[str, Any]] = None) -> Tensor:
-        """One gradient-cached forward/backward; returns the (detached) loss.
+        """One gradient-cached forward/backward (:meth:`embed`, ``loss_fn``, ``backward``);
+        returns the detached loss.
 
         Args:
             inputs: one entry per input group (tensor or tokenizer mapping, all groups
@@ -261,90 +512,23 @@ class GradCache:
                 a hard-negative tensor through ``loss_args`` instead.
             loss_args, loss_kwargs: passed to ``loss_fn`` after the embeddings (labels...).
         """
-        if not inputs:
-            raise ValueError("GradCache.step needs at least one input group")
-        for g, inp in enumerate(inputs):
-            _batch_size(inp, f"inputs[{g}]")
+        if self.loss_fn is None:
+            raise ValueError("GradCache.step needs loss_fn (GradCache(encoder, loss_fn)); "
+                             "or use gc.embed(...) and back-propagate your own loss")
+        self._check_inputs(inputs, "step")
         if extra_candidates is not None and not 0 <= extra_group < len(inputs):
             raise ValueError(f"extra_group={extra_group} but there are {len(inputs)} input groups")
-        plans = [self.plan(inp) for inp in inputs]
-        states: List[List[RandState]] = []
-        reps: List[Tensor] = []
-        kept: Dict[int, Tensor] = {}  # group -> last chunk's embeddings, with their graph
-        # 1. encode without autograd, remembering the RNG state before each chunk
-        #    (the last chunk of each group keeps its graph when keep_last)
-        for g, (inp, plan) in enumerate(zip(inputs, plans)):
-            keep = self.keep_last and not _is_ddp(self.encoder_for(g))
-            st, embs = [], []
-            for c, idx in enumerate(plan):
-                st.append(RandState())
-                if keep and c == len(plan) - 1:
-                    with torch.enable_grad():
-                        kept[g] = self.encode(g, inp, idx)
-                    embs.append(kept[g].detach())
-                else:
-                    with torch.no_grad():
-                        embs.append(self.encode(g, inp, idx))
-            states.append(st)
-            reps.append(self._unpermute(embs, plan, g))
-        after = RandState()
-        # 2. the objective on the detached embeddings; cache d loss / d embedding
-        leaves = [r.detach().float().requires_grad_() if r.dtype in (torch.float16, torch.bfloat16)
-                  else r.detach().requires_grad_() for r in reps]
-        args = list(leaves)
-        if extra_candidates is not None:
-            extra = extra_candidates.detach().to(dtype=args[extra_group].dtype, device=args[extra_group].device)
-            args[extra_group] = torch.cat([args[extra_group], extra])
         with torch.enable_grad():
+            embs = self.embed(*inputs)
+            args = list(embs)
+            if extra_candidates is not None:
+                extra = extra_candidates.detach().to(dtype=args[extra_group].dtype, device=args[extra_group].device)
+                args[extra_group] = torch.cat([args[extra_group], extra])
             loss = self.loss_fn(*args, *loss_args, **(loss_kwargs or {}))
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn must return a scalar tensor (use reduction='mean' or 'sum')")
             loss.backward()
-        grads = [leaf.grad for leaf in leaves]
-        # 3. back-propagate through the kept last chunks (freeing them first), then re-encode
-        #    every other chunk with autograd (same RNG) and back-propagate its gradient slice
-        for g, emb in list(kept.items()):
-            if grads[g] is not None:
-                idx = plans[g][-1]
-                emb.backward(grads[g][idx.to(grads[g].device)].to(emb.dtype))
-            del kept[g], emb
-        last_of = self._last_chunks(plans)
-        with torch.enable_grad():
-            for g, (inp, plan) in enumerate(zip(inputs, plans)):
-                if grads[g] is None:
-                    continue
-                module = self.encoder_for(g)
-                for c, idx in enumerate(plan):
-                    if self.keep_last and not _is_ddp(module) and c == len(plan) - 1:
-                        continue
-                    states[g][c].restore()
-                    sync = (g, c) in last_of or not _is_ddp(module)
-                    with (contextlib.nullcontext() if sync else module.no_sync()):
-                        emb = self.encode(g, inp, idx)
-                        emb.backward(grads[g][idx.to(grads[g].device)].to(emb.dtype))
-        after.restore()
-        self.last_embeddings = [leaf.detach() for leaf in leaves]
+        self.last_embeddings = [e.detach() for e in embs]
         return loss.detach()
 
     __call__ = step
-
-    def _unpermute(self, embs: List[Tensor], plan: List[Tensor], group: int) -> Tensor:
-        for e in embs:
-            if not isinstance(e, Tensor) or e.dim() != 2:
-                raise ValueError(f"the encoder of group {group} must return (n, d) embeddings, got "
-                                 f"{tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__}")
-        cat = torch.cat(embs)
-        order = torch.cat(plan).to(cat.device)
-        if bool((order == torch.arange(len(order), device=cat.device)).all()):
-            return cat
-        out = torch.empty_like(cat)
-        out[order] = cat
-        return out
-
-    def _last_chunks(self, plans: List[List[Tensor]]) -> set:
-        """(group, chunk) of the last chunk each distinct encoder runs (DDP syncs there)."""
-        last: Dict[int, tuple] = {}
-        for g, plan in enumerate(plans):
-            if plan:
-                last[id(self.encoder_for(g))] = (g, len(plan) - 1)
-        return set(last.values())
