@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,109 @@ def test_bad_input(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         mine_hard_negatives(args.pop("query_embeddings"), args.pop("corpus_embeddings"), args.pop("positives"), **args)
+
+
+# ---------------------------------------------------------------- contrastkit mine (tiny model, tiny corpus)
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from contrastkit.models import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"), local_files_only=True)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+WORDS = ("protein cell gene tumor virus brain heart blood drug dose trial mouse human risk age sleep diet bone "
+         "lung liver kidney skin immune vaccine infection insulin").split()
+
+
+def tiny_beir(root, n_docs=30, n_queries=6):
+    import json as _json
+    import random as _random
+
+    rng = _random.Random(0)
+    folder = root / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    docs = {f"d{j}": " ".join(rng.choice(WORDS) for _ in range(12)) for j in range(n_docs)}
+    (folder / "corpus.jsonl").write_text("".join(_json.dumps({"_id": k, "title": "", "text": v}) + "\n"
+                                                 for k, v in docs.items()))
+    (folder / "queries.jsonl").write_text("".join(_json.dumps({"_id": f"q{i}", "text": " ".join(rng.choice(WORDS) for _ in range(5))}) + "\n"
+                                                  for i in range(n_queries)))
+    qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(n_queries)) + "q0\td7\t1\n"
+    (folder / "qrels" / "train.tsv").write_text(qrels)
+    return folder
+
+
+def test_cli_mine_beir_round_trip(tmp_path, tiny_model, capsys):
+    from contrastkit.cli import main
+    from contrastkit.data import load_beir, read_examples
+    from contrastkit.models import TextEncoder
+
+    folder = tiny_beir(tmp_path)
+    out = tmp_path / "mined.jsonl"
+    argv = ["mine", "--model", tiny_model, "--data", str(folder), "--output", str(out), "--num-negatives", "2",
+            "--rank-window", "0", "10", "--relative-margin", "none", "--precision", "fp32", "--max-length", "32",
+            "--stats-json", str(tmp_path / "stats.json")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "positive score: mean" in printed and "wrote 7 examples" in printed
+    mined = list(read_examples(out))
+    ds = load_beir(folder)
+    ids, texts = ds.corpus_texts()
+    assert len(mined) == 7 and all(len(e.negatives) == 2 for e in mined)
+    # the negatives are the naive ranking's top 2 after removing the query's positives
+    enc = TextEncoder(tiny_model, normalize=True, max_length=32)
+    qe = enc.encode([e.query for e in mined], precision="fp32")
+    ce = enc.encode(texts, precision="fp32")
+    s = (qe @ ce.T).double()
+    for i, e in enumerate(mined):
+        known = {d for q, d in ((x.query_id, x.positive_id) for x in ds.examples("train")) if q == e.query_id}
+        order = [ids[j] for j in torch.argsort(-s[i], stable=True).tolist() if ids[j] not in known]
+        assert list(e.negative_ids) == order[:2]
+        assert e.negatives == tuple(texts[ids.index(d)] for d in e.negative_ids)
+        assert e.query_id is not None and e.positive_id in known
+    assert json.loads((tmp_path / "stats.json").read_text())["written"] == 7
+    # an existing output is not replaced without --overwrite
+    before = out.read_bytes()
+    assert main(argv) == 2 and out.read_bytes() == before
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--num-negatives", "1"]) == 0
+    assert all(len(e.negatives) == 1 for e in read_examples(out))
+
+
+def test_cli_mine_pairs_with_and_without_corpus(tmp_path, tiny_model, capsys):
+    from contrastkit.cli import main
+    from contrastkit.data import read_examples
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"{w} question", "positive": f"{w} answer about {w}"}) + "\n"
+                             for w in WORDS[:12]))
+    out = tmp_path / "out.jsonl"
+    common = ["--model", tiny_model, "--num-negatives", "3", "--rank-window", "0", "8", "--relative-margin", "none",
+              "--precision", "fp32"]
+    assert main(["mine", "--pairs", str(pairs), "--output", str(out)] + common) == 0
+    got = list(read_examples(out))
+    assert len(got) == 12
+    for e in got:
+        assert e.positive not in e.negatives and len(set(e.negatives)) == 3
+        assert set(e.negatives) <= {f"{w} answer about {w}" for w in WORDS[:12]}  # corpus = the positives
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"{w} {w} notes\n" for w in WORDS) + f"{WORDS[0]} answer about {WORDS[0]}\n")
+    out2 = tmp_path / "out2.jsonl"
+    assert main(["mine", "--pairs", str(pairs), "--corpus", str(corpus), "--output", str(out2), "--keep-short"]
+                + common) == 0
+    assert "11 positives were not in" in capsys.readouterr().out
+    assert len(list(read_examples(out2))) == 12
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(pairs.read_text() + '{"query": "q"}\n')
+    assert main(["mine", "--pairs", str(bad), "--output", str(tmp_path / "o3.jsonl")] + common) == 2
+    assert "bad.jsonl:13: record has no 'positive' column" in capsys.readouterr().err
+    assert main(["mine", "--pairs", str(bad), "--output", str(tmp_path / "o3.jsonl"), "--skip-bad-records"] + common) == 0
+    assert "1 bad record skipped" in capsys.readouterr().out
