@@ -41,11 +41,11 @@ def test_uniformity_matches_pdist_formula(n, d, t, tile, normalize, seed):
 
 def test_uniformity_duplicates_and_two_rows():
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=D64, requires_grad=True)
-    got, want = uniformity(x), naive_uniform(x)
+    got, want = uniformity(x, normalize=False), naive_uniform(x)
     assert_rel_close(got, want)
     assert_rel_close(grads_of(got, [x])[0], grads_of(want, [x])[0], atol=1e-13)
     y = torch.randn(2, 3, dtype=D64)
-    assert_rel_close(uniformity(y, t=1.0), naive_uniform(y, 1.0))
+    assert_rel_close(uniformity(y, t=1.0, normalize=False), naive_uniform(y, 1.0))
 
 
 @settings(max_examples=25, deadline=None)
@@ -69,7 +69,7 @@ def test_alignment_at_zero_distance_has_zero_gradient():
     x = torch.tensor([[1.0, 2.0], [0.5, 0.5]], dtype=D64, requires_grad=True)
     y = torch.tensor([[1.0, 2.0], [0.0, 0.5]], dtype=D64)
     for alpha in (0.5, 1.0, 2.0, 3.0):
-        got = alignment(x, y, alpha=alpha)
+        got = alignment(x, y, alpha=alpha, normalize=False)
         assert_rel_close(got, torch.tensor(0.5 ** alpha / 2, dtype=D64))
         gx = grads_of(got, [x])[0]
         assert torch.equal(gx[0], torch.zeros(2, dtype=D64))
@@ -99,6 +99,23 @@ def test_metrics_are_floats_without_grad():
     xn = F.normalize(x.detach().double(), dim=-1)
     assert math.isclose(u, float(naive_uniform(xn)), rel_tol=1e-5)
     assert math.isclose(a, float(naive_align(xn, F.normalize(y.double(), dim=-1))), rel_tol=1e-5)
+
+
+def test_normalize_default_is_the_same_everywhere():
+    """One default for ``normalize`` in the functions and the modules (True: the paper's setting)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, generator=g, dtype=D64), torch.randn(6, 3, generator=g, dtype=D64)
+    xn, yn = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    assert_rel_close(alignment(x, y), naive_align(xn, yn))
+    assert_rel_close(uniformity(x), naive_uniform(xn))
+    assert_rel_close(align_uniform(x, y), ck.losses.AlignUniform()(x, y))
+    assert_rel_close(ck.losses.Alignment()(x, y), alignment(x, y))
+    assert_rel_close(ck.losses.Uniformity()(x), uniformity(x))
+    rows = ck.losses.Alignment(reduction="none")(x, y)
+    assert_rel_close(rows, (xn - yn).pow(2).sum(1))
+    assert_rel_close(ck.losses.Alignment(reduction="sum")(x, y), rows.sum())
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean',\)"):
+        ck.losses.Uniformity(reduction="sum")
 
 
 def test_uniformity_large_n_float32_exact():

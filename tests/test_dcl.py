@@ -118,7 +118,7 @@ def test_dcl_matches_naive_formula(p):
     else:
         ref = naive_dcl_retrieval(a, c, t, positives if positives is not None else torch.arange(n), **kw)
     n_neg = (2 * n - 2 if p["symmetric"] else m - 1) + p["n_extra"]
-    call = lambda: dcl(a, c, temperature=t, symmetric=p["symmetric"], weighted=p["weighted"], sigma=p["sigma"],
+    call = lambda: dcl(a, c, temperature=t, two_view=p["symmetric"], weighted=p["weighted"], sigma=p["sigma"],
                        positives=positives, extra_candidates=extra, similarity=p["similarity"], tile_size=p["tile"])
     if n_neg == 0:
         with pytest.raises(ValueError, match="no negative"):
@@ -138,14 +138,14 @@ def test_lightly_golden_vectors(case, weighted):
     d = np.load(DATA)
     x = torch.tensor(d[f"{case}.in_x"], requires_grad=True)
     y = torch.tensor(d[f"{case}.in_y"], requires_grad=True)
-    loss = dcl(x, y, temperature=0.1, symmetric=True, weighted=weighted, sigma=0.5, tile_size=11)
+    loss = dcl(x, y, temperature=0.1, two_view=True, weighted=weighted, sigma=0.5, tile_size=11)
     loss.backward()
     assert abs(float(loss.detach()) - float(d[f"{case}.loss"])) < 1e-12
     assert_rel_close(x.grad, torch.tensor(d[f"{case}.grad_x"]))
     assert_rel_close(y.grad, torch.tensor(d[f"{case}.grad_y"]))
     # the modules (their Temperature holds 1/t in float32: 1e-8 relative)
-    mod = (ck.losses.DCLW(temperature=0.1, sigma=0.5, symmetric=True) if weighted
-           else ck.losses.DCL(temperature=0.1, symmetric=True))
+    mod = (ck.losses.DCLW(temperature=0.1, sigma=0.5, two_view=True) if weighted
+           else ck.losses.DCL(temperature=0.1, two_view=True))
     assert abs(float(mod(x, y).detach()) - float(d[f"{case}.loss"])) < 1e-6
 
 
@@ -166,7 +166,7 @@ def test_dclw_weights_carry_no_gradient():
     a = torch.randn(6, 4, generator=g, dtype=D64, requires_grad=True)
     b = torch.randn(6, 4, generator=g, dtype=D64, requires_grad=True)
     ref = naive_dcl_two_view(a, b, 0.3, weighted=True, sigma=0.5)
-    out = dcl(a, b, temperature=0.3, symmetric=True, weighted=True)
+    out = dcl(a, b, temperature=0.3, two_view=True, weighted=True)
     for x, y in zip(grads_of(out, [a, b]), grads_of(ref, [a, b])):
         assert_rel_close(x, y)
 
@@ -174,7 +174,7 @@ def test_dclw_weights_carry_no_gradient():
 def test_reduction_none_and_float32():
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g)
-    rows = dcl(a, b, temperature=0.1, symmetric=True, reduction="none")
+    rows = dcl(a, b, temperature=0.1, two_view=True, reduction="none")
     assert rows.shape == (14,)
     assert abs(float(rows.mean()) - float(naive_dcl_two_view(a.double(), b.double(), 0.1))) < 1e-5
 
@@ -182,9 +182,9 @@ def test_reduction_none_and_float32():
 def test_bad_input():
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match="two-view form"):
-        dcl(a, b, temperature=0.1, symmetric=True, positives=torch.arange(4))
+        dcl(a, b, temperature=0.1, two_view=True, positives=torch.arange(4))
     with pytest.raises(ValueError, match="same number of samples"):
-        dcl(a, torch.randn(5, 3), temperature=0.1, symmetric=True)
+        dcl(a, torch.randn(5, 3), temperature=0.1, two_view=True)
     with pytest.raises(ValueError, match="at least as many candidates"):
         dcl(a, torch.randn(3, 3), temperature=0.1)
     with pytest.raises(ValueError, match="sigma"):

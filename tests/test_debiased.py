@@ -123,7 +123,7 @@ def test_matches_published_formula(p):
     n_neg = (2 * n - 2 if p["symmetric"] else m - 1) + p["n_extra"]
     kw = dict(tau_plus=p["tau_plus"], beta=p["beta"], extra=extra, similarity=p["similarity"])
     call = lambda: debiased_contrastive(
-        a, c, temperature=t, tau_plus=p["tau_plus"], beta=p["beta"], symmetric=p["symmetric"],
+        a, c, temperature=t, tau_plus=p["tau_plus"], beta=p["beta"], two_view=p["symmetric"],
         positives=positives, extra_candidates=extra, similarity=p["similarity"], tile_size=p["tile"])
     if n_neg == 0:
         with pytest.raises(ValueError, match="at least one negative"):
@@ -146,7 +146,7 @@ def test_no_prior_no_hardness_is_nt_xent():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(10, 6, generator=g, dtype=D64), torch.randn(10, 6, generator=g, dtype=D64)
     # NT-Xent keeps the positive in the denominator; so does the debiased loss (pos + Ng)
-    assert_rel_close(debiased_contrastive(a, b, temperature=0.5, tau_plus=0.0, symmetric=True),
+    assert_rel_close(debiased_contrastive(a, b, temperature=0.5, tau_plus=0.0, two_view=True),
                      ck.functional.nt_xent(a, b, temperature=0.5))
     assert_rel_close(debiased_contrastive(a, b, temperature=0.5, tau_plus=0.0),
                      ck.functional.info_nce(a, b, temperature=0.5))
@@ -158,7 +158,7 @@ def test_clamp_is_active_and_exact():
     a = torch.randn(8, 4, generator=g, dtype=D64)
     b = a + 0.01 * torch.randn(8, 4, generator=g, dtype=D64)
     t = 0.2
-    out = debiased_contrastive(a, b, temperature=t, tau_plus=0.9, symmetric=True, reduction="none")
+    out = debiased_contrastive(a, b, temperature=t, tau_plus=0.9, two_view=True, reduction="none")
     p = (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1) / t
     d = math.log(14) - 1 / t - torch.cat([p, p])
     want = torch.log1p(torch.exp(d))
@@ -169,7 +169,7 @@ def test_small_temperature_no_overflow_float32():
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
     for beta in (0.0, 1.0, 3.0):
-        out = debiased_contrastive(a, b, temperature=0.01, tau_plus=0.1, beta=beta, symmetric=True, tile_size=20)
+        out = debiased_contrastive(a, b, temperature=0.01, tau_plus=0.1, beta=beta, two_view=True, tile_size=20)
         ref = naive_two_view(a.double(), b.double(), 0.01, 0.1, beta) if beta < 3 else None
         assert torch.isfinite(out)
         if ref is not None:
@@ -179,9 +179,9 @@ def test_small_temperature_no_overflow_float32():
 def test_hard_negative_wrapper_and_modules():
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(12, 8, generator=g, dtype=D64), torch.randn(12, 8, generator=g, dtype=D64)
-    x = hard_negative_contrastive(a, b, temperature=0.5, beta=1.0, tau_plus=0.1, symmetric=True)
+    x = hard_negative_contrastive(a, b, temperature=0.5, beta=1.0, tau_plus=0.1, two_view=True)
     assert_rel_close(x, naive_two_view(a, b, 0.5, 0.1, 1.0))
-    m = ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1, symmetric=True)
+    m = ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1, two_view=True)
     assert abs(float(m(a, b)) - float(x)) < 1e-6 * abs(float(x))
     m2 = ck.losses.DebiasedContrastive(temperature=0.5, tau_plus=0.1, learn_temperature=True)
     a.requires_grad_()
@@ -208,7 +208,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="beta"):
         ck.losses.HardNegativeContrastive(beta=float("nan"))
     with pytest.raises(ValueError, match="two-view form"):
-        debiased_contrastive(a, b, temperature=0.5, symmetric=True, positives=torch.arange(4))
+        debiased_contrastive(a, b, temperature=0.5, two_view=True, positives=torch.arange(4))
     with pytest.raises(ValueError, match="at least one negative"):
         debiased_contrastive(a[:1], b[:1], temperature=0.5)
     with pytest.raises(ValueError, match="temperature"):

@@ -162,13 +162,13 @@ def test_nt_xent_bad_input():
 
 
 def test_mnrl_bad_input():
-    with pytest.raises(ValueError, match=r"anchors and positives must have the same number of rows, got 4 and 3"):
+    with pytest.raises(ValueError, match=r"anchors and candidates \(their positives\) must have the same number of rows, got 4 and 3"):
         multiple_negatives_ranking(A, C[:3])
     with pytest.raises(ValueError, match=r"hard_negatives\[0\] has 3 rows for 4 anchors"):
         multiple_negatives_ranking(A, C, torch.randn(3, 2, 8))
     with pytest.raises(ValueError, match=r"hard_negatives\[1\] must be a tensor, got list"):
         multiple_negatives_ranking(A, C, C, [[0.0] * 8] * 4)
-    with pytest.raises(ValueError, match=r"positives and hard_negatives\[0\] have different embedding dimensions: 8 vs 6"):
+    with pytest.raises(ValueError, match=r"candidates and hard_negatives\[0\] have different embedding dimensions: 8 vs 6"):
         multiple_negatives_ranking(A, C, torch.randn(4, 6))
     with pytest.raises(ValueError, match=r"hard_negatives\[1\] contains inf"):
         multiple_negatives_ranking(A, C, C, _with(C, (2, 2), float("inf")))

@@ -1,6 +1,12 @@
-"""Functional form of every objective: ``ck.functional.NAME(..., temperature=...)``.
+"""Functional form of every objective: ``ck.functional.NAME(tensors..., temperature=...)``.
 
-Each returns a scalar loss computed exactly by the tiled engine.
+Tensors are positional, every setting keyword-only (the scheme is in docs/api.md).
+Each returns the loss computed exactly by the tiled engine.
+
+Example::
+
+    import torch, contrastkit as ck
+    loss = ck.functional.info_nce(torch.randn(8, 16), torch.randn(8, 16), temperature=0.05)
 """
 
 from .objectives.info_nce import info_nce

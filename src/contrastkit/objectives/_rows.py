@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from ..engine.normalize import l2_normalize
-from ..engine.validation import check_embeddings, check_pair
+from ..validation import check_embeddings, check_pair
 
 __all__ = [
     "expand_temperature",
-    "check_margin",
+    "reject_symmetric",
     "log1mexp",
     "append_candidates",
     "two_view_layout",
@@ -31,14 +31,15 @@ def expand_temperature(temperature: Union[float, Tensor], n_samples: int, n_rows
     return temperature
 
 
-def check_margin(margin) -> float:
-    try:
-        m = float(margin)
-    except (TypeError, ValueError):
-        raise ValueError(f"margin must be a number, got {type(margin).__name__}") from None
-    if not math.isfinite(m) or m < 0:
-        raise ValueError(f"margin must be finite and >= 0, got {margin!r}")
-    return m
+def reject_symmetric(symmetric, owner: str) -> None:
+    """The two-view layout is ``two_view=`` since the API freeze: ``symmetric`` means "add
+    the column direction" in every objective, which this one does not offer."""
+    if symmetric is not None:
+        raise ValueError(
+            f"{owner} takes two_view= for the two-view (SimCLR, 2N anchors) layout; symmetric= means "
+            f"'add the column direction' in contrastkit and {owner} does not offer it "
+            f"(got symmetric={symmetric!r}: use two_view={symmetric!r})"
+        )
 
 
 def log1mexp(x: Tensor) -> Tensor:

@@ -14,15 +14,18 @@ The paper's combined loss (its reference code) is
 ``alignment(x, y) + lam * (uniformity(x) + uniformity(y)) / 2`` on L2-normalised
 features: :func:`align_uniform` / :class:`AlignUniform`.
 
-The functions take features as given (the paper applies them to normalised
-features); pass ``normalize=True`` to L2-normalise first. The ``*_metric`` helpers
-normalise by default and return floats without gradient, for diagnostics.
+Everything L2-normalises its inputs by default (``normalize=True``, the paper's
+setting, like ``similarity="cosine"`` elsewhere); ``normalize=False`` takes the
+features as given. The ``*_metric`` helpers return floats without gradient, for
+diagnostics.
 
 Example::
 
-    import contrastkit as ck
-    loss = ck.functional.align_uniform(F.normalize(x, dim=-1), F.normalize(y, dim=-1))
-    print(ck.objectives.align_uniform.uniformity_metric(emb))
+    import torch, contrastkit as ck
+    from contrastkit.objectives.align_uniform import uniformity_metric
+    x, y = torch.randn(32, 8), torch.randn(32, 8)
+    loss = ck.functional.align_uniform(x, y)
+    print(uniformity_metric(x))
 """
 
 from __future__ import annotations
@@ -30,14 +33,24 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..engine.normalize import l2_normalize
 from ..engine import DiagonalMask, tiled_logsumexp
 from ..engine.tiling import TileSize
-from ..engine.validation import check_embeddings, check_pair
+from ..validation import check_choice, check_embeddings, check_number, check_pair
+from .base import Objective, Work
+
+CITATION = """@inproceedings{wang2020hypersphere,
+  title     = {Understanding Contrastive Representation Learning through Alignment and Uniformity on the Hypersphere},
+  author    = {Wang, Tongzhou and Isola, Phillip},
+  booktitle = {ICML},
+  year      = {2020},
+  note      = {arXiv:2005.10242}
+}"""
 
 __all__ = [
+    "CITATION",
     "alignment",
     "uniformity",
     "align_uniform",
@@ -50,24 +63,23 @@ __all__ = [
 
 
 def _positive_number(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {type(value).__name__}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
+    return check_number(name, value, strict=True)
 
 
-def alignment(x: Tensor, y: Tensor, *, alpha: float = 2.0, normalize: bool = False) -> Tensor:
+def alignment(x: Tensor, y: Tensor, *, alpha: float = 2.0, normalize: bool = True,
+              reduction: str = "mean") -> Tensor:
     """Mean over positive pairs of ``||x_i - y_i||^alpha`` (x, y: (N, d), row i paired with row i).
+
+    ``reduction``: ``"mean"`` (the paper's), ``"sum"`` or ``"none"`` (per pair).
 
     Example::
 
+        import torch, contrastkit as ck
         x, y = torch.randn(8, 4), torch.randn(8, 4)
-        alignment(F.normalize(x, dim=-1), F.normalize(y, dim=-1))   # in [0, 4]
+        ck.functional.alignment(x, y)          # normalised: in [0, 4]
     """
     alpha = _positive_number("alpha", alpha)
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
     check_embeddings("x", x)
     check_embeddings("y", y)
     check_pair("x", x, "y", y)
@@ -76,20 +88,20 @@ def alignment(x: Tensor, y: Tensor, *, alpha: float = 2.0, normalize: bool = Fal
     if normalize:
         x, y = l2_normalize(x), l2_normalize(y)
     sq = (x - y).pow(2).sum(1)
-    if alpha == 2.0:
-        return sq.mean()
-    # ||d||^alpha = (||d||^2)^(alpha/2); its gradient at d = 0 is taken as 0 (no NaN for alpha <= 1)
-    tiny = torch.finfo(sq.dtype).tiny
-    return torch.where(sq > 0, sq.clamp(min=tiny).pow(alpha / 2), torch.zeros_like(sq)).mean()
+    if alpha != 2.0:
+        # ||d||^alpha = (||d||^2)^(alpha/2); its gradient at d = 0 is taken as 0 (no NaN for alpha <= 1)
+        tiny = torch.finfo(sq.dtype).tiny
+        sq = torch.where(sq > 0, sq.clamp(min=tiny).pow(alpha / 2), torch.zeros_like(sq))
+    return sq if reduction == "none" else sq.mean() if reduction == "mean" else sq.sum()
 
 
-def uniformity(x: Tensor, *, t: float = 2.0, normalize: bool = False, tile_size: TileSize = None) -> Tensor:
+def uniformity(x: Tensor, *, t: float = 2.0, normalize: bool = True, tile_size: TileSize = None) -> Tensor:
     """``log mean_{i != j} exp(-t ||x_i - x_j||^2)`` over the rows of ``x`` (N >= 2), exact and tiled.
 
     Example::
 
-        z = F.normalize(torch.randn(64, 8), dim=-1)
-        uniformity(z)          # about -3.6 for uniform points on S^7; lower is more uniform
+        import torch, contrastkit as ck
+        ck.functional.uniformity(torch.randn(64, 8))   # about -3.6 for uniform points on S^7
     """
     t = _positive_number("t", t)
     check_embeddings("x", x)
@@ -105,13 +117,14 @@ def uniformity(x: Tensor, *, t: float = 2.0, normalize: bool = False, tile_size:
 
 
 def align_uniform(x: Tensor, y: Tensor, *, alpha: float = 2.0, t: float = 2.0, uniformity_weight: float = 1.0,
-                  normalize: bool = False, tile_size: TileSize = None) -> Tensor:
+                  normalize: bool = True, tile_size: TileSize = None) -> Tensor:
     """Wang & Isola's combined loss: ``alignment(x, y) + lam * (uniformity(x) + uniformity(y)) / 2``.
 
     Example::
 
-        x, y = F.normalize(torch.randn(32, 8), dim=-1), F.normalize(torch.randn(32, 8), dim=-1)
-        align_uniform(x, y, uniformity_weight=1.0)
+        import torch, contrastkit as ck
+        x, y = torch.randn(32, 8), torch.randn(32, 8)
+        ck.functional.align_uniform(x, y, uniformity_weight=1.0)
     """
     lam = float(uniformity_weight)
     if not math.isfinite(lam) or lam < 0:
@@ -144,58 +157,94 @@ def uniformity_metric(x: Tensor, *, t: float = 2.0, normalize: bool = True, tile
     return float(uniformity(x.detach(), t=t, normalize=normalize, tile_size=tile_size))
 
 
-class Alignment(nn.Module):
+class Alignment(Objective):
     """Alignment loss module: ``forward(x, y)``; see :func:`alignment`.
 
     Example::
 
-        loss = Alignment(alpha=2)(F.normalize(x, dim=-1), F.normalize(y, dim=-1))
-        loss.backward()
+        import torch, contrastkit as ck
+        x = torch.randn(8, 4, requires_grad=True)
+        ck.losses.Alignment(alpha=2)(x, torch.randn(8, 4)).backward()
     """
 
-    def __init__(self, alpha: float = 2.0, normalize: bool = False) -> None:
-        super().__init__()
-        self.alpha, self.normalize = _positive_number("alpha", alpha), normalize
+    citation = CITATION
+
+    def __init__(self, *, alpha: float = 2.0, normalize: bool = True, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
+        self.alpha, self.normalize = _positive_number("alpha", alpha), bool(normalize)
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("x", "y"), positives="aligned", scale=None)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return alignment(x, y, alpha=self.alpha, normalize=self.normalize)
+        return alignment(x, y, alpha=self.alpha, normalize=self.normalize, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, normalize={self.normalize}, reduction={self.reduction!r}"
 
 
-class Uniformity(nn.Module):
-    """Uniformity loss module: ``forward(x)``; see :func:`uniformity`.
+class Uniformity(Objective):
+    """Uniformity loss module: ``forward(x)``; see :func:`uniformity` (a log-mean over all
+    pairs: ``reduction`` is ``"mean"`` only).
 
     Example::
 
-        loss = Uniformity(t=2)(F.normalize(z, dim=-1))
-        loss.backward()
+        import torch, contrastkit as ck
+        z = torch.randn(32, 8, requires_grad=True)
+        ck.losses.Uniformity(t=2)(z).backward()
     """
 
-    def __init__(self, t: float = 2.0, normalize: bool = False, tile_size: TileSize = None) -> None:
-        super().__init__()
-        self.t, self.normalize, self.tile_size = _positive_number("t", t), normalize, tile_size
+    citation = CITATION
+    reductions = ("mean",)
+
+    def __init__(self, *, t: float = 2.0, normalize: bool = True, tile_size: TileSize = None,
+                 reduction: str = "mean") -> None:
+        super().__init__(tile_size=tile_size, reduction=reduction)
+        self.t, self.normalize = _positive_number("t", t), bool(normalize)
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("x",), positives="none", self_position=True, scale="kernel")
 
     def forward(self, x: Tensor) -> Tensor:
         return uniformity(x, t=self.t, normalize=self.normalize, tile_size=self.tile_size)
 
+    def extra_repr(self) -> str:
+        return f"t={self.t}, normalize={self.normalize}"
 
-class AlignUniform(nn.Module):
+
+class AlignUniform(Objective):
     """Alignment + weighted uniformity of both sides (Wang & Isola 2020): ``forward(x, y)``.
 
-    ``normalize=True`` (default here) L2-normalises both sides, as the paper trains.
+    ``normalize=True`` (default, as everywhere) L2-normalises both sides, as the paper trains.
+    ``reduction`` is ``"mean"`` only (uniformity is a log-mean over pairs).
 
     Example::
 
-        loss_fn = AlignUniform(alpha=2, t=2, uniformity_weight=1.0)
-        loss = loss_fn(encoder(x1), encoder(x2))
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.AlignUniform(alpha=2, t=2, uniformity_weight=1.0)
+        x1 = torch.randn(16, 8, requires_grad=True)
+        loss_fn(x1, x1 + 0.1 * torch.randn(16, 8)).backward()
     """
 
-    def __init__(self, alpha: float = 2.0, t: float = 2.0, uniformity_weight: float = 1.0, normalize: bool = True,
-                 tile_size: TileSize = None) -> None:
-        super().__init__()
+    citation = CITATION
+    reductions = ("mean",)
+
+    def __init__(self, *, alpha: float = 2.0, t: float = 2.0, uniformity_weight: float = 1.0, normalize: bool = True,
+                 tile_size: TileSize = None, reduction: str = "mean") -> None:
+        super().__init__(tile_size=tile_size, reduction=reduction)
         self.alpha, self.t = _positive_number("alpha", alpha), _positive_number("t", t)
-        self.uniformity_weight, self.normalize, self.tile_size = float(uniformity_weight), normalize, tile_size
+        self.uniformity_weight = check_number("uniformity_weight", uniformity_weight)
+        self.normalize = bool(normalize)
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("x", "y"), positives="aligned", self_position=True, scale="kernel")
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return align_uniform(x, y, alpha=self.alpha, t=self.t, uniformity_weight=self.uniformity_weight,
                              normalize=self.normalize, tile_size=self.tile_size)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, t={self.t}, uniformity_weight={self.uniformity_weight}, normalize={self.normalize}"

@@ -19,7 +19,8 @@ from torch import Tensor
 from ..engine.normalize import l2_normalize
 from ..engine import DiagonalMask, IndexMask, TileMask, tiled_logsumexp_with_positives
 from ..engine.tiling import TileSize
-from ..engine.validation import check_embeddings, check_index, check_pair, check_scale
+from ..validation import REDUCTIONS, check_embeddings, check_index, check_pair, check_choice, check_reduction, check_scale
+from .base import SIMILARITIES, Temperature
 
 __all__ = [
     "Temperature",
@@ -34,15 +35,12 @@ __all__ = [
     "SIMILARITIES",
 ]
 
-SIMILARITIES = ("cosine", "dot")
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def prepare(similarity: str, **named: Tensor) -> Tuple[Tensor, ...]:
     """Validate embeddings (shape, dtype, device, finiteness) and apply the kernel's
     per-row transform: L2 normalisation for ``"cosine"``, nothing for ``"dot"``."""
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    check_choice("similarity", similarity, SIMILARITIES)
     items = list(named.items())
     for name, x in items:
         check_embeddings(name, x)
@@ -92,14 +90,6 @@ def _check_denominators(lse: Tensor, valid: Tensor, what: str) -> None:
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise ValueError(f"{what} {i} has every candidate masked out of the denominator")
-
-
-def check_reduction(reduction: str, symmetric: bool = False) -> None:
-    """A known reduction; ``"none"`` only for one-direction losses."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if symmetric and reduction == "none":
-        raise ValueError("reduction='none' is not defined for symmetric losses (rows and columns differ)")
 
 
 def finish_rows(row_losses: Tensor, valid: Tensor, reduction: str) -> Tensor:
@@ -195,41 +185,3 @@ def index_target_loss(
         _check_denominators(lse_c, has, "candidate column")
     col_losses = lse_c[has] - col_pos[has] / col_count[has].to(pos.dtype)
     return 0.5 * (row_losses + reduce_rows(col_losses, reduction))
-
-
-class Temperature(torch.nn.Module):
-    """A temperature, fixed or learnable.
-
-    Learnable temperatures are parameterised as ``log(1 / temperature)`` (CLIP's
-    logit scale) and clamped to ``[min_temperature, max_temperature]`` when read,
-    so the optimiser cannot drive it to 0 or to infinity.
-
-    Example::
-
-        t = Temperature(0.07, learnable=True)
-        loss = info_nce(a, b, temperature=t())
-    """
-
-    def __init__(self, temperature: float = 0.07, learnable: bool = False,
-                 min_temperature: float = 0.01, max_temperature: float = 100.0) -> None:
-        super().__init__()
-        check_scale("temperature", temperature)
-        if not (0 < min_temperature <= temperature <= max_temperature):
-            raise ValueError(
-                f"temperature {temperature} must lie in [min_temperature={min_temperature}, "
-                f"max_temperature={max_temperature}]"
-            )
-        self.learnable = bool(learnable)
-        self.min_temperature, self.max_temperature = float(min_temperature), float(max_temperature)
-        log_scale = torch.tensor(-float(torch.log(torch.tensor(float(temperature)))), dtype=torch.float32)
-        if self.learnable:
-            self.log_scale = torch.nn.Parameter(log_scale)
-        else:
-            self.register_buffer("log_scale", log_scale)
-
-    def forward(self) -> Tensor:
-        scale = self.log_scale.exp().clamp(1.0 / self.max_temperature, 1.0 / self.min_temperature)
-        return 1.0 / scale
-
-    def extra_repr(self) -> str:
-        return f"temperature={float(self()):.4g}, learnable={self.learnable}"

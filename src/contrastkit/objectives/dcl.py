@@ -10,10 +10,10 @@ term is gone), and in DCLW the positive term weighted by a von Mises-Fisher fact
 
 Two layouts:
 
-- ``symmetric=False`` (retrieval form): anchors (N, d) against candidates (M, d); the
+- ``two_view=False`` (retrieval form): anchors (N, d) against candidates (M, d); the
   positive of anchor i is candidate ``positives[i]`` (default i); every other candidate
   is a negative.
-- ``symmetric=True`` (two-view form, SimCLR / the paper / lightly's ``DCLLoss``):
+- ``two_view=True`` (two-view form, SimCLR / the paper / lightly's ``DCLLoss``):
   ``anchors`` and ``candidates`` are two views of the same N samples; all 2N views are
   anchors, each against the other 2N - 2 views (itself and its positive dropped), and
   the loss is the mean over the 2N rows, i.e. the average of the two directions.
@@ -22,8 +22,13 @@ Extra candidates (e.g. a memory queue) are further negatives in both layouts.
 
 Example::
 
-    loss = ck.functional.dcl(view1, view2, temperature=0.1, symmetric=True)
-    loss = ck.losses.DCLW(temperature=0.1, sigma=0.5, symmetric=True)(view1, view2)
+    import torch, contrastkit as ck
+    view1, view2 = torch.randn(16, 8), torch.randn(16, 8)
+    loss = ck.functional.dcl(view1, view2, temperature=0.1, two_view=True)
+    loss = ck.losses.DCLW(temperature=0.1, sigma=0.5, two_view=True)(view1, view2)
+
+(``two_view`` was called ``symmetric`` before the API freeze; ``symmetric`` now means
+"add the column direction" in every objective, so passing it here is a ValueError.)
 """
 
 from __future__ import annotations
@@ -31,15 +36,25 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..engine import DiagonalMask, IndexMask, positive_logits, tiled_logsumexp
 from ..engine.tiling import TileSize
-from ..engine.validation import check_index, check_scale
-from ._rows import append_candidates, expand_temperature, two_view_layout
-from .common import REDUCTIONS, Temperature, default_positives, finish_rows, prepare, scale_rows
+from ..validation import check_index, check_reduction, check_scale
+from ._rows import append_candidates, expand_temperature, reject_symmetric, two_view_layout
+from .base import Objective, Work
+from .common import default_positives, finish_rows, prepare, scale_rows
 
-__all__ = ["dcl", "DCL", "DCLW"]
+__all__ = ["dcl", "DCL", "DCLW", "CITATION"]
+
+CITATION = """@inproceedings{yeh2022dcl,
+  title     = {Decoupled Contrastive Learning},
+  author    = {Yeh, Chun-Hsiao and Hong, Cheng-Yao and Hsu, Yen-Chi and Liu, Tyng-Luh and Chen, Yubei and
+               LeCun, Yann},
+  booktitle = {ECCV},
+  year      = {2022},
+  note      = {arXiv:2110.06848}
+}"""
 
 
 def _vmf_weights(sim_pos: Tensor, valid: Tensor, sigma: float) -> Tensor:
@@ -53,23 +68,24 @@ def _vmf_weights(sim_pos: Tensor, valid: Tensor, sigma: float) -> Tensor:
 def dcl(
     anchors: Tensor,
     candidates: Tensor,
-    *,
-    temperature: Union[float, Tensor] = 0.1,
-    symmetric: bool = False,
-    weighted: bool = False,
-    sigma: float = 0.5,
     positives: Optional[Tensor] = None,
     extra_candidates: Optional[Tensor] = None,
+    *,
+    temperature: Union[float, Tensor] = 0.1,
+    two_view: bool = False,
+    weighted: bool = False,
+    sigma: float = 0.5,
     similarity: str = "cosine",
     tile_size: TileSize = None,
     reduction: str = "mean",
+    symmetric: Optional[bool] = None,
 ) -> Tensor:
     """Decoupled contrastive loss (DCL, or DCLW with ``weighted=True``), exact and tiled.
 
     Args:
         temperature: float, scalar tensor (learnable) or one per anchor row ((N,); in
             the two-view form (N,) per sample or (2N,) per view row).
-        symmetric: the two-view form (see the module docstring); equals lightly's
+        two_view: the two-view form (see the module docstring); equals lightly's
             ``DCLLoss`` / ``DCLWLoss``.
         weighted: DCLW's von Mises-Fisher weight on the positive term (computed
             without gradient, over the rows of one direction).
@@ -80,18 +96,19 @@ def dcl(
 
     Example::
 
+        import torch, contrastkit as ck
         a, b = torch.randn(64, 128), torch.randn(64, 128)
-        dcl(a, b, temperature=0.1, symmetric=True)
+        ck.functional.dcl(a, b, temperature=0.1, two_view=True)
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    reject_symmetric(symmetric, "dcl")
+    check_reduction(reduction)
     if weighted:
         check_scale("sigma", sigma)
         sigma = float(sigma)
     a, c = prepare(similarity, anchors=anchors, candidates=candidates)
-    if symmetric:
+    if two_view:
         if positives is not None:
-            raise ValueError("positives= is for the retrieval form; the two-view form (symmetric=True) pairs view i with view i")
+            raise ValueError("positives= is for the retrieval form; the two-view form (two_view=True) pairs view i with view i")
         n = a.shape[0]
         z, index = two_view_layout(a, c)
         q, k = z, append_candidates(z, extra_candidates, similarity)
@@ -115,7 +132,7 @@ def dcl(
         raise ValueError(f"anchor row {int(bad.nonzero()[0])} has no negative left in the denominator")
     if weighted:
         sim_pos = positive_logits(q, k, index)
-        if symmetric:
+        if two_view:
             w = _vmf_weights(sim_pos[:n], valid[:n], sigma)
             w = torch.cat([w, w])  # sim(a_i, b_i) is the same for both directions
         else:
@@ -125,51 +142,64 @@ def dcl(
     return finish_rows(row_losses, valid, reduction)
 
 
-class DCL(nn.Module):
+class DCL(Objective):
     """Decoupled contrastive loss module: ``forward(anchors, candidates, positives=None,
-    extra_candidates=None)``; see :func:`dcl`. ``DCL(symmetric=True)`` is lightly's
+    extra_candidates=None)``; see :func:`dcl`. ``DCL(two_view=True)`` is lightly's
     ``DCLLoss`` on two views.
 
     Example::
 
-        loss_fn = DCL(temperature=0.1, symmetric=True)
-        loss = loss_fn(proj(aug1(x)), proj(aug2(x)))
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.DCL(temperature=0.1, two_view=True)
+        v1, v2 = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+        loss_fn(v1, v2).backward()
     """
 
+    citation = CITATION
     weighted = False
 
-    def __init__(self, temperature: float = 0.1, symmetric: bool = False, learn_temperature: bool = False,
-                 similarity: str = "cosine", tile_size: TileSize = None) -> None:
-        super().__init__()
-        self.temperature = Temperature(temperature, learnable=learn_temperature)
-        self.symmetric = symmetric
-        self.similarity = similarity
-        self.tile_size = tile_size
+    def __init__(self, *, temperature: float = 0.1, two_view: bool = False, learn_temperature: bool = False,
+                 similarity: str = "cosine", tile_size: TileSize = None, reduction: str = "mean",
+                 symmetric: Optional[bool] = None) -> None:
+        reject_symmetric(symmetric, type(self).__name__)
+        super().__init__(temperature=temperature, learn_temperature=learn_temperature, similarity=similarity,
+                         tile_size=tile_size, reduction=reduction)
+        self.two_view = bool(two_view)
         self.sigma = 0.5
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("anchors", "candidates"), index={"positives": "candidates"}, shared=("extra_candidates",),
+                    positives="index", self_position=self.two_view, dropped=("positive",),
+                    weighted="von Mises-Fisher" if self.weighted else None)
 
     def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
                 extra_candidates: Optional[Tensor] = None) -> Tensor:
-        return dcl(anchors, candidates, temperature=self.temperature(), symmetric=self.symmetric,
-                   weighted=self.weighted, sigma=self.sigma, positives=positives,
-                   extra_candidates=extra_candidates, similarity=self.similarity, tile_size=self.tile_size)
+        return dcl(anchors, candidates, positives, extra_candidates, two_view=self.two_view,
+                   weighted=self.weighted, sigma=self.sigma, **self._settings())
+
+    def extra_repr(self) -> str:
+        return f"two_view={self.two_view}, " + super().extra_repr()
 
 
 class DCLW(DCL):
     """DCL with von Mises-Fisher weighting of the positive term (``sigma``, default 0.5).
-    ``DCLW(symmetric=True)`` is lightly's ``DCLWLoss``.
+    ``DCLW(two_view=True)`` is lightly's ``DCLWLoss``.
 
     Example::
 
-        loss_fn = DCLW(temperature=0.1, sigma=0.5, symmetric=True)
-        loss = loss_fn(view1, view2)
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.DCLW(temperature=0.1, sigma=0.5, two_view=True)
+        v1, v2 = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+        loss_fn(v1, v2).backward()
     """
 
     weighted = True
 
-    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, symmetric: bool = False,
-                 learn_temperature: bool = False, similarity: str = "cosine", tile_size: TileSize = None) -> None:
-        super().__init__(temperature, symmetric, learn_temperature, similarity, tile_size)
+    def __init__(self, *, temperature: float = 0.1, sigma: float = 0.5, two_view: bool = False,
+                 learn_temperature: bool = False, similarity: str = "cosine", tile_size: TileSize = None,
+                 reduction: str = "mean", symmetric: Optional[bool] = None) -> None:
+        super().__init__(temperature=temperature, two_view=two_view, learn_temperature=learn_temperature,
+                         similarity=similarity, tile_size=tile_size, reduction=reduction, symmetric=symmetric)
         check_scale("sigma", sigma)
         self.sigma = float(sigma)

@@ -18,16 +18,18 @@ Both log-sum-exps come from one walk over the tiles
 (:func:`contrastkit.engine.tiled_multi_logsumexp`); Ng is formed in log space with a
 stable ``log(1 - exp(.))``, so nothing overflows at small temperatures.
 
-Layouts as in :mod:`contrastkit.objectives.dcl`: ``symmetric=True`` takes two views and
+Layouts as in :mod:`contrastkit.objectives.dcl`: ``two_view=True`` takes two views and
 uses all 2N views as anchors, each against the other 2N - 2 (the papers' SimCLR form,
-Q = 2N - 2); ``symmetric=False`` takes anchors against candidates with positive
+Q = 2N - 2); ``two_view=False`` takes anchors against candidates with positive
 ``positives[i]`` (default i) and Q = M - 1. Extra candidates (a memory queue) add to the
 negatives and to Q.
 
 Example::
 
-    loss = ck.functional.debiased_contrastive(v1, v2, temperature=0.5, tau_plus=0.1, symmetric=True)
-    loss = ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1)(q, d)
+    import torch, contrastkit as ck
+    v1, v2 = torch.randn(16, 8), torch.randn(16, 8)
+    loss = ck.functional.debiased_contrastive(v1, v2, temperature=0.5, tau_plus=0.1, two_view=True)
+    loss = ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1)(v1, v2)
 """
 
 from __future__ import annotations
@@ -36,15 +38,33 @@ import math
 from typing import Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..engine import DiagonalMask, IndexMask, LSEStat, positive_logits, tiled_logsumexp, tiled_multi_logsumexp
 from ..engine.tiling import TileSize
-from ..engine.validation import check_index
-from ._rows import append_candidates, expand_temperature, log1mexp, two_view_layout
-from .common import REDUCTIONS, Temperature, default_positives, finish_rows, inverse_temperature, prepare, scale_rows
+from ..validation import check_index, check_reduction
+from ._rows import append_candidates, expand_temperature, log1mexp, reject_symmetric, two_view_layout
+from .base import Objective, Work
+from .common import default_positives, finish_rows, inverse_temperature, prepare, scale_rows
 
-__all__ = ["debiased_contrastive", "hard_negative_contrastive", "DebiasedContrastive", "HardNegativeContrastive"]
+__all__ = ["debiased_contrastive", "hard_negative_contrastive", "DebiasedContrastive", "HardNegativeContrastive",
+           "CITATION", "HARD_NEGATIVE_CITATION"]
+
+CITATION = """@inproceedings{chuang2020debiased,
+  title     = {Debiased Contrastive Learning},
+  author    = {Chuang, Ching-Yao and Robinson, Joshua and Lin, Yen-Chen and Torralba, Antonio and Jegelka, Stefanie},
+  booktitle = {NeurIPS},
+  year      = {2020},
+  note      = {arXiv:2007.00224}
+}"""
+
+HARD_NEGATIVE_CITATION = """@inproceedings{robinson2021hard,
+  title     = {Contrastive Learning with Hard Negative Samples},
+  author    = {Robinson, Joshua and Chuang, Ching-Yao and Sra, Suvrit and Jegelka, Stefanie},
+  booktitle = {ICLR},
+  year      = {2021},
+  note      = {arXiv:2010.04592}
+}"""
 
 
 def _check_hyper(tau_plus, beta):
@@ -62,16 +82,17 @@ def _check_hyper(tau_plus, beta):
 def debiased_contrastive(
     anchors: Tensor,
     candidates: Tensor,
+    positives: Optional[Tensor] = None,
+    extra_candidates: Optional[Tensor] = None,
     *,
     temperature: Union[float, Tensor] = 0.5,
     tau_plus: float = 0.1,
     beta: float = 0.0,
-    symmetric: bool = False,
-    positives: Optional[Tensor] = None,
-    extra_candidates: Optional[Tensor] = None,
+    two_view: bool = False,
     similarity: str = "cosine",
     tile_size: TileSize = None,
     reduction: str = "mean",
+    symmetric: Optional[bool] = None,
 ) -> Tensor:
     """Debiased contrastive loss (Chuang et al. 2020); ``beta`` > 0 adds Robinson et al.'s
     hard-negative reweighting. See the module docstring for the formula.
@@ -80,7 +101,7 @@ def debiased_contrastive(
         temperature: float, scalar tensor (learnable) or one per anchor row.
         tau_plus: class prior in [0, 1).
         beta: hardness concentration >= 0 (0: no reweighting).
-        symmetric: the two-view (SimCLR) form with 2N anchors and 2N - 2 negatives each.
+        two_view: the two-view (SimCLR) form with 2N anchors and 2N - 2 negatives each.
         positives: (retrieval form) column of each anchor's positive, -1 for none.
         extra_candidates: more negatives (E, d), e.g. ``queue.candidates()``.
         similarity: ``"cosine"`` (the published setting, for which the clamp is meant) or ``"dot"``.
@@ -88,17 +109,18 @@ def debiased_contrastive(
 
     Example::
 
+        import torch, contrastkit as ck
         v1, v2 = torch.randn(64, 128), torch.randn(64, 128)
-        debiased_contrastive(v1, v2, temperature=0.5, tau_plus=0.1, symmetric=True)
+        ck.functional.debiased_contrastive(v1, v2, temperature=0.5, tau_plus=0.1, two_view=True)
     """
+    reject_symmetric(symmetric, "debiased_contrastive")
     tau_plus, beta = _check_hyper(tau_plus, beta)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     a, c = prepare(similarity, anchors=anchors, candidates=candidates)
     n = a.shape[0]
-    if symmetric:
+    if two_view:
         if positives is not None:
-            raise ValueError("positives= is for the retrieval form; the two-view form (symmetric=True) pairs view i with view i")
+            raise ValueError("positives= is for the retrieval form; the two-view form (two_view=True) pairs view i with view i")
         z, index = two_view_layout(a, c)
         q, k = z, append_candidates(z, extra_candidates, similarity)
         masks = [DiagonalMask(0), IndexMask(index)]
@@ -145,54 +167,69 @@ def debiased_contrastive(
 def hard_negative_contrastive(
     anchors: Tensor,
     candidates: Tensor,
+    positives: Optional[Tensor] = None,
+    extra_candidates: Optional[Tensor] = None,
     *,
     temperature: Union[float, Tensor] = 0.5,
     beta: float = 1.0,
     tau_plus: float = 0.1,
-    **kwargs,
+    two_view: bool = False,
+    similarity: str = "cosine",
+    tile_size: TileSize = None,
+    reduction: str = "mean",
+    symmetric: Optional[bool] = None,
 ) -> Tensor:
     """Hard-negative reweighted contrastive loss (Robinson et al. 2021, "Contrastive Learning
-    with Hard Negative Samples"): :func:`debiased_contrastive` with ``beta`` > 0.
+    with Hard Negative Samples"): :func:`debiased_contrastive` with ``beta`` > 0 (default 1).
 
     Example::
 
+        import torch, contrastkit as ck
         q, d = torch.randn(64, 128), torch.randn(64, 128)
-        hard_negative_contrastive(q, d, temperature=0.5, beta=1.0, tau_plus=0.1)
+        ck.functional.hard_negative_contrastive(q, d, temperature=0.5, beta=1.0, tau_plus=0.1)
     """
-    return debiased_contrastive(anchors, candidates, temperature=temperature, tau_plus=tau_plus, beta=beta,
-                                **kwargs)
+    reject_symmetric(symmetric, "hard_negative_contrastive")
+    return debiased_contrastive(anchors, candidates, positives, extra_candidates, temperature=temperature,
+                                tau_plus=tau_plus, beta=beta, two_view=two_view, similarity=similarity,
+                                tile_size=tile_size, reduction=reduction)
 
 
-class DebiasedContrastive(nn.Module):
+class DebiasedContrastive(Objective):
     """Debiased contrastive loss module (Chuang et al. 2020): ``forward(anchors, candidates,
     positives=None, extra_candidates=None)``; see :func:`debiased_contrastive`.
 
     Example::
 
-        loss_fn = DebiasedContrastive(temperature=0.5, tau_plus=0.1, symmetric=True)
-        loss = loss_fn(view1, view2)
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.DebiasedContrastive(temperature=0.5, tau_plus=0.1, two_view=True)
+        v1, v2 = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+        loss_fn(v1, v2).backward()
     """
 
-    def __init__(self, temperature: float = 0.5, tau_plus: float = 0.1, beta: float = 0.0,
-                 symmetric: bool = False, learn_temperature: bool = False, similarity: str = "cosine",
-                 tile_size: TileSize = None) -> None:
-        super().__init__()
+    citation = CITATION
+
+    def __init__(self, *, temperature: float = 0.5, tau_plus: float = 0.1, beta: float = 0.0,
+                 two_view: bool = False, learn_temperature: bool = False, similarity: str = "cosine",
+                 tile_size: TileSize = None, reduction: str = "mean", symmetric: Optional[bool] = None) -> None:
+        reject_symmetric(symmetric, type(self).__name__)
+        super().__init__(temperature=temperature, learn_temperature=learn_temperature, similarity=similarity,
+                         tile_size=tile_size, reduction=reduction)
         self.tau_plus, self.beta = _check_hyper(tau_plus, beta)
-        self.temperature = Temperature(temperature, learnable=learn_temperature)
-        self.symmetric = symmetric
-        self.similarity = similarity
-        self.tile_size = tile_size
+        self.two_view = bool(two_view)
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("anchors", "candidates"), index={"positives": "candidates"}, shared=("extra_candidates",),
+                    positives="index", self_position=self.two_view, dropped=("positive",),
+                    weighted="hardness" if self.beta else "debiased")
 
     def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
                 extra_candidates: Optional[Tensor] = None) -> Tensor:
-        return debiased_contrastive(anchors, candidates, temperature=self.temperature(), tau_plus=self.tau_plus,
-                                    beta=self.beta, symmetric=self.symmetric, positives=positives,
-                                    extra_candidates=extra_candidates, similarity=self.similarity,
-                                    tile_size=self.tile_size)
+        return debiased_contrastive(anchors, candidates, positives, extra_candidates, tau_plus=self.tau_plus,
+                                    beta=self.beta, two_view=self.two_view, **self._settings())
 
     def extra_repr(self) -> str:
-        return f"tau_plus={self.tau_plus}, beta={self.beta}, symmetric={self.symmetric}"
+        return f"tau_plus={self.tau_plus}, beta={self.beta}, two_view={self.two_view}, " + super().extra_repr()
 
 
 class HardNegativeContrastive(DebiasedContrastive):
@@ -200,12 +237,17 @@ class HardNegativeContrastive(DebiasedContrastive):
 
     Example::
 
-        loss_fn = HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1, symmetric=True)
-        loss = loss_fn(view1, view2)
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1, two_view=True)
+        v1, v2 = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8)
+        loss_fn(v1, v2).backward()
     """
 
-    def __init__(self, temperature: float = 0.5, beta: float = 1.0, tau_plus: float = 0.1,
-                 symmetric: bool = False, learn_temperature: bool = False, similarity: str = "cosine",
-                 tile_size: TileSize = None) -> None:
-        super().__init__(temperature, tau_plus, beta, symmetric, learn_temperature, similarity, tile_size)
+    citation = HARD_NEGATIVE_CITATION
+
+    def __init__(self, *, temperature: float = 0.5, beta: float = 1.0, tau_plus: float = 0.1,
+                 two_view: bool = False, learn_temperature: bool = False, similarity: str = "cosine",
+                 tile_size: TileSize = None, reduction: str = "mean", symmetric: Optional[bool] = None) -> None:
+        super().__init__(temperature=temperature, tau_plus=tau_plus, beta=beta, two_view=two_view,
+                         learn_temperature=learn_temperature, similarity=similarity, tile_size=tile_size,
+                         reduction=reduction, symmetric=symmetric)

@@ -28,8 +28,8 @@ diagonal masked; the positives are O(N V^2 d).
 
 Example::
 
-    import contrastkit as ck
-    feats = torch.stack([view1, view2, view3, view4], dim=1)       # (N, 4, d)
+    import torch, contrastkit as ck
+    feats = torch.randn(16, 4, 8)                                  # (N, 4 views, d)
     loss = ck.functional.multiview_info_nce(feats, temperature=0.1)
 """
 
@@ -38,15 +38,32 @@ from __future__ import annotations
 from typing import Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..engine.normalize import l2_normalize
 from ..engine import DiagonalMask, tiled_logsumexp
 from ..engine.tiling import TileSize
-from ..engine.validation import check_embeddings, check_scale
-from .common import REDUCTIONS, SIMILARITIES, Temperature, reduce_rows
+from ..validation import check_choice, check_embeddings, check_reduction, check_scale
+from .base import SIMILARITIES, Objective, Work
+from .common import reduce_rows
 
-__all__ = ["multiview_info_nce", "MultiViewInfoNCE", "AGGREGATIONS"]
+__all__ = ["multiview_info_nce", "MultiViewInfoNCE", "AGGREGATIONS", "CITATION"]
+
+CITATION = """@inproceedings{khosla2020supcon,
+  title     = {Supervised Contrastive Learning},
+  author    = {Khosla, Prannay and Teterwak, Piotr and Wang, Chen and others},
+  booktitle = {NeurIPS},
+  year      = {2020},
+  note      = {arXiv:2004.11362 (multi_positive aggregation)}
+}
+@inproceedings{koromilas2025mvinfonce,
+  title     = {A Principled Framework for Multi-View Contrastive Learning},
+  author    = {Koromilas, Panagiotis and Bouritsas, Giorgos and Giannakopoulos, Theodoros and
+               Nicolaou, Mihalis and Panagakis, Yannis},
+  booktitle = {arXiv preprint arXiv:2507.06979},
+  year      = {2025},
+  note      = {joint aggregation (MV-InfoNCE)}
+}"""
 
 AGGREGATIONS = ("multi_positive", "joint")
 
@@ -74,7 +91,7 @@ def _row_scale(temperature: Union[float, Tensor], n: int, v: int, like: Tensor) 
 def multiview_info_nce(
     features: Tensor,
     *,
-    temperature: Union[float, Tensor],
+    temperature: Union[float, Tensor] = 0.1,
     aggregation: str = "multi_positive",
     similarity: str = "cosine",
     tile_size: TileSize = None,
@@ -93,15 +110,13 @@ def multiview_info_nce(
 
     Example::
 
+        import torch, contrastkit as ck
         z = torch.randn(16, 3, 32)                    # 16 samples, 3 views each
-        multiview_info_nce(z, temperature=0.1)
+        ck.functional.multiview_info_nce(z, temperature=0.1)
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_reduction(reduction)
+    check_choice("similarity", similarity, SIMILARITIES)
     check_embeddings("features", features, ndim=3)
     n, v, d = features.shape
     if v < 2:
@@ -129,24 +144,33 @@ def multiview_info_nce(
     return reduce_rows(per_sample, reduction)
 
 
-class MultiViewInfoNCE(nn.Module):
+class MultiViewInfoNCE(Objective):
     """Multi-view InfoNCE module: ``forward(features (N, V, d))``; see :func:`multiview_info_nce`.
 
     Example::
 
-        loss_fn = MultiViewInfoNCE(temperature=0.1)
-        loss = loss_fn(torch.stack([proj(aug(x)) for _ in range(4)], dim=1))
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.MultiViewInfoNCE(temperature=0.1)
+        feats = torch.randn(16, 4, 8, requires_grad=True)
+        loss_fn(feats).backward()
     """
 
-    def __init__(self, temperature: float = 0.1, aggregation: str = "multi_positive",
-                 learn_temperature: bool = False, similarity: str = "cosine", tile_size: TileSize = None) -> None:
-        super().__init__()
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        self.temperature = Temperature(temperature, learnable=learn_temperature)
-        self.aggregation, self.similarity, self.tile_size = aggregation, similarity, tile_size
+    citation = CITATION
+
+    def __init__(self, *, temperature: float = 0.1, aggregation: str = "multi_positive",
+                 learn_temperature: bool = False, similarity: str = "cosine", tile_size: TileSize = None,
+                 reduction: str = "mean") -> None:
+        check_choice("aggregation", aggregation, AGGREGATIONS)
+        super().__init__(temperature=temperature, learn_temperature=learn_temperature, similarity=similarity,
+                         tile_size=tile_size, reduction=reduction)
+        self.aggregation = aggregation
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("features",), positives="views", self_position=True)
 
     def forward(self, features: Tensor) -> Tensor:
-        return multiview_info_nce(features, temperature=self.temperature(), aggregation=self.aggregation,
-                                  similarity=self.similarity, tile_size=self.tile_size)
+        return multiview_info_nce(features, aggregation=self.aggregation, **self._settings())
+
+    def extra_repr(self) -> str:
+        return f"aggregation={self.aggregation!r}, " + super().extra_repr()

@@ -17,7 +17,8 @@ bias b = -10; :class:`SigLIP` does the same.
 
 Example::
 
-    import contrastkit as ck
+    import torch, contrastkit as ck
+    img, txt = torch.randn(8, 16), torch.randn(8, 16)
     loss = ck.functional.siglip(img, txt, temperature=0.1, bias=-10.0)
     loss = ck.losses.SigLIP()(img, txt)            # learnable temperature and bias
 """
@@ -33,10 +34,19 @@ from ..engine.masks import DiagonalMask, IndexMask
 from ..engine.positives import positive_logits
 from ..engine.tiled_softplus import tiled_softplus_rows
 from ..engine.tiling import TileSize
-from ..engine.validation import check_index
-from .common import REDUCTIONS, Temperature, default_positives, inverse_temperature, prepare, reduce_rows
+from ..validation import check_index, check_reduction
+from .base import Objective, Work
+from .common import default_positives, inverse_temperature, prepare, reduce_rows
 
-__all__ = ["siglip", "SigLIP"]
+__all__ = ["siglip", "SigLIP", "CITATION"]
+
+CITATION = """@inproceedings{zhai2023siglip,
+  title     = {Sigmoid Loss for Language Image Pre-Training},
+  author    = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
+  booktitle = {ICCV},
+  year      = {2023},
+  note      = {arXiv:2303.15343}
+}"""
 
 
 def _bias_vector(bias: Union[float, Tensor], n: int, like: Tensor) -> Tensor:
@@ -60,38 +70,41 @@ def _bias_vector(bias: Union[float, Tensor], n: int, like: Tensor) -> Tensor:
 
 
 def siglip(
-    x: Tensor,
-    y: Tensor,
-    *,
-    temperature: Union[float, Tensor],
-    bias: Union[float, Tensor] = -10.0,
+    anchors: Tensor,
+    candidates: Tensor,
     positives: Optional[Tensor] = None,
+    *,
+    temperature: Union[float, Tensor] = 0.1,
+    bias: Union[float, Tensor] = -10.0,
     similarity: str = "cosine",
     tile_size: TileSize = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """SigLIP loss of anchors ``x`` (N, d) against candidates ``y`` (M, d); exact, tiled.
+    """SigLIP loss of ``anchors`` (N, d) against ``candidates`` (M, d); exact, tiled.
 
     Args:
-        temperature: float, scalar tensor (learnable), or one per anchor row (N,);
-            the paper's logit scale is ``1 / temperature``.
-        bias: the logit bias b (float or scalar tensor, learnable).
         positives: column of each anchor's positive (LongTensor (N,), -1: the row has
             none in these candidates, all its pairs are negatives); default the
             diagonal. A rank holding a slice of the global candidates passes its
             global offset here (``arange(N) + offset``).
+        temperature: float, scalar tensor (learnable), or one per anchor row (N,);
+            the paper's logit scale is ``1 / temperature``.
+        bias: the logit bias b (float or scalar tensor, learnable).
         similarity: ``"cosine"`` (L2-normalise) or ``"dot"`` (as given, like open_clip).
         reduction: ``"mean"`` = sum over pairs / N (the paper's), ``"sum"``, or ``"none"``
             (per-anchor sums over its M pairs).
 
+    The positive term softplus(-U) is computed as ``logaddexp(0, -U)``: finite for any
+    finite logit (a noisy pair at a small temperature gives a large, exact loss).
+
     Example::
 
+        import torch, contrastkit as ck
         x, y = torch.randn(8, 16), torch.randn(8, 16)
-        siglip(x, y, temperature=0.1, bias=-10.0)
+        ck.functional.siglip(x, y, temperature=0.1, bias=-10.0)
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    q, k = prepare(similarity, x=x, y=y)
+    check_reduction(reduction)
+    q, k = prepare(similarity, anchors=anchors, candidates=candidates)
     n, m = q.shape[0], k.shape[0]
     positives = check_index("positives", default_positives(positives, n, m, q.device), n, m, q.device)
     scale = inverse_temperature(temperature, q)
@@ -102,40 +115,56 @@ def siglip(
     mask = DiagonalMask(0) if diagonal else IndexMask(positives)
     rows = tiled_softplus_rows(q, k, row_bias=b, scale=scale, masks=[mask], tile_size=tile_size).to(q.dtype)
     pos = positive_logits(q, k, positives) * scale + b
-    rows = rows + torch.where(positives >= 0, torch.nn.functional.softplus(-pos, threshold=1000.0),
-                              torch.zeros_like(pos))
+    rows = rows + torch.where(positives >= 0, torch.logaddexp(torch.zeros_like(pos), -pos), torch.zeros_like(pos))
     return reduce_rows(rows, reduction)
 
 
-class SigLIP(nn.Module):
+class SigLIP(Objective):
     """SigLIP loss with a learnable temperature and bias (paper init: t' = log 10, b = -10).
 
     The temperature is log-parameterised and clamped to [0.01, 100] (see
-    :class:`Temperature`); ``learnable=False`` keeps both fixed.
-    ``forward(x, y, positives=None)``; see :func:`siglip`.
+    :class:`~contrastkit.objectives.base.Temperature`); ``learn_temperature=False`` keeps
+    the temperature and the bias fixed (``learnable`` is accepted as an alias).
+    ``forward(anchors, candidates, positives=None)``; see :func:`siglip`.
 
     Example::
 
-        loss_fn = SigLIP()                               # temperature 0.1, bias -10
-        loss = loss_fn(image_emb, text_emb)
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.SigLIP()                           # temperature 0.1, bias -10
+        image_emb, text_emb = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
+        loss_fn(image_emb, text_emb).backward()
     """
 
-    def __init__(self, temperature: float = 0.1, bias: float = -10.0, learnable: bool = True,
-                 similarity: str = "cosine", tile_size: TileSize = None) -> None:
-        super().__init__()
-        self.temperature = Temperature(temperature, learnable=learnable)
-        b = torch.tensor(float(bias), dtype=torch.float32)
-        if learnable:
+    citation = CITATION
+
+    def __init__(self, *, temperature: float = 0.1, bias: float = -10.0, learn_temperature: bool = True,
+                 similarity: str = "cosine", tile_size: TileSize = None, reduction: str = "mean",
+                 learnable: Optional[bool] = None) -> None:
+        if learnable is not None:
+            learn_temperature = bool(learnable)
+        super().__init__(temperature=temperature, learn_temperature=learn_temperature, similarity=similarity,
+                         tile_size=tile_size, reduction=reduction)
+        b = torch.tensor(float(_bias_vector(float(bias), 1, torch.zeros(1, dtype=torch.float64))[0]),
+                         dtype=torch.float64)
+        if learn_temperature:
             self.bias = nn.Parameter(b)
         else:
             self.register_buffer("bias", b)
-        self.similarity = similarity
-        self.tile_size = tile_size
 
-    def forward(self, x: Tensor, y: Tensor, positives: Optional[Tensor] = None) -> Tensor:
-        return siglip(x, y, temperature=self.temperature(), bias=self.bias, positives=positives,
-                      similarity=self.similarity, tile_size=self.tile_size)
+    @property
+    def work(self) -> Work:
+        return Work(rows=("anchors", "candidates"), index={"positives": "candidates"}, positives="pairs",
+                    weighted="bias", local="pairs", ring=True)
+
+    def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None) -> Tensor:
+        return siglip(anchors, candidates, positives, bias=self.bias, **self._settings())
+
+    def pair_rows(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None):
+        """This rank's prepared ``(anchors, candidates, positives, temperature, bias)``."""
+        q, k = prepare(self.similarity, anchors=anchors, candidates=candidates)
+        n, m = q.shape[0], k.shape[0]
+        positives = check_index("positives", default_positives(positives, n, m, q.device), n, m, q.device)
+        return q, k, positives, self.temperature(), self.bias
 
     def extra_repr(self) -> str:
-        return f"bias={float(self.bias):.4g}"
+        return f"bias={float(self.bias):.4g}, " + super().extra_repr()

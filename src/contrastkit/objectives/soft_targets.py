@@ -43,7 +43,9 @@ labels / neighbour lists / teacher rows.
 
 Example::
 
-    import contrastkit as ck
+    import torch, contrastkit as ck
+    image_emb, text_emb = torch.randn(16, 8), torch.randn(16, 8)
+    z, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
     loss = ck.functional.cwcl(image_emb, text_emb, temperature=0.07)   # teacher = text tower
     loss = ck.functional.icon(z, labels=y, kernel="cosine", temperature=0.1)
 """
@@ -55,7 +57,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..engine.normalize import l2_normalize
 from ..engine import DiagonalMask, tiled_logsumexp
@@ -63,10 +65,28 @@ from ..engine.neighbors import tiled_topk
 from ..engine.positives import dense_label_ids, label_positive_logits
 from ..engine.tiled_pairwise import IndexWeights, KernelStats, LabelWeights, SoftmaxWeights, tiled_pairwise
 from ..engine.tiling import TileSize
-from ..engine.validation import check_embeddings, check_labels, check_pair, check_scale
-from .common import REDUCTIONS, Temperature, check_reduction, finish_rows, prepare, reduce_rows, scale_rows
+from ..validation import check_choice, check_embeddings, check_labels, check_pair, check_reduction, check_scale
+from .base import Objective, Work
+from .common import finish_rows, prepare, reduce_rows, scale_rows
 
-__all__ = ["cwcl", "CWCL", "icon", "ICon", "ICON_KERNELS"]
+__all__ = ["cwcl", "CWCL", "icon", "ICon", "ICON_KERNELS", "CWCL_CITATION", "ICON_CITATION"]
+
+CWCL_CITATION = """@inproceedings{srinivasa2023cwcl,
+  title     = {CWCL: Cross-Modal Transfer with Continuously Weighted Contrastive Loss},
+  author    = {Srinivasa, Rakshith Sharma and Cho, Jaejin and Yang, Chouchang and Saidutta, Yashas Malur and
+               Lee, Ching-Hua and Shen, Yilin and Jin, Hongxia},
+  booktitle = {NeurIPS},
+  year      = {2023},
+  note      = {arXiv:2309.14580}
+}"""
+
+ICON_CITATION = """@inproceedings{alshammari2025icon,
+  title     = {I-Con: A Unifying Framework for Representation Learning},
+  author    = {Alshammari, Shaden and Hershey, John and Feldmann, Axel and Freeman, William T. and Hamilton, Mark},
+  booktitle = {ICLR},
+  year      = {2025},
+  note      = {arXiv:2504.16929}
+}"""
 
 ICON_KERNELS = ("cosine", "gaussian", "student_t")
 
@@ -85,43 +105,43 @@ def _teacher(name: str, t: Tensor, n: int, like: Tensor) -> Tensor:
 
 
 def cwcl(
-    x: Tensor,
-    y: Tensor,
-    *,
-    temperature: Union[float, Tensor],
+    anchors: Tensor,
+    candidates: Tensor,
     teacher: Optional[Tensor] = None,
     teacher_candidates: Optional[Tensor] = None,
+    *,
+    temperature: Union[float, Tensor] = 0.07,
     symmetric: bool = False,
     similarity: str = "cosine",
     tile_size: TileSize = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """CWCL of anchors ``x`` (N, d) (the tower being trained) against ``y`` (M, d); exact, tiled.
+    """CWCL of ``anchors`` (N, d) (the tower being trained) against ``candidates`` (M, d); exact, tiled.
 
     Args:
         temperature: float, scalar tensor (learnable) or one per anchor (N,).
         teacher: frozen embeddings (N, d_t) of the anchors' samples in the teacher
-            modality; default ``y`` itself, detached (the frozen tower's outputs;
+            modality; default ``candidates`` itself, detached (the frozen tower's outputs;
             needs M == N).
         teacher_candidates: frozen embeddings (M, d_t) of the candidates; default
             ``teacher`` (needs M == N).
-        symmetric: add the y -> x direction (weights normalised per column) and average.
+        symmetric: add the candidate -> anchor direction (weights normalised per column) and average.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per anchor; not with symmetric).
 
     Example::
 
+        import torch, contrastkit as ck
         img, txt = torch.randn(8, 16), torch.randn(8, 16)
-        cwcl(img, txt, temperature=0.07)            # weights from txt's own similarities
+        ck.functional.cwcl(img, txt, temperature=0.07)     # weights from txt's own similarities
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    q, k = prepare(similarity, x=x, y=y)
+    check_reduction(reduction, symmetric)
+    q, k = prepare(similarity, anchors=anchors, candidates=candidates)
     n, m = q.shape[0], k.shape[0]
     if teacher is None and teacher_candidates is None:
         if m != n:
-            raise ValueError(f"the default teacher (y itself) needs as many candidates as anchors, got N={n}, M={m}; "
-                             "pass teacher= and teacher_candidates=")
-        teacher = y
+            raise ValueError(f"the default teacher (candidates itself) needs as many candidates as anchors, got "
+                             f"N={n}, M={m}; pass teacher= and teacher_candidates=")
+        teacher = candidates
     if teacher is None:
         raise ValueError("teacher_candidates needs teacher= (the frozen embeddings of the anchors' samples)")
     t_rows = _teacher("teacher", teacher, n, q)
@@ -144,7 +164,6 @@ def cwcl(
         raise ValueError("every anchor row has all-zero CWCL weights (teacher similarities all -1)")
     if not symmetric:
         return finish_rows(row_losses, valid, reduction)
-    check_reduction(reduction, symmetric=True)
     w_cols = 0.5 * (n + t_cols @ t_rows.sum(0))
     target_c = 0.5 * (qs.sum(0) + t_cols @ (qs.T @ t_rows).T)
     cross_c = (k * target_c).sum(-1)
@@ -153,26 +172,33 @@ def cwcl(
     return 0.5 * (reduce_rows(row_losses[valid], reduction) + reduce_rows(col_losses[valid_c], reduction))
 
 
-class CWCL(nn.Module):
-    """CWCL loss module: ``forward(x, y, teacher=None, teacher_candidates=None)``; see :func:`cwcl`.
+class CWCL(Objective):
+    """CWCL loss module: ``forward(anchors, candidates, teacher=None, teacher_candidates=None)``;
+    see :func:`cwcl`.
 
     Example::
 
-        loss_fn = CWCL(temperature=0.07)
-        loss = loss_fn(speech_encoder(audio), frozen_text_tower(text))
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.CWCL(temperature=0.07)
+        speech, text = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)   # text: frozen tower
+        loss_fn(speech, text).backward()
     """
 
-    def __init__(self, temperature: float = 0.07, learn_temperature: bool = False, symmetric: bool = False,
-                 similarity: str = "cosine", tile_size: TileSize = None) -> None:
-        super().__init__()
-        self.temperature = Temperature(temperature, learnable=learn_temperature)
-        self.symmetric, self.similarity, self.tile_size = symmetric, similarity, tile_size
+    citation = CWCL_CITATION
 
-    def forward(self, x: Tensor, y: Tensor, teacher: Optional[Tensor] = None,
+    def __init__(self, *, temperature: float = 0.07, learn_temperature: bool = False, symmetric: bool = False,
+                 similarity: str = "cosine", tile_size: TileSize = None, reduction: str = "mean") -> None:
+        super().__init__(temperature=temperature, learn_temperature=learn_temperature, similarity=similarity,
+                         tile_size=tile_size, reduction=reduction, symmetric=symmetric)
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("anchors", "candidates"), frozen=("teacher", "teacher_candidates"), positives="soft",
+                    weighted="teacher", symmetric=self.symmetric)
+
+    def forward(self, anchors: Tensor, candidates: Tensor, teacher: Optional[Tensor] = None,
                 teacher_candidates: Optional[Tensor] = None) -> Tensor:
-        return cwcl(x, y, temperature=self.temperature(), teacher=teacher, teacher_candidates=teacher_candidates,
-                    symmetric=self.symmetric, similarity=self.similarity, tile_size=self.tile_size)
+        return cwcl(anchors, candidates, teacher, teacher_candidates, symmetric=self.symmetric, **self._settings())
 
 
 # --------------------------------------------------------------------------- I-Con
@@ -189,9 +215,9 @@ def _sigma_squared(sigma: Union[float, Tensor], like: Tensor) -> Union[float, Te
 
 def icon(
     features: Tensor,
-    *,
     labels: Optional[Tensor] = None,
     teacher: Optional[Tensor] = None,
+    *,
     neighbors: Optional[int] = None,
     teacher_temperature: Optional[float] = None,
     kernel: str = "cosine",
@@ -215,13 +241,12 @@ def icon(
 
     Example::
 
+        import torch, contrastkit as ck
         z, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
-        icon(z, labels=y, kernel="cosine", temperature=0.5)
+        ck.functional.icon(z, labels=y, kernel="cosine", temperature=0.5)
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if kernel not in ICON_KERNELS:
-        raise ValueError(f"kernel must be one of {ICON_KERNELS}, got {kernel!r}")
+    check_reduction(reduction)
+    check_choice("kernel", kernel, ICON_KERNELS)
     check_embeddings("features", features)
     n = features.shape[0]
     if n < 2:
@@ -318,28 +343,40 @@ def icon(
     return finish_rows(per_row, valid, reduction)
 
 
-class ICon(nn.Module):
+class ICon(Objective):
     """I-Con loss module: ``forward(features, labels=None, teacher=None)``; see :func:`icon`.
+
+    ``temperature`` / ``learn_temperature`` are the cosine kernel's; ``sigma`` the Gaussian's.
 
     Example::
 
-        loss_fn = ICon(kernel="student_t", neighbors=10)           # k-NN graph of a teacher
-        loss = loss_fn(student(x), teacher=frozen_teacher(x))
-        loss.backward()
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.ICon(kernel="student_t", neighbors=3)          # k-NN graph of a teacher
+        x = torch.randn(16, 8)
+        student = torch.nn.Linear(8, 4)
+        loss_fn(student(x), teacher=x).backward()
     """
 
-    def __init__(self, kernel: str = "cosine", temperature: float = 0.1, learn_temperature: bool = False,
+    citation = ICON_CITATION
+    similarities = ("cosine", "dot")
+
+    def __init__(self, *, kernel: str = "cosine", temperature: float = 0.1, learn_temperature: bool = False,
                  sigma: float = 1.0, neighbors: Optional[int] = None, teacher_temperature: Optional[float] = None,
-                 tile_size: TileSize = None) -> None:
-        super().__init__()
-        if kernel not in ICON_KERNELS:
-            raise ValueError(f"kernel must be one of {ICON_KERNELS}, got {kernel!r}")
+                 tile_size: TileSize = None, reduction: str = "mean") -> None:
+        check_choice("kernel", kernel, ICON_KERNELS)
         if neighbors is not None and teacher_temperature is not None:
             raise ValueError("give neighbors= or teacher_temperature=, not both")
+        check_scale("sigma", sigma)
+        super().__init__(temperature=temperature, learn_temperature=learn_temperature, tile_size=tile_size,
+                         reduction=reduction)
         self.kernel = kernel
-        self.temperature = Temperature(temperature, learnable=learn_temperature)
         self.sigma = float(sigma)
-        self.neighbors, self.teacher_temperature, self.tile_size = neighbors, teacher_temperature, tile_size
+        self.neighbors, self.teacher_temperature = neighbors, teacher_temperature
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("features",), labels=("labels",), frozen=("teacher",), positives="soft",
+                    self_position=True, scale="temperature" if self.kernel == "cosine" else "kernel")
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None, teacher: Optional[Tensor] = None) -> Tensor:
         neighbors, teacher_temperature = self.neighbors, self.teacher_temperature
@@ -347,6 +384,10 @@ class ICon(nn.Module):
             neighbors = teacher_temperature = None
         elif teacher is not None and neighbors is None and teacher_temperature is None:
             raise ValueError("ICon got teacher= but was built without neighbors= or teacher_temperature=")
-        return icon(features, labels=labels, teacher=teacher, neighbors=neighbors,
-                    teacher_temperature=teacher_temperature, kernel=self.kernel, temperature=self.temperature(),
-                    sigma=self.sigma, tile_size=self.tile_size)
+        settings = self._settings(kernel=self.kernel, sigma=self.sigma, neighbors=neighbors,
+                                  teacher_temperature=teacher_temperature)
+        settings.pop("similarity")
+        return icon(features, labels, teacher, **settings)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel!r}, reduction={self.reduction!r}"

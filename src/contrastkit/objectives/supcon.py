@@ -21,9 +21,10 @@ their same-label entries are positives, the others negatives.
 
 Example::
 
-    import contrastkit as ck
+    import torch, contrastkit as ck
+    features, labels = torch.randn(16, 2, 8), torch.randint(0, 4, (16,))
     loss = ck.losses.SupCon(temperature=0.1)(features, labels)        # features (N, V, d)
-    loss, stats = ck.functional.supcon(z, y, temperature=0.1, return_stats=True)
+    loss, stats = ck.functional.supcon(features, labels, temperature=0.1, return_stats=True)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..engine.normalize import l2_normalize
 from ..engine import (
@@ -45,11 +46,21 @@ from ..engine import (
     tiled_multi_logsumexp,
 )
 from ..engine.tiling import TileSize
-from ..engine.validation import check_embeddings, check_labels
-from ._rows import append_candidates, check_margin, expand_temperature
-from .common import REDUCTIONS, SIMILARITIES, Temperature, finish_rows, inverse_temperature, scale_rows
+from ..validation import check_choice, check_embeddings, check_labels, check_number, check_reduction
+from ._rows import append_candidates, expand_temperature
+from .base import SIMILARITIES, Objective, Work
+from .common import finish_rows, inverse_temperature, scale_rows
 
-__all__ = ["supcon", "SupCon", "SupConStats"]
+__all__ = ["supcon", "SupCon", "SupConStats", "CITATION"]
+
+CITATION = """@inproceedings{khosla2020supcon,
+  title     = {Supervised Contrastive Learning},
+  author    = {Khosla, Prannay and Teterwak, Piotr and Wang, Chen and Sarna, Aaron and Tian, Yonglong and
+               Isola, Phillip and Maschinot, Aaron and Liu, Ce and Krishnan, Dilip},
+  booktitle = {NeurIPS},
+  year      = {2020},
+  note      = {arXiv:2004.11362}
+}"""
 
 VARIANTS = ("out", "in")
 
@@ -90,12 +101,12 @@ def _flatten_views(features: Tensor, labels, name: str = "features") -> Tuple[Te
 def supcon(
     features: Tensor,
     labels: Tensor,
+    extra_candidates: Optional[Tensor] = None,
+    extra_labels: Optional[Tensor] = None,
     *,
     temperature: Union[float, Tensor] = 0.1,
     variant: str = "out",
     margin: float = 0.0,
-    extra_candidates: Optional[Tensor] = None,
-    extra_labels: Optional[Tensor] = None,
     similarity: str = "cosine",
     tile_size: TileSize = None,
     reduction: str = "mean",
@@ -120,16 +131,14 @@ def supcon(
 
     Example::
 
+        import torch, contrastkit as ck
         z, y = torch.randn(32, 2, 128), torch.randint(0, 4, (32,))
-        supcon(z, y, temperature=0.1)                      # two views per sample
+        ck.functional.supcon(z, y, temperature=0.1)        # two views per sample
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    margin = check_margin(margin)
+    check_choice("variant", variant, VARIANTS)
+    check_choice("similarity", similarity, SIMILARITIES)
+    check_reduction(reduction)
+    margin = check_number("margin", margin)
     z, row_labels, n_samples = _flatten_views(features, labels)
     if similarity == "cosine":
         z = l2_normalize(z)
@@ -188,7 +197,7 @@ def supcon(
     return loss, stats
 
 
-class SupCon(nn.Module):
+class SupCon(Objective):
     """SupCon loss module: ``forward(features, labels, extra_candidates=None, extra_labels=None)``.
 
     ``features`` is (N, d) or (N, V, d); see :func:`supcon`. The statistics of the last
@@ -198,32 +207,34 @@ class SupCon(nn.Module):
 
     Example::
 
-        loss_fn = SupCon(temperature=0.1)
-        loss = loss_fn(torch.stack([proj(aug1(x)), proj(aug2(x))], 1), y)
+        import torch, contrastkit as ck
+        loss_fn = ck.losses.SupCon(temperature=0.1)
+        feats = torch.randn(16, 2, 8, requires_grad=True)
+        loss = loss_fn(feats, torch.randint(0, 3, (16,)))
         loss.backward()
     """
 
-    def __init__(self, temperature: float = 0.1, variant: str = "out", margin: float = 0.0,
-                 learn_temperature: bool = False, similarity: str = "cosine",
-                 tile_size: TileSize = None) -> None:
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        self.temperature = Temperature(temperature, learnable=learn_temperature)
+    citation = CITATION
+
+    def __init__(self, *, temperature: float = 0.1, variant: str = "out", margin: float = 0.0,
+                 learn_temperature: bool = False, similarity: str = "cosine", tile_size: TileSize = None,
+                 reduction: str = "mean") -> None:
+        check_choice("variant", variant, VARIANTS)
+        super().__init__(temperature=temperature, learn_temperature=learn_temperature, similarity=similarity,
+                         tile_size=tile_size, reduction=reduction, margin=margin)
         self.variant = variant
-        self.margin = check_margin(margin)
-        self.similarity = similarity
-        self.tile_size = tile_size
         self.last_stats: Optional[SupConStats] = None
+
+    @property
+    def work(self) -> Work:
+        return Work(rows=("features",), labels=("labels",), shared=("extra_candidates", "extra_labels"),
+                    positives="labels", self_position=True, margin=self.margin)
 
     def forward(self, features: Tensor, labels: Tensor, extra_candidates: Optional[Tensor] = None,
                 extra_labels: Optional[Tensor] = None) -> Tensor:
-        loss, self.last_stats = supcon(
-            features, labels, temperature=self.temperature(), variant=self.variant, margin=self.margin,
-            extra_candidates=extra_candidates, extra_labels=extra_labels, similarity=self.similarity,
-            tile_size=self.tile_size, return_stats=True,
-        )
+        loss, self.last_stats = supcon(features, labels, extra_candidates, extra_labels, variant=self.variant,
+                                       margin=self.margin, return_stats=True, **self._settings())
         return loss
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant!r}, margin={self.margin}, similarity={self.similarity!r}"
+        return f"variant={self.variant!r}, " + super().extra_repr()
