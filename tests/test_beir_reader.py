@@ -20,7 +20,7 @@ def scifact():
 def test_bundled_scifact_counts(scifact):
     assert len(scifact.corpus) == 5183 and len(scifact.queries) == 1109
     train, test = scifact.pairs("train"), scifact.pairs("test")
-    assert len(train) == 919 and len(test) == 339  # data/README.md
+    assert len(train) == 919 and len(test) == 339  # src/contrastkit/bundled/README.md
     q, d = train[0]
     assert q == "0-dimensional biomaterials lack inductive properties."
     title, text = scifact.corpus["31715818"]
