@@ -6,8 +6,9 @@ Example::
     loss = ck.losses.InfoNCE(temperature=0.05)(query_emb, doc_emb)
 """
 
-from . import data, engine, functional, losses, models, negatives, scale
+from . import data, engine, evaluation, functional, losses, models, negatives, scale, search
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "engine", "functional", "losses", "models", "negatives", "scale", "__version__"]
+__all__ = ["data", "engine", "evaluation", "functional", "losses", "models", "negatives", "scale", "search",
+           "__version__"]
