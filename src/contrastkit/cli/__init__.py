@@ -25,6 +25,7 @@ COMMANDS = {
     "train": "contrastkit.cli.train",
     "mine": "contrastkit.cli.mine",
     "eval": "contrastkit.cli.eval",
+    "report": "contrastkit.cli.report",
 }
 
 
