@@ -18,8 +18,8 @@ class ListBatches:
         self.data, self.bs, self.seed = data, batch_size, seed
         self.epoch, self.pos = 0, 0
 
-    def set_epoch(self, e):
-        self.epoch = e
+    def set_epoch(self, e):  # restarts the epoch, as the library's samplers do
+        self.epoch, self.pos = e, 0
 
     def __len__(self):
         return len(self.data) // self.bs

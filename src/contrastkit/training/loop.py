@@ -5,7 +5,7 @@ The loop knows nothing about text or images. A recipe gives it
 
 - ``step_fn(batch) -> loss``: one forward/backward on a batch (e.g. a gradient-cached
   step of a tiled objective); gradients are left in ``.grad``;
-- ``batches``: a batch sampler with ``set_epoch(epoch)``, ``state_dict()`` /
+- ``batches``: a batch sampler with ``set_epoch(epoch)`` (which restarts that epoch), ``state_dict()`` /
   ``load_state_dict()`` (the position inside the epoch) and ``len()``;
 - ``evaluate(step) -> metrics`` (optional): the dev evaluation, whose ``select_metric``
   picks the best model, saved by ``save_best(folder)``.
@@ -217,8 +217,10 @@ class Trainer:
     def fit(self, *, resume: bool = False) -> TrainResult:
         """Run until ``total_steps`` (from the checkpoint when ``resume``)."""
         t_start = time.perf_counter()
+        restored = False
         if resume:
             self.restore()
+            restored = True  # the sampler stands mid-epoch: do not restart the epoch below
         bar = None
         if self.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -228,7 +230,9 @@ class Trainer:
         t_last, n_since = time.perf_counter(), 0
         try:
             while self.step < self.total_steps:
-                self.batches.set_epoch(self.epoch)
+                if not restored:
+                    self.batches.set_epoch(self.epoch)
+                restored = False
                 for batch in self.batches:
                     for m in self.modules.values():
                         m.train()

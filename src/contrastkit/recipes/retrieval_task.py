@@ -1,0 +1,203 @@
+"""A retrieval task in one shape, whatever the user's data looked like.
+
+:func:`build_retrieval_task` turns the ``data`` section of the run config into a
+:class:`RetrievalTask`: a corpus (ids and texts), queries, and qrels for train, dev and
+test, plus the training examples. Every source ends up in this shape:
+
+- a BEIR folder or bundled name (``scifact``): corpus, queries and qrels as given; the
+  dev split is carved from the TRAIN queries (seeded, by query); the test qrels are
+  only for the final before / after numbers.
+- a pairs / triplets / n-tuples file: every distinct query text becomes a query, every
+  distinct positive / negative text a corpus document; dev and a held-out test split are
+  both carved from the file by query (the report says so: there is no separate test set).
+- ``format: corpus`` on a BEIR folder: unsupervised adaptation, training pairs are two
+  independent random crops of the same document (Contriever); dev and test come from the
+  folder's qrels as above.
+
+Example::
+
+    from contrastkit.training.config import load_config
+    from contrastkit.recipes.retrieval_task import build_retrieval_task
+    task = build_retrieval_task(load_config().data, seed=0)
+    print(len(task.corpus_ids), len(task.train_examples), len(task.dev_qrels), len(task.test_qrels))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from ..data import BadRecords, Example, independent_crops, load_beir, read_examples, split_dev
+from ..training.config import ConfigError, DataConfig
+
+__all__ = ["RetrievalTask", "build_retrieval_task"]
+
+Qrels = Dict[str, Dict[str, int]]
+
+
+@dataclass
+class RetrievalTask:
+    """Corpus, queries and qrels of one retrieval problem (texts carry their prefixes)."""
+
+    corpus_ids: List[str]
+    corpus_texts: List[str]
+    queries: Dict[str, str]
+    train_examples: List[Example]
+    train_qrels: Qrels
+    dev_qrels: Qrels
+    test_qrels: Qrels
+    description: str
+    test_is_held_out_from_train_file: bool = False
+    bad_records: Optional[BadRecords] = None
+    notes: List[str] = field(default_factory=list)
+
+    def corpus_index(self) -> Dict[str, int]:
+        return {d: j for j, d in enumerate(self.corpus_ids)}
+
+    def known_positive_indices(self) -> Dict[str, List[int]]:
+        """query id -> corpus indices of its relevant documents (train + dev qrels)."""
+        index = self.corpus_index()
+        out: Dict[str, List[int]] = {}
+        for qrels in (self.train_qrels, self.dev_qrels):
+            for qid, docs in qrels.items():
+                out.setdefault(qid, []).extend(index[d] for d, s in docs.items() if s > 0 and d in index)
+        return out
+
+
+def _relevant(qrels: Qrels) -> Qrels:
+    return {q: {d: s for d, s in docs.items() if s > 0} for q, docs in qrels.items()
+            if any(s > 0 for s in docs.values())}
+
+
+def _is_beir_folder(source: str) -> bool:
+    p = Path(source)
+    if p.is_dir():
+        return (p / "qrels").is_dir() or (p / "corpus.jsonl").exists() or (p / "corpus.jsonl.gz").exists()
+    return "/" not in source and "." not in Path(source).name  # a bundled name such as "scifact"
+
+
+def _load_beir(source: str):
+    p = Path(source)
+    try:
+        return load_beir(p) if p.is_dir() else load_beir(name=source)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.source: {source!r} is not a BEIR folder, a bundled dataset name or a file ({err})") \
+            from None
+
+
+def _text_id(prefix: str, text: str) -> str:
+    return prefix + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def build_retrieval_task(cfg: DataConfig, *, seed: int = 0) -> RetrievalTask:
+    """The task the ``data`` section describes (see the module doc)."""
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "beir" if _is_beir_folder(cfg.source) else "pairs"
+    if fmt in ("beir", "corpus") and _is_beir_folder(cfg.source):
+        return _from_beir(cfg, seed=seed, unsupervised=(fmt == "corpus"))
+    if fmt == "corpus":
+        raise ConfigError("data.format: corpus needs data.source to be a BEIR folder (its qrels give the dev and test "
+                          "evaluation); a bare corpus file has nothing to measure against")
+    return _from_pairs_file(cfg, seed=seed)
+
+
+def _split_queries(qids: Sequence[str], fraction: float, seed: int) -> tuple:
+    train, dev = split_dev(sorted(qids), fraction=fraction, seed=seed)
+    return list(train), list(dev)
+
+
+def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTask:
+    ds = _load_beir(cfg.source)
+    corpus_ids = list(ds.corpus)
+    corpus_texts = [cfg.document_prefix + ds.document(d) for d in corpus_ids]
+    known = set(corpus_ids)
+    train_all = _relevant(ds.load_qrels(cfg.train_split))
+    test_qrels = _relevant(ds.load_qrels(cfg.test_split)) if cfg.test_split else {}
+    for split, qrels in ((cfg.train_split, train_all), (cfg.test_split, test_qrels)):
+        for q, docs in qrels.items():
+            if q not in ds.queries:
+                raise ValueError(f"{ds.folder}/qrels/{split}.tsv: query id {q!r} is not in queries")
+            missing = [d for d in docs if d not in known]
+            if missing:
+                raise ValueError(f"{ds.folder}/qrels/{split}.tsv: document id {missing[0]!r} (query {q!r}) is not in "
+                                 "the corpus")
+    train_q, dev_q = _split_queries(list(train_all), cfg.dev_fraction, seed)
+    overlap = set(train_q) & set(test_qrels)
+    notes = []
+    if overlap:
+        notes.append(f"{len(overlap)} train queries also appear in the test qrels; they are dropped from training")
+        train_q = [q for q in train_q if q not in overlap]
+    queries = {q: cfg.query_prefix + ds.queries[q] for q in set(train_all) | set(test_qrels)}
+    train_qrels = {q: train_all[q] for q in train_q}
+    dev_qrels = {q: train_all[q] for q in dev_q}
+    if unsupervised:
+        texts = [ds.document(d) for d in corpus_ids]
+        crops = independent_crops(texts, seed=seed)
+        examples = [dataclasses.replace(ex, query=cfg.query_prefix + ex.query,
+                                        positive=cfg.document_prefix + ex.positive) for ex in crops]
+        description = f"{ds.folder.name}: {len(examples)} independent-crop pairs from {len(corpus_ids)} documents"
+        notes.append("unsupervised: training pairs are independent crops of corpus documents (Contriever); "
+                     "the train qrels give only the dev split")
+    else:
+        index = {d: j for j, d in enumerate(corpus_ids)}
+        examples = [Example(query=queries[q], positive=corpus_texts[index[d]], query_id=q, positive_id=d,
+                            source=f"{ds.folder}/qrels/{cfg.train_split}.tsv")
+                    for q in train_q for d in sorted(train_all[q])]
+        description = (f"{ds.folder.name}: {len(examples)} (query, relevant document) pairs from {len(train_q)} train "
+                       f"queries; dev {len(dev_q)} queries carved from train; test {len(test_qrels)} queries")
+    if cfg.max_train_examples is not None:
+        examples = examples[:cfg.max_train_examples]
+    return RetrievalTask(corpus_ids, corpus_texts, queries, examples, train_qrels, dev_qrels, test_qrels,
+                         description, notes=notes)
+
+
+def _from_pairs_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
+    path = Path(cfg.source)
+    if not path.is_file():
+        raise ConfigError(f"data.source: {cfg.source!r} is not a file, a BEIR folder or a bundled dataset name")
+    bad = BadRecords()
+    rows = list(read_examples(path, query_column=cfg.query_column, positive_column=cfg.positive_column,
+                              negative_columns=cfg.negative_columns, skip_bad_records=cfg.skip_bad_records,
+                              stats=bad))
+    if not rows:
+        raise ValueError(f"{path}: no usable record")
+    corpus: Dict[str, str] = {}
+    queries: Dict[str, str] = {}
+    qrels: Qrels = {}
+    examples: List[Example] = []
+    for ex in rows:
+        qid = ex.query_id or _text_id("q", ex.query)
+        queries[qid] = cfg.query_prefix + ex.query
+        pid = ex.positive_id or _text_id("d", ex.positive)
+        corpus.setdefault(pid, cfg.document_prefix + ex.positive)
+        nids = []
+        for j, neg in enumerate(ex.negatives):
+            nid = ex.negative_ids[j] if j < len(ex.negative_ids) and ex.negative_ids[j] else _text_id("d", neg)
+            corpus.setdefault(nid, cfg.document_prefix + neg)
+            nids.append(nid)
+        qrels.setdefault(qid, {})[pid] = 1
+        examples.append(dataclasses.replace(ex, query=queries[qid], positive=corpus[pid], query_id=qid,
+                                            positive_id=pid, negatives=tuple(corpus[n] for n in nids),
+                                            negative_ids=tuple(nids)))
+    # dev and a held-out "test" share of the queries, both carved from the file
+    rest, test_q = _split_queries(list(qrels), cfg.dev_fraction, seed + 1)
+    train_q, dev_q = _split_queries(rest, cfg.dev_fraction / max(1e-9, 1 - cfg.dev_fraction), seed)
+    train_set = set(train_q)
+    examples = [ex for ex in examples if ex.query_id in train_set]
+    if cfg.max_train_examples is not None:
+        examples = examples[:cfg.max_train_examples]
+    corpus_ids = list(corpus)
+    task = RetrievalTask(corpus_ids, [corpus[d] for d in corpus_ids], queries, examples,
+                         {q: qrels[q] for q in train_q}, {q: qrels[q] for q in dev_q}, {q: qrels[q] for q in test_q},
+                         f"{path.name}: {len(examples)} training examples from {len(train_q)} queries; dev "
+                         f"{len(dev_q)} and held-out test {len(test_q)} queries carved from the same file",
+                         test_is_held_out_from_train_file=True, bad_records=bad)
+    task.notes.append("the test split is a held-out share of the training file (no separate test set was given); "
+                      "its corpus is every document text in the file")
+    if bad.count:
+        task.notes.append(f"skipped {bad}")
+    return task

@@ -1,0 +1,512 @@
+"""The main job: adapt a text embedding model to a corpus and prove, with numbers, that
+it got better.
+
+Phases (each timed, logged to ``metrics.jsonl`` and summed in ``metrics.json``):
+
+1. ``load``: the retrieval task (:mod:`~contrastkit.recipes.retrieval_task`: corpus,
+   queries, train / dev / test qrels; dev carved from train) and the base model.
+2. ``encode_corpus``: the corpus once with the base model (bfloat16 where the hardware
+   runs it fast); these embeddings serve the "before" evaluation, mining, the dev corpus
+   and the false-negative guide.
+3. ``before``: test nDCG@10 / MRR@10 / Recall@100 (and every metric@k) and STS-B test
+   Spearman of the base model.
+4. ``mine``: hard negatives from a rank window with a relative-margin false-negative
+   filter (:func:`contrastkit.negatives.mining.mine_hard_negatives`).
+5. ``train``: gradient-cached steps of the tiled objective (default MNRL with the mined
+   negatives as extra columns), false negatives masked in the loss, AdamW with warm-up and
+   decay, dev evaluation, best checkpoint by dev nDCG@10, atomic checkpoints, ``--resume``.
+6. ``interpolate``: WiSE-FT, ``(1 - a) base + a tuned`` with ``a`` chosen on dev.
+7. ``after``: the same test metrics for the final model with a paired bootstrap 95%
+   interval of each difference, and STS-B again (the forgetting guard).
+
+The test qrels are used in phases 3 and 7 only: nothing is trained, mined, tuned or
+selected on them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import losses as losses_module
+from ..data import load_sts
+from ..evaluation import evaluate_retrieval, evaluate_sts, paired_bootstrap
+from ..models import TextEncoder
+from ..models.precision import autocast_dtype, cpu_has_fast_bf16, resolve_precision
+from ..negatives.mining import known_positives, mine_hard_negatives
+from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
+from ..training.config import ConfigError, RunConfig, config_to_dict, dump_config
+from ..training.interpolation import interpolate_into, snapshot
+from ..training.loop import Trainer, build_schedule
+from ..training.run_folder import RunFolder, atomic_replace_dir
+from ..training.timing import PhaseTimer
+from .retrieval_task import RetrievalTask, build_retrieval_task
+from .text_steps import Guide, RetrievalStep, fill_negatives
+
+__all__ = ["run_text_retrieval", "build_objective", "init_distributed"]
+
+HEADLINE = ("ndcg@10", "mrr@10", "recall@100")
+
+
+# -- set-up ------------------------------------------------------------------------------
+
+def init_distributed() -> Tuple[int, int, torch.device]:
+    """(rank, world, device): initialise torch.distributed under torchrun (gloo on CPU,
+    NCCL on CUDA), else (0, 1, cuda-if-available-else-cpu)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _broadcast(obj: Any, rank: int, world: int) -> Any:
+    """rank 0's ``obj`` on every process."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def build_objective(cfg: RunConfig) -> nn.Module:
+    """The ``objective`` section as a ``contrastkit.losses`` module (name, temperature,
+    learn_temperature, options); unknown names list the available ones."""
+    name = cfg.objective.name
+    available = sorted(n for n in getattr(losses_module, "__all__", dir(losses_module))
+                       if isinstance(getattr(losses_module, n, None), type)
+                       and issubclass(getattr(losses_module, n), nn.Module))
+    cls = getattr(losses_module, name, None) if name in available else None
+    if cls is None:
+        raise ConfigError(f"objective.name: {name!r} is not a loss of contrastkit.losses; allowed values: "
+                          + ", ".join(available))
+    kwargs = dict(cfg.objective.options)
+    kwargs["temperature"] = cfg.objective.temperature
+    if cfg.objective.learn_temperature:
+        kwargs["learn_temperature"] = True
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"objective.options: {name} does not take these arguments ({err})") from None
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or name.endswith("norm.weight")
+
+
+def build_optimizer(modules: Dict[str, nn.Module], cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights."""
+    decay, plain, seen = [], [], set()
+    for mname, module in modules.items():
+        for pname, p in module.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (plain if _no_decay(pname) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr)
+
+
+class _ExampleBatches:
+    """A batch sampler of example indices presented as batches of examples (the loop's
+    resumable batch source)."""
+
+    def __init__(self, sampler, examples):
+        self.sampler, self.examples = sampler, examples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for idx in self.sampler:
+            yield [self.examples[i] for i in idx]
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state)
+
+
+class _RandomBatchSampler:
+    """Seeded shuffled batches (no duplicate filtering), resumable."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0) -> None:
+        self.n, self.batch_size, self.seed, self.epoch, self.position = n, batch_size, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+        while self.position < len(self):
+            b = order[self.position * self.batch_size:(self.position + 1) * self.batch_size].tolist()
+            self.position += 1
+            yield b
+        self.position = 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# -- evaluation helpers ----------------------------------------------------------------------
+
+class _Encoders:
+    """Query / document encoding with the run's precision and lengths."""
+
+    def __init__(self, towers: Dict[str, TextEncoder], cfg: RunConfig, precision: str) -> None:
+        self.towers, self.cfg, self.precision = towers, cfg, precision
+
+    def queries(self, texts: Sequence[str], progress: Optional[str] = None) -> Tensor:
+        return self.towers["query"].encode(list(texts), batch_size=self.cfg.train.encode_batch_size,
+                                           precision=self.precision, max_length=self.cfg.model.query_max_length,
+                                           progress=progress)
+
+    def documents(self, texts: Sequence[str], progress: Optional[str] = None) -> Tensor:
+        return self.towers["document"].encode(list(texts), batch_size=self.cfg.train.encode_batch_size,
+                                              precision=self.precision,
+                                              max_length=self.cfg.model.document_max_length, progress=progress)
+
+
+def _dev_corpus(task: RetrievalTask, corpus_emb: Tensor, query_emb: Dict[str, Tensor], size: int,
+                seed: int) -> List[int]:
+    """Corpus rows of the dev evaluation: the dev positives, the base model's top
+    candidates of each dev query (hard distractors), then random documents, up to ``size``."""
+    index = task.corpus_index()
+    rows: List[int] = []
+    seen = set()
+
+    def add(j: int) -> None:
+        if j not in seen:
+            seen.add(j)
+            rows.append(j)
+
+    for docs in task.dev_qrels.values():
+        for d in docs:
+            add(index[d])
+    if task.dev_qrels:
+        q = torch.stack([query_emb[qid] for qid in task.dev_qrels])
+        per_query = max(1, (size - len(rows)) // (2 * len(task.dev_qrels)))
+        top = (q @ corpus_emb.T).topk(min(per_query, corpus_emb.shape[0]), dim=1).indices
+        for row in top.tolist():
+            for j in row:
+                add(j)
+    rng = random.Random(seed)
+    pool = [j for j in range(len(task.corpus_ids)) if j not in seen]
+    rng.shuffle(pool)
+    for j in pool[:max(0, size - len(rows))]:
+        add(j)
+    return sorted(rows)
+
+
+def _metrics(scores) -> Dict[str, float]:
+    return {k: float(v) for k, v in scores.to_dict().items()}
+
+
+# -- the job ---------------------------------------------------------------------------------
+
+def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run the main job (see the module doc); returns the ``metrics.json`` summary."""
+    rank, world, device = init_distributed()
+    if cfg.train.device != "auto":
+        device = torch.device(cfg.train.device)
+    main = rank == 0
+    say = echo if main else (lambda *_: None)
+    seed_everything(cfg.train.seed)
+    precision = resolve_precision(cfg.train.precision, device)
+    why = ("AMX / AVX512-BF16 CPU" if device.type == "cpu" and cpu_has_fast_bf16() else device.type) \
+        if precision == "bf16" else ("asked" if cfg.train.precision == "fp32" else "no fast bfloat16 on this device")
+    say(f"device {device}, precision {precision} ({why}); {world} process(es)")
+    timer = PhaseTimer(on_phase=lambda name, s: run.log({"phase": "timing", "name": name, "seconds": round(s, 3)}))
+    if main:
+        dump_config(cfg, run.file("config.yaml"))
+    ks = tuple(cfg.evaluation.ks)
+    summary: Dict[str, Any] = {"recipe": cfg.recipe, "model": cfg.model.name, "data": cfg.data.source,
+                               "device": str(device), "precision": precision, "world_size": world}
+
+    # 1. load --------------------------------------------------------------------------------
+    with timer("load"):
+        task = build_retrieval_task(cfg.data, seed=cfg.train.seed)
+        say(task.description)
+        for note in task.notes:
+            say(f"note: {note}")
+        query_tower = TextEncoder(cfg.model.name, pooling=cfg.model.pooling, normalize=cfg.model.normalize,
+                                  max_length=cfg.model.document_max_length,
+                                  trust_remote_code=cfg.model.trust_remote_code).to(device)
+        doc_tower = copy.deepcopy(query_tower) if cfg.model.separate_towers else query_tower
+        towers = {"query": query_tower, "document": doc_tower}
+        encoders = _Encoders(towers, cfg, precision)
+        sts = load_sts("test") if cfg.data.sts else None
+    summary["task"] = task.description
+    summary["notes"] = task.notes
+
+    # 2-3. encode once, evaluate the base model --------------------------------------------------
+    needed_q = sorted(set(task.train_qrels) | set(task.dev_qrels) | set(task.test_qrels)
+                      | {e.query_id for e in task.train_examples if e.query_id in task.queries})
+    corpus_emb = query_emb_rows = before_scores = None
+    query_emb: Dict[str, Tensor] = {}
+    if main:
+        with timer("encode_corpus"):
+            corpus_emb = encoders.documents(task.corpus_texts, progress="encode corpus (base)")
+        with timer("before"):
+            q_rows = encoders.queries([task.queries[q] for q in needed_q], progress="encode queries (base)")
+            query_emb = {q: q_rows[i] for i, q in enumerate(needed_q)}
+            query_emb_rows = q_rows
+            if task.test_qrels:
+                before = before_scores = _evaluate_test(task, encoders, corpus_emb, ks)
+                summary["before"] = _metrics(before)
+                run.log({"phase": "before", "split": "test", **summary["before"]})
+                say("before (test): " + "  ".join(f"{m} {summary['before'][m]:.4f}" for m in HEADLINE))
+            if sts is not None:
+                summary["sts"] = {"split": "test", "before": evaluate_sts(lambda t: encoders.queries(t), sts)}
+                say(f"before (STS-B test): spearman {summary['sts']['before']['spearman']:.4f}")
+    dev_rows = _dev_corpus(task, corpus_emb, query_emb, cfg.train.dev_corpus_size, cfg.train.seed) \
+        if main and task.dev_qrels else []
+    dev_ids = [task.corpus_ids[j] for j in dev_rows]
+    dev_texts = {d: task.corpus_texts[j] for d, j in zip(dev_ids, dev_rows)}
+    dev_queries = {q: task.queries[q] for q in task.dev_qrels}
+
+    def dev_eval(corpus_rows: Optional[Tensor] = None) -> Dict[str, float]:
+        emb = corpus_rows if corpus_rows is not None else encoders.documents([dev_texts[d] for d in dev_ids])
+        scores = evaluate_retrieval(lambda t: encoders.queries(t), None, dev_queries, dev_texts, task.dev_qrels,
+                                    ks=ks, corpus_embeddings=emb, corpus_ids=dev_ids)
+        return _metrics(scores)
+
+    select = cfg.evaluation.select_metric
+    if main and dev_queries:
+        summary["dev"] = {"before": dev_eval(corpus_emb[dev_rows]), "corpus_size": len(dev_ids),
+                          "queries": len(dev_queries)}
+        run.log({"phase": "dev", "step": 0, "epoch": 0, **summary["dev"]["before"]})
+        say(f"dev ({len(dev_queries)} queries x {len(dev_ids)} documents), base: {select} "
+            f"{summary['dev']['before'][select]:.4f}")
+
+    # 4. mine ---------------------------------------------------------------------------------------
+    examples = list(task.train_examples)
+    known_ids = {q: {d for d, s in docs.items() if s > 0} for q, docs in {**task.train_qrels, **task.dev_qrels}.items()}
+    h = cfg.negatives.num_negatives
+    with timer("mine"):
+        if main:
+            have_ids = all(e.query_id in query_emb and e.positive_id is not None for e in examples)
+            if cfg.negatives.mine and h > 0 and have_ids:
+                positives = known_positives(examples, corpus_ids=task.corpus_ids)
+                q = torch.stack([query_emb[e.query_id] for e in examples])
+                mined = mine_hard_negatives(q, corpus_emb, positives, num_negatives=h,
+                                            rank_window=tuple(cfg.negatives.rank_window),
+                                            sampling=cfg.negatives.sampling,
+                                            relative_margin=cfg.negatives.relative_margin,
+                                            absolute_margin=cfg.negatives.absolute_margin, seed=cfg.train.seed)
+                say(mined.summary())
+                summary["mining"] = mined.stats
+                examples = mined.to_examples(examples, task.corpus_texts, task.corpus_ids)
+            elif cfg.negatives.mine and h > 0:
+                say("note: mining skipped (the training pairs have no query / document ids in the corpus); "
+                    "negatives are drawn at random")
+            if h > 0:
+                examples = fill_negatives(examples, h, task.corpus_ids, task.corpus_texts, known_ids,
+                                          seed=cfg.train.seed)
+        examples = _broadcast(examples, rank, world)
+
+    # 5. train --------------------------------------------------------------------------------------
+    objective = build_objective(cfg).to(device)
+    loss_module: nn.Module = objective
+    if world > 1:
+        from ..scale import DistributedLoss
+
+        loss_module = DistributedLoss(objective)
+    guide = None
+    if cfg.negatives.guide_mask and corpus_emb is not None and world == 1:
+        guide = Guide(query_index={q: i for i, q in enumerate(needed_q)}, query_embeddings=query_emb_rows,
+                      doc_index=task.corpus_index(), doc_embeddings=corpus_emb, margin=cfg.negatives.guide_margin)
+    train_doc_len = cfg.model.train_document_max_length or cfg.model.document_max_length
+    step_fn = RetrievalStep(query_encoder=query_tower, doc_encoder=doc_tower if cfg.model.separate_towers else None,
+                            objective=loss_module, query_max_length=cfg.model.query_max_length,
+                            doc_max_length=train_doc_len, chunk_size=cfg.batching.chunk_size,
+                            autocast_dtype=autocast_dtype(precision), sort_by_length=cfg.batching.sort_by_length,
+                            known_positives=known_ids, mask_duplicates=cfg.negatives.mask_duplicates, guide=guide,
+                            rank=rank, world=world)
+    if len(examples) < cfg.batching.batch_size:
+        raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} is larger than the {len(examples)} "
+                          "training examples")
+    if cfg.batching.sampler == "no_duplicates":
+        sampler = NoDuplicatesBatchSampler(examples, cfg.batching.batch_size, seed=cfg.train.seed, drop_last=True)
+    elif cfg.batching.sampler == "b3":
+        if corpus_emb is None and world > 1:
+            raise ConfigError("batching.sampler: b3 is not available with several processes yet")
+        teacher = torch.stack([query_emb[e.query_id] for e in examples])
+        sampler = B3BatchSampler(examples, cfg.batching.batch_size, query_embeddings=teacher, seed=cfg.train.seed)
+    else:
+        sampler = _RandomBatchSampler(len(examples), cfg.batching.batch_size, seed=cfg.train.seed)
+    batches = _ExampleBatches(sampler, examples)
+    steps_per_epoch = max(1, len(batches))
+    total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
+    trainable = {"query": query_tower}
+    if cfg.model.separate_towers:
+        trainable["document"] = doc_tower
+    if any(p.requires_grad for p in objective.parameters()):
+        trainable["objective"] = objective
+    optimizer = build_optimizer(trainable, cfg)
+    schedule = build_schedule(optimizer, kind=cfg.optim.schedule, total_steps=total,
+                              warmup_steps=int(cfg.optim.warmup_ratio * total))
+    base_states = {k: snapshot(t.model) for k, t in towers.items()} if cfg.interpolation.enabled else {}
+
+    def evaluate(step: int) -> Dict[str, float]:
+        return _broadcast(dev_eval() if main else None, rank, world)
+
+    def save_best(folder: Path) -> None:
+        atomic_replace_dir(lambda tmp: _save_towers(towers, tmp, cfg.model.separate_towers), folder)
+
+    say(f"training: {len(examples)} examples, batch {cfg.batching.batch_size} (chunks of {cfg.batching.chunk_size}), "
+        f"{h} hard negative(s) each, {total} steps ({steps_per_epoch} per epoch), objective {cfg.objective.name} "
+        f"at temperature {cfg.objective.temperature}, training documents cut at {train_doc_len} tokens")
+    trainer = Trainer(modules=trainable, step_fn=step_fn, batches=batches, optimizer=optimizer, scheduler=schedule,
+                      total_steps=total, evaluate=evaluate if dev_queries or not main else None,
+                      select_metric=select, save_best=save_best, eval_every=cfg.train.eval_every,
+                      checkpoint_every=cfg.train.checkpoint_every, max_grad_norm=cfg.optim.max_grad_norm, run=run,
+                      progress=main, examples_per_step=cfg.batching.batch_size)
+    with timer("train"):
+        result = trainer.fit(resume=cfg.output.resume)
+    train_losses = [r["loss"] for r in run.records() if r.get("phase") == "train"] if main else []
+    summary["train"] = {"steps": result.steps, "examples": len(examples), "batch_size": cfg.batching.batch_size,
+                        "epochs": cfg.optim.epochs, "steps_per_epoch": steps_per_epoch,
+                        "loss_first": train_losses[0] if train_losses else None,
+                        "loss_last": train_losses[-1] if train_losses else None}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    if not main:
+        return summary
+
+    # 6. interpolate (WiSE-FT) --------------------------------------------------------------------------
+    with timer("interpolate"):
+        if result.best_step is not None and run.file("best").is_dir():
+            _load_towers(towers, run.file("best"), cfg.model.separate_towers)
+            summary["dev"]["best_step"] = result.best_step
+            summary["dev"]["best"] = next((h for h in result.history if h["step"] == result.best_step), {})
+        if cfg.interpolation.enabled and dev_queries:
+            tuned = {k: snapshot(t.model) for k, t in towers.items()}
+            scores = []
+            for a in cfg.interpolation.alphas:
+                if a == 1.0 and summary["dev"].get("best"):
+                    s = summary["dev"]["best"][select]
+                elif a == 0.0:
+                    s = summary["dev"]["before"][select]
+                else:
+                    for k, t in towers.items():
+                        interpolate_into(t.model, base_states[k], tuned[k], a)
+                    s = dev_eval()[select]
+                scores.append(float(s))
+                run.log({"phase": "interpolation", "alpha": a, select: float(s)})
+                say(f"interpolation a={a:.2f}: dev {select} {s:.4f}")
+            best_i = max(range(len(scores)), key=lambda i: (scores[i], -cfg.interpolation.alphas[i]))
+            chosen = cfg.interpolation.alphas[best_i]
+            for k, t in towers.items():
+                interpolate_into(t.model, base_states[k], tuned[k], chosen)
+            summary["dev"]["interpolation"] = {"alphas": list(cfg.interpolation.alphas), "scores": scores,
+                                               "metric": select, "chosen_alpha": chosen}
+            say(f"chosen a={chosen} on dev")
+        atomic_replace_dir(lambda tmp: _save_towers(towers, tmp, cfg.model.separate_towers), run.file("model"))
+
+    # 7. after -------------------------------------------------------------------------------------------
+    with timer("after"):
+        if task.test_qrels:
+            corpus_after = encoders.documents(task.corpus_texts, progress="encode corpus (final)")
+            after = _evaluate_test(task, encoders, corpus_after, ks)
+            summary["after"] = _metrics(after)
+            run.log({"phase": "after", "split": "test", **summary["after"]})
+            if list(after.query_ids) != list(before_scores.query_ids):
+                raise RuntimeError("before and after scored different test queries; the paired bootstrap needs one set")
+            summary["difference"] = {}
+            for m in HEADLINE:
+                if m in after.per_query:
+                    summary["difference"][m] = paired_bootstrap(before_scores.per_query[m], after.per_query[m],
+                                                                n_resamples=cfg.evaluation.bootstrap_resamples,
+                                                                seed=cfg.train.seed)
+            run.write_json("per_query.json", {"metric": "ndcg@10", "query_ids": list(after.query_ids),
+                                              "before": before_scores.per_query["ndcg@10"].tolist(),
+                                              "after": after.per_query["ndcg@10"].tolist()})
+        if sts is not None:
+            summary["sts"]["after"] = evaluate_sts(lambda t: encoders.queries(t), sts)
+    summary["phases"] = dict(timer.seconds)
+    summary["wall_seconds"] = round(timer.total(), 2)
+    summary["test_split"] = cfg.data.test_split if not task.test_is_held_out_from_train_file else "held-out share"
+    summary["versions"] = _versions()
+    run.write_json("metrics.json", summary)
+    return summary
+
+
+def _evaluate_test(task: RetrievalTask, encoders: _Encoders, corpus_emb: Tensor, ks):
+    """Test metrics of the current query tower against ``corpus_emb`` (whole corpus)."""
+    queries = {q: task.queries[q] for q in task.test_qrels}
+    return evaluate_retrieval(lambda t: encoders.queries(t), None, queries,
+                              dict(zip(task.corpus_ids, task.corpus_texts)), task.test_qrels, ks=ks,
+                              corpus_embeddings=corpus_emb, corpus_ids=task.corpus_ids)
+
+
+def _save_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:
+    if separate:
+        towers["query"].save(str(folder / "query"))
+        towers["document"].save(str(folder / "document"))
+    else:
+        towers["query"].save(str(folder))
+
+
+def _load_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:
+    from safetensors.torch import load_file
+
+    for name, tower in towers.items():
+        sub = folder / name if separate else folder
+        state = load_file(str(sub / "model.safetensors"))
+        missing, unexpected = tower.model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.endswith("position_ids")]
+        if bad or unexpected:
+            raise ValueError(f"{sub} does not match the model: missing {bad[:3]}, unexpected {list(unexpected)[:3]}")
+        if not separate:
+            break
+
+
+def _versions() -> Dict[str, str]:
+    from .. import __version__
+
+    out = {"contrastkit": __version__, "torch": torch.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out

@@ -1,0 +1,154 @@
+"""One training step of the text-retrieval recipe: a batch of examples -> tokens ->
+gradient-cached tiled objective with false negatives masked.
+
+The candidates of a batch of N examples with h hard negatives each are laid out as the
+MNRL / InfoNCE-with-hard-negatives columns: the N positives, then the first negatives of
+all examples, then the second, ... (:func:`contrastkit.negatives.false_negatives.mnrl_columns`).
+Two masks remove false negatives from each anchor's denominator without forming N x M:
+
+- :class:`~contrastkit.negatives.false_negatives.DuplicatePositiveMask`: a candidate that
+  is another known positive of the anchor's query (a query with several relevant
+  documents; the same document mined for another query);
+- :class:`~contrastkit.negatives.false_negatives.GuideMask` (GISTEmbed, Solatorio 2024,
+  arXiv:2402.16829): a candidate the frozen base model scores above the anchor's positive
+  minus ``guide_margin``. The guide's embeddings are looked up from the base model's
+  corpus and query embeddings computed once before training (no extra encoder pass).
+
+The encoder passes are chunked by :class:`contrastkit.scale.GradCache`, so the batch is
+set by the data, not by memory. Under ``torchrun`` each process encodes its slice of the
+global batch and the objective, wrapped in :class:`contrastkit.scale.DistributedLoss`,
+sees every rank's candidates.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Set
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Example
+from ..negatives.false_negatives import DuplicatePositiveMask, GuideMask, mnrl_columns
+from ..scale import GradCache
+
+__all__ = ["Guide", "RetrievalStep", "fill_negatives"]
+
+
+@dataclass
+class Guide:
+    """The frozen base model's embeddings, by id: the GISTEmbed guide without extra passes."""
+
+    query_index: Mapping[str, int]
+    query_embeddings: Tensor
+    doc_index: Mapping[str, int]
+    doc_embeddings: Tensor
+    margin: float = 0.0
+
+    def covers(self, examples: Sequence[Example]) -> bool:
+        return all(e.query_id in self.query_index for e in examples) and all(
+            d in self.doc_index for e in examples for d in (e.positive_id, *e.negative_ids))
+
+
+def fill_negatives(examples: Sequence[Example], num_negatives: int, corpus_ids: Sequence[str],
+                   corpus_texts: Sequence[str], known: Mapping[str, Set[str]], *, seed: int = 0) -> List[Example]:
+    """Give every example exactly ``num_negatives`` negatives (the objective's columns
+    need one count): extra ones are cut, missing ones (the mining window ran out) are
+    drawn uniformly from the corpus, never a known positive of the query; seeded."""
+    import dataclasses
+
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        negs, ids = list(ex.negatives[:num_negatives]), list(ex.negative_ids[:num_negatives])
+        if len(ids) < len(negs):
+            ids += [None] * (len(negs) - len(ids))
+        avoid = set(known.get(ex.query_id, ())) | {ex.positive_id} | set(ids)
+        tries = 0
+        while len(negs) < num_negatives:
+            j = rng.randrange(len(corpus_ids))
+            tries += 1
+            if corpus_ids[j] in avoid and tries < 1000:
+                continue
+            negs.append(corpus_texts[j])
+            ids.append(corpus_ids[j])
+            avoid.add(corpus_ids[j])
+        out.append(dataclasses.replace(ex, negatives=tuple(negs), negative_ids=tuple(ids)))
+    return out
+
+
+class RetrievalStep:
+    """``step(examples) -> loss``: forward and backward of one global batch (see module doc).
+
+    Args:
+        query_encoder: a :class:`contrastkit.models.TextEncoder` (shared tower when
+            ``doc_encoder`` is None).
+        objective: a ``contrastkit.losses`` module taking ``(anchors, positives,
+            *hard_negatives, masks=...)`` (or a DistributedLoss around one).
+        query_max_length, doc_max_length: token truncation in training.
+        chunk_size: rows per gradient-cached encoder pass.
+        autocast_dtype: ``torch.bfloat16`` or None.
+        known_positives: query id -> ids of all its relevant documents (for the duplicate mask).
+        guide: base-model embeddings for the GISTEmbed mask, or None.
+        rank, world: this process's slice of the global batch.
+    """
+
+    def __init__(self, *, query_encoder: nn.Module, objective: nn.Module, query_max_length: int,
+                 doc_max_length: int, chunk_size: int, doc_encoder: Optional[nn.Module] = None,
+                 autocast_dtype: Optional[torch.dtype] = None, sort_by_length: bool = True,
+                 known_positives: Optional[Mapping[str, Set[str]]] = None, mask_duplicates: bool = True,
+                 guide: Optional[Guide] = None, rank: int = 0, world: int = 1) -> None:
+        self.query_encoder, self.doc_encoder = query_encoder, doc_encoder
+        self.objective = objective
+        self.query_max_length, self.doc_max_length = int(query_max_length), int(doc_max_length)
+        self.known = known_positives or {}
+        self.mask_duplicates, self.guide = mask_duplicates, guide
+        self.rank, self.world = rank, world
+        self.cache = GradCache(query_encoder, objective, doc_encoder=doc_encoder, chunk_size=chunk_size,
+                               sort_by_length=sort_by_length, autocast_dtype=autocast_dtype)
+        self.masked_last = 0
+
+    def _tokens(self, encoder: nn.Module, texts: List[str], max_length: int) -> Dict[str, Tensor]:
+        device = next(encoder.parameters()).device
+        enc = encoder.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items()}
+
+    def masks(self, batch: Sequence[Example]) -> list:
+        """The false-negative masks of a global batch (anchor rows x MNRL columns)."""
+        n = len(batch)
+        positive_index = torch.arange(n)
+        out = []
+        if self.mask_duplicates and all(e.query_id is not None for e in batch):
+            cols = mnrl_columns(batch, key="id")
+            rows = [set(self.known.get(e.query_id, ())) for e in batch]
+            out.append(DuplicatePositiveMask(rows, cols, positive_index))
+        if self.guide is not None and self.guide.covers(batch):
+            g = self.guide
+            q = g.query_embeddings[[g.query_index[e.query_id] for e in batch]]
+            cols = mnrl_columns(batch, key="id")
+            c = g.doc_embeddings[[g.doc_index[d] for d in cols]]
+            out.append(GuideMask(q, c, positive_index, margin=g.margin))
+        return out
+
+    def local_slice(self, batch: Sequence[Example]) -> List[Example]:
+        """This process's share of the global batch (contiguous, sizes differ by at most one)."""
+        n = len(batch)
+        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        return list(batch[lo:hi])
+
+    def __call__(self, batch: Sequence[Example]) -> Tensor:
+        batch = list(batch)
+        counts = {len(e.negatives) for e in batch}
+        if len(counts) != 1:
+            raise ValueError(f"a batch mixes examples with {sorted(counts)} negatives; fill_negatives() evens them")
+        h = counts.pop()
+        local = self.local_slice(batch)
+        doc_encoder = self.doc_encoder or self.query_encoder
+        q = self._tokens(self.query_encoder, [e.query for e in local], self.query_max_length)
+        groups = [q, self._tokens(doc_encoder, [e.positive for e in local], self.doc_max_length)]
+        for k in range(h):
+            groups.append(self._tokens(doc_encoder, [e.negatives[k] for e in local], self.doc_max_length))
+        masks = self.masks(batch) if self.world == 1 else []
+        loss_kwargs = {"masks": masks} if masks else {}
+        return self.cache.step(*groups, loss_kwargs=loss_kwargs)

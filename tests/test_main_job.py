@@ -1,0 +1,131 @@
+"""The main job end to end on a tiny BEIR folder and a tiny BERT: run folder contents,
+the saved model in sentence-transformers layout, exact resume, overwrite refusal, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from contrastkit.cli import main
+from main_job_fixtures import make_beir, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mainjob")
+    return make_beir(root / "beir"), make_tiny_model(root / "model")
+
+
+def _args(data, model, out, *extra):
+    return ["train", "--data", str(data), "--model", str(model), "--output", str(out), "--batch-size", "8",
+            "--chunk-size", "3", "--lr", "1e-3", "--precision", "fp32",
+            "--set", "model.query_max_length=16", "--set", "model.document_max_length=32",
+            "--set", "train.dev_corpus_size=20", "--set", "train.eval_every=2", "--set", "data.dev_fraction=0.25",
+            "--set", "negatives.rank_window=[0, 10]", "--set", "evaluation.bootstrap_resamples=200", *extra]
+
+
+def test_default_config_is_the_documented_main_job():
+    from contrastkit.training.config import load_config
+
+    cfg = load_config()
+    assert (cfg.data.source, cfg.model.name, cfg.objective.name) == ("scifact", "all-MiniLM-L6-v2",
+                                                                      "MultipleNegativesRanking")
+    assert cfg.interpolation.enabled and cfg.negatives.mine and cfg.data.sts
+
+
+def test_train_writes_the_run_folder(tiny, tmp_path, capsys):
+    data, model = tiny
+    out = tmp_path / "run"
+    assert main(_args(data, model, out, "--max-steps", "4", "--set", "data.sts=true")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("before", "after", "difference", "sts", "dev", "mining", "train", "phases", "wall_seconds"):
+        assert key in m, key
+    assert 0.0 <= m["before"]["ndcg@10"] <= 1.0 and 0.0 <= m["after"]["ndcg@10"] <= 1.0
+    d = m["difference"]["ndcg@10"]
+    assert d["low"] <= d["mean_diff"] <= d["high"]
+    assert m["dev"]["interpolation"]["chosen_alpha"] in m["dev"]["interpolation"]["alphas"]
+    assert m["train"]["steps"] == 4
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["phase"] == "dev"] == [0, 2, 4]
+    assert any(r["phase"] == "train" for r in records) and any(r["phase"] == "timing" for r in records)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["optim"]["max_steps"] == 4 and cfg["output"]["dir"] == str(out)
+    pq = json.loads((out / "per_query.json").read_text())
+    assert len(pq["before"]) == len(pq["after"]) == m["after"]["n_queries"]
+    # the saved model loads in sentence-transformers and gives our embeddings
+    from sentence_transformers import SentenceTransformer
+
+    from contrastkit.models import TextEncoder
+
+    texts = ["what about protein 3?", "we measured gene and cell in patients 7"]
+    ours = TextEncoder(str(out / "model"), max_length=None).encode(texts)
+    theirs = SentenceTransformer(str(out / "model"), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    printed = capsys.readouterr().out
+    assert "ndcg@10" in printed and "95% CI" in printed
+
+
+def test_the_test_split_is_never_trained_on(tiny, tmp_path):
+    from contrastkit.recipes.retrieval_task import build_retrieval_task
+    from contrastkit.training.config import load_config
+
+    data, _ = tiny
+    task = build_retrieval_task(load_config(overrides=[f"data.source={data}", "data.dev_fraction=0.25"]).data)
+    train_q = {e.query_id for e in task.train_examples}
+    assert not train_q & set(task.test_qrels) and not train_q & set(task.dev_qrels)
+    assert set(task.dev_qrels) <= set(load_beir_train(data))
+
+
+def load_beir_train(data):
+    from contrastkit.data import load_beir
+
+    return load_beir(data).load_qrels("train")
+
+
+def test_resume_gives_the_same_final_weights(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    data, model = tiny
+    common = ["--max-steps", "6", "--no-interpolation", "--set", "data.sts=false",
+              "--set", "train.checkpoint_every=1"]
+    assert main(_args(data, model, tmp_path / "full", *common)) == 0
+    # a run that is killed after its step-3 checkpoint, then resumed
+    import contrastkit.training.loop as loop
+
+    original = loop.Trainer.save
+    calls = {"n": 0}
+
+    def save_then_die(self):
+        original(self)
+        if self.step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    loop.Trainer.save = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(_args(data, model, tmp_path / "part", *common))
+    finally:
+        loop.Trainer.save = original
+    assert main(_args(data, model, tmp_path / "part", *common, "--resume")) == 0
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_existing_run_folder_is_refused_and_config_errors_are_named(tiny, tmp_path, capsys):
+    data, model = tiny
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_args(data, model, out, "--max-steps", "1")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert main(["train", "--set", "batching.sampler=magic"]) == 2
+    assert "batching.sampler: 'magic' is not allowed; allowed values: no_duplicates, random, b3" in \
+        capsys.readouterr().err
+    assert main(_args(data, model, tmp_path / "x", "--objective", "NoSuchLoss", "--max-steps", "1")) == 2
+    assert "objective.name: 'NoSuchLoss'" in capsys.readouterr().err
