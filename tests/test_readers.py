@@ -38,7 +38,8 @@ def test_jsonl_pairs_triplets_ntuples(tmp_path):
 
 
 def test_negative_column_names():
-    cols = ["query", "positive", "negative_10", "neg", "negative_2", "negative_ids", "neg_1_id", "other"]
+    cols = ["query", "positive", "negative_10", "neg", "negative_2", "negative_ids", "neg_1_id", "other",
+            "negative_scores", "neg_2_score"]
     assert negative_column_names(cols) == ["neg", "negative_2", "negative_10"]
 
 

@@ -66,8 +66,8 @@ def _natural_key(name: str):
 def negative_column_names(columns: Sequence[str]) -> List[str]:
     """The columns read as negatives when ``negative_columns=None``: every column whose
     name starts with ``neg`` (``negative``, ``negative_1``, ``neg2``, ``negatives``...),
-    except id columns (names ending in ``id`` / ``ids``), in natural order
-    (``negative_2`` before ``negative_10``).
+    except id and score columns (names ending in ``id``, ``ids``, ``score`` or
+    ``scores``), in natural order (``negative_2`` before ``negative_10``).
 
     Example::
 
@@ -77,7 +77,7 @@ def negative_column_names(columns: Sequence[str]) -> List[str]:
     out = []
     for c in columns:
         low = c.lower()
-        if low.startswith("neg") and not re.search(r"ids?$", low):
+        if low.startswith("neg") and not re.search(r"(ids?|scores?)$", low):
             out.append(c)
     return sorted(out, key=_natural_key)
 
@@ -183,7 +183,7 @@ def read_examples(path: PathLike, *, format: Optional[str] = None, query_column:
             read transparently for the text formats.
         format: one of ``"jsonl"``, ``"csv"``, ``"tsv"``, ``"parquet"``; default from the suffix.
         query_column, positive_column: the columns holding the query and positive text.
-        negative_columns: ``None``: every column named ``neg*`` except id columns, in
+        negative_columns: ``None``: every column named ``neg*`` except id / score columns, in
             natural order (see :func:`negative_column_names`); or an explicit list. A
             negative cell may be a string or (JSON lines / Parquet) a list of strings.
         skip_bad_records: count and skip malformed records instead of raising.
