@@ -90,14 +90,20 @@ def test_tiled_lse_matches_naive_values_and_grads(data):
     rb = _randn(gen, n, scale=3.0) if use_rb else None
     cb = _randn(gen, m, scale=3.0) if use_cb else None
 
+    # the engine's scale= (1 / temperature): none, a number, a learnable scalar, one per row
+    s_kind = data.draw(st.sampled_from(["none", "float", "scalar", "row"]), label="scale=")
+    s = {"none": None, "float": 0.5, "scalar": torch.tensor(0.5, dtype=D64, requires_grad=True),
+         "row": (torch.rand(n, generator=gen, dtype=D64) + 0.5).requires_grad_()}[s_kind]
+    s_ref = {"none": 1.0, "float": 0.5, "scalar": s, "row": s[:, None] if s_kind == "row" else None}[s_kind]
+
     lse_r, lse_c = tiled_logsumexp(q, k, row_bias=rb, col_bias=cb, masks=masks, symmetric=symmetric,
-                                   tile_size=tile)
-    ref_r, ref_c = naive_lse(q, k, row_bias=rb, col_bias=cb, drop=drop)
+                                   tile_size=tile, scale=s)
+    ref_r, ref_c = naive_lse(q * s_ref, k, row_bias=rb, col_bias=cb, drop=drop)
     assert lse_r.dtype == D64 and lse_r.shape == (n,)
     # rows / columns with every entry dropped are -inf, exactly as the naive logsumexp says
     assert torch.equal(torch.isinf(lse_r), torch.isinf(ref_r))
     fin_r = torch.isfinite(ref_r)
-    mag = float((q.detach() @ k.detach().T).abs().max()) + 10.0
+    mag = 1.5 * float((q.detach() @ k.detach().T).abs().max()) + 10.0  # 1.5: the largest scale= drawn
     assert_rel_close(lse_r[fin_r], ref_r[fin_r], scale=mag, what="lse rows")
     if symmetric:
         assert lse_c is not None and lse_c.shape == (m,)
@@ -116,11 +122,12 @@ def test_tiled_lse_matches_naive_values_and_grads(data):
         g_c = torch.randn(m, generator=gen, dtype=D64) * fin_c
         out = out + (torch.where(fin_c, lse_c, 0.0) * g_c).sum()
         ref = ref + (torch.where(fin_c, ref_c, 0.0) * g_c).sum()
-    inputs = [x for x in (q, k, rb, cb) if x is not None]
+    names, inputs = zip(*[(nm, x) for nm, x in zip(["dq", "dk", "drow_bias", "dcol_bias", "dscale"],
+                                                    (q, k, rb, cb, s)) if isinstance(x, torch.Tensor)])
     if not out.requires_grad:  # every row dropped: nothing to differentiate
         return
     got, want = grads_of(out, inputs), grads_of(ref, inputs)
-    for name, a, b in zip(["dq", "dk", "drow_bias", "dcol_bias"], got, want):
+    for name, a, b in zip(names, got, want):
         assert torch.isfinite(a).all(), name
         assert_rel_close(a, b, what=name)
 

@@ -125,8 +125,9 @@ def tiled_softplus_rows(q: Tensor, k: Tensor, *, row_bias: Optional[Tensor] = No
                         tile_size: TileSize = None, positives: Optional[Tensor] = None) -> Tensor:
     """Per row, ``sum_j softplus(z_ij U_ij)`` with ``U_ij = s_i q_i . k_j + b_i`` over the
     entries the masks keep; z_ij = -1 except at the positive cell (i, positives_i), where
-    z = +1 (SigLIP's ``-log sigmoid(z U)``). Without ``positives`` every kept pair is a
-    negative: ``sum_j softplus(U_ij)``.
+    z = +1 (SigLIP's ``-log sigmoid(z U)``); the positive cell counts as ``softplus(-U_ip)``
+    even where a mask covers it. Without ``positives`` every kept pair is a negative:
+    ``sum_j softplus(U_ij)``.
 
     ``scale`` (s = 1 / temperature): a python number, a 0-dim tensor (possibly requiring
     grad) or one per row (N,). ``positives``: LongTensor (N,) of column indices, -1 for a
