@@ -138,6 +138,8 @@ def test_errors():
         retrieval_metrics({"q": [1, 2]}, qrels, ks=(1,))
     with pytest.raises(ValueError, match="is not a number"):
         retrieval_metrics({"q": [("a", "high")]}, qrels, ks=(1,))
+    with pytest.raises(ValueError, match="relevance 'yes' is not a number"):
+        retrieval_metrics({"q": ["a"]}, {"q": {"a": "yes"}}, ks=(1,))
     with pytest.raises(ValueError, match=r"in \[-1, 2\)"):
         retrieval_metrics(torch.tensor([[5]]), qrels, ks=(1,), query_ids=["q"], corpus_ids=["a", "b"])
 
@@ -274,3 +276,21 @@ def test_evaluate_retrieval_errors():
         evaluate_retrieval(enc, enc, {"q": "t"}, corpus, {"q": {"a": 1}}, ks=(1,), corpus_embeddings=torch.randn(3, 4))
     with pytest.raises(ValueError, match="no query with a relevant"):
         evaluate_retrieval(enc, enc, {"q": "t"}, corpus, {"q": {"a": 0}}, ks=(1,))
+
+
+def test_docstring_examples():
+    import doctest
+
+    import contrastkit.evaluation.retrieval as retrieval
+    import contrastkit.evaluation.stats as stats
+
+    for module in (retrieval, stats):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_evaluate_retrieval_int_ids():
+    emb = torch.eye(4)
+    enc = lambda texts: torch.stack([emb[int(t[-1])] for t in texts])  # noqa: E731
+    s = evaluate_retrieval(enc, enc, {7: "q2"}, {i: f"doc{i}" for i in range(4)}, {7: {2: 1}}, ks=(1,))
+    assert s.query_ids == ["7"] and s.mean["ndcg@1"] == 1.0

@@ -88,6 +88,8 @@ def test_bad_inputs():
         exact_topk(q, c, 2, exclude=[[0]])
     with pytest.raises(ValueError, match=r"exclude\[1\].*outside"):
         exact_topk(q, c, 2, exclude=[[0], [5]])
+    with pytest.raises(ValueError, match=r"exclude\[0\].*outside"):
+        topk(q, c, 2, exclude=[[-1], []], method="faiss-flat")
     with pytest.raises(ValueError, match="method must be one of"):
         topk(q, c, 2, method="annoy")
     with pytest.raises(ValueError, match="block_size"):
@@ -152,3 +154,14 @@ def test_auto_switches_to_ivf_above_threshold():
     assert torch.equal(again[1], ivf_named[1])
     with pytest.raises(ValueError, match="index holds"):
         topk(q, c[:10], 5, method="faiss-ivf", index=index)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import contrastkit.search.ann as ann
+    import contrastkit.search.exact as exact
+
+    for module in (exact, ann):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

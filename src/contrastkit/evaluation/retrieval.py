@@ -144,6 +144,13 @@ def _ranking_lists(ranking, query_ids: Optional[Sequence], corpus_ids: Optional[
     return {str(q): _ranked_ids(str(q), v) for q, v in ranking.items()}, None
 
 
+def _relevance(qid, doc_id, r) -> float:
+    try:
+        return float(r)
+    except (TypeError, ValueError):
+        raise ValueError(f"qrels[{qid!r}][{doc_id!r}]: relevance {r!r} is not a number") from None
+
+
 def retrieval_metrics(ranking, qrels: Qrels, ks: Sequence[int] = (1, 10, 100), *,
                       query_ids: Optional[Sequence] = None, corpus_ids: Optional[Sequence] = None,
                       require_depth: bool = True) -> RetrievalScores:
@@ -190,7 +197,8 @@ def retrieval_metrics(ranking, qrels: Qrels, ks: Sequence[int] = (1, 10, 100), *
     for qid, docs in qrels.items():
         if not isinstance(docs, Mapping):
             raise ValueError(f"qrels[{qid!r}] must be {{doc_id: relevance}}, got {type(docs).__name__}")
-        pos = {str(d): float(r) for d, r in docs.items() if float(r) > 0}
+        pos = {str(d): _relevance(qid, d, r) for d, r in docs.items()}
+        pos = {d: r for d, r in pos.items() if r > 0}
         if pos:
             judged.append(str(qid))
             rels.append(pos)
@@ -318,18 +326,24 @@ def evaluate_retrieval(encode_queries: Callable[[List[str]], Tensor],
     if corpus_ids is not None and len(set(ids)) != len(ids):
         raise ValueError("corpus_ids has duplicate ids")
     id_set = set(ids)
-    judged = [str(q) for q, docs in qrels.items() if any(float(r) > 0 for r in docs.values())]
+    if not isinstance(qrels, Mapping) or not all(isinstance(v, Mapping) for v in qrels.values()):
+        raise ValueError("qrels must be {query_id: {doc_id: relevance}}")
+    # ids compare as strings everywhere (BEIR ids are strings; int keys are accepted)
+    qrels = {str(q): {str(d): r for d, r in docs.items()} for q, docs in qrels.items()}
+    queries = {str(q): t for q, t in queries.items()}
+    judged = [str(q) for q, docs in qrels.items() if any(_relevance(q, d, r) > 0 for d, r in docs.items())]
     if not judged:
         raise ValueError("qrels have no query with a relevant document (relevance > 0)")
     for qid in judged:
         if qid not in queries:
             raise ValueError(f"qrels name query {qid!r}, which is not in the queries")
         for did, r in qrels[qid].items():
-            if float(r) > 0 and str(did) not in id_set:
+            if _relevance(qid, did, r) > 0 and str(did) not in id_set:
                 raise ValueError(f"qrels for query {qid!r} name document {did!r}, which is not in the corpus")
     if corpus_embeddings is None:
         if encode_corpus is None:
             raise ValueError("pass encode_corpus or corpus_embeddings")
+        corpus = {str(d): doc for d, doc in corpus.items()}
         missing = [d for d in ids if d not in corpus]
         if missing:
             raise ValueError(f"corpus_ids names document {missing[0]!r}, which is not in the corpus")

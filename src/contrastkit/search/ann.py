@@ -140,17 +140,20 @@ def topk(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto", faiss
     out_i = torch.full((n_q, k_eff), -1, dtype=torch.long)
     if n_q == 0 or k_eff == 0:
         return out_s.to(queries.device), out_i.to(queries.device)
+    excl, extra = None, 0
     if exclude is not None:
         if len(exclude) != n_q:
             raise ValueError(f"exclude must have one list per query ({n_q}), got {len(exclude)}")
-        excl = [set(int(j) for j in ex) for ex in exclude]
-        for i, ex in enumerate(excl):
-            bad = [j for j in ex if not 0 <= j < n_c]
-            if bad:
-                raise ValueError(f"exclude[{i}] contains corpus index {bad[0]}, outside [0, {n_c})")
-        extra = max((len(ex) for ex in excl), default=0)
-    else:
-        excl, extra = None, 0
+        sets = [sorted(set(int(j) for j in ex)) for ex in exclude]
+        for i, ex in enumerate(sets):
+            if ex and not (0 <= ex[0] and ex[-1] < n_c):
+                bad = ex[0] if ex[0] < 0 else ex[-1]
+                raise ValueError(f"exclude[{i}] contains corpus index {bad}, outside [0, {n_c})")
+        extra = max((len(ex) for ex in sets), default=0)
+        if extra:  # (Q, E) padded with -2, which no faiss id equals
+            excl = torch.full((n_q, extra), -2, dtype=torch.long)
+            for i, ex in enumerate(sets):
+                excl[i, :len(ex)] = torch.tensor(ex, dtype=torch.long)
     if index is None:
         index = build_faiss_index(corpus, method, nlist=nlist, hnsw_m=hnsw_m, ef_construction=ef_construction)
     elif index.ntotal != n_c or index.d != corpus.shape[1]:
@@ -172,8 +175,7 @@ def topk(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto", faiss
         s, ix = torch.from_numpy(d), torch.from_numpy(ix).long()
         s = s.masked_fill(ix < 0, float("-inf"))
         if excl is not None:
-            drop = torch.tensor([[int(j) in excl[q0 + r] for j in row] for r, row in enumerate(ix.tolist())],
-                                dtype=torch.bool).reshape(ix.shape)
+            drop = (ix[:, :, None] == excl[q0:q1, None, :]).any(-1)
             s = s.masked_fill(drop, float("-inf"))
             s, order = torch.sort(s, dim=1, descending=True, stable=True)
             ix = ix.gather(1, order)
