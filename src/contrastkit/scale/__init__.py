@@ -12,16 +12,17 @@ Example::
     loss = gc.step(q_batch, d_batch)
 """
 
-from .distributed import (
-    DistributedLoss,
+from .collectives import (
+    all_gather_rows,
     all_gather_with_grad,
     average_gradients,
     check_same_shapes,
-    distributed_index_loss,
+    global_value,
     mean_over_ranks,
     rank_and_world,
-    ring_logsumexp,
 )
+from .distributed_loss import DistributedLoss, distributed_index_loss, distributed_siglip
+from .ring import ring_logsumexp, ring_siglip_sum
 from .grad_cache import GradCache, RandState, default_embed, plan_chunks, select_rows
 
 __all__ = [
@@ -34,6 +35,10 @@ __all__ = [
     "all_gather_with_grad",
     "ring_logsumexp",
     "distributed_index_loss",
+    "distributed_siglip",
+    "ring_siglip_sum",
+    "all_gather_rows",
+    "global_value",
     "check_same_shapes",
     "average_gradients",
     "mean_over_ranks",
