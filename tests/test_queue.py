@@ -136,6 +136,41 @@ def test_queue_as_info_nce_negatives_equals_concatenation():
     assert_rel_close(loss, ref)
 
 
+def _moco_algorithm_1(q, k, queue, t):
+    """He et al. 2020, Algorithm 1 (normalised q, k as in the paper):
+    l_pos = bmm(q, k), l_neg = mm(q, queue^T), logits = cat([l_pos, l_neg]) / t, CE to label 0."""
+    q, k, queue = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k, queue))
+    l_pos = (q * k).sum(1, keepdim=True)
+    l_neg = q @ queue.T
+    logits = torch.cat([l_pos, l_neg], 1) / t
+    return torch.nn.functional.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+
+@pytest.mark.parametrize("tile", [None, 3, 7])
+def test_queue_info_nce_is_moco_published_formula(tile):
+    """The queue path uses only the own key and the queue (MoCo), not the other in-batch keys."""
+    g = torch.Generator().manual_seed(5)
+    queue = MemoryQueue(32, 8)
+    queue.enqueue(torch.randn(20, 8, generator=g, dtype=D64))
+    a = torch.randn(6, 8, generator=g, dtype=D64, requires_grad=True)
+    b = torch.randn(6, 8, generator=g, dtype=D64, requires_grad=True)
+    got = queue.info_nce(a, b, temperature=0.07, tile_size=tile)
+    want = _moco_algorithm_1(a, b, queue.candidates(), 0.07)
+    assert_rel_close(got, want, rtol=1e-12)
+    for x, y in zip(torch.autograd.grad(got, (a, b)), torch.autograd.grad(want, (a, b))):
+        assert_rel_close(x, y, rtol=1e-10)
+    # the unmasked concatenation is a different loss (other in-batch keys as negatives) ...
+    plain = ck.functional.info_nce(a, torch.cat([b, queue.candidates()]), temperature=0.07)
+    assert abs(float(plain.detach()) - float(want.detach())) > 1e-3
+    # ... which in_batch_negatives=True asks for explicitly (cross-batch memory)
+    assert_rel_close(queue.info_nce(a, b, temperature=0.07, in_batch_negatives=True), plain, rtol=1e-12)
+    # with an empty queue only the own key is left: every row's loss is 0
+    empty = MemoryQueue(4, 8)
+    assert abs(float(empty.info_nce(a, b, temperature=0.07).detach())) < 1e-12
+    cands, masks = queue.keys_and_queue(b)
+    assert cands.shape == (26, 8) and len(masks) == 1
+
+
 def test_momentum_encoder():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
@@ -175,7 +210,7 @@ def test_moco_style_step():
     for _ in range(5):
         x = torch.randn(8, 6)
         q, k = enc(x + 0.01 * torch.randn_like(x)), key_enc(x)
-        loss = ck.functional.info_nce(q, torch.cat([k, queue.candidates()]), temperature=0.2)
+        loss = queue.info_nce(q, k, temperature=0.2)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -4,10 +4,18 @@ Wang et al. 2020): more negatives than the batch holds, at no encoder cost.
 The queue is a ring buffer of ``size`` detached embeddings (and, optionally, their
 integer labels). Objectives take its contents as extra candidates:
 
-    loss = ck.functional.info_nce(q, torch.cat([k, queue.candidates()]), temperature=0.07)
+    loss = queue.info_nce(q, k, temperature=0.07)      # MoCo: own key + queue only
     loss = ck.functional.supcon(z, y, temperature=0.1,
                                 extra_candidates=queue.candidates(), extra_labels=queue.labels())
     queue.enqueue(k, labels=y)        # after the loss: the current batch joins the queue
+
+MoCo's loss (He et al. 2020, Algorithm 1) scores each query against its own key and the
+queue only: ``logits = [q_i . k_i, q_i . queue] / t``, label 0. Passing
+``cat([k, queue])`` to InfoNCE without a mask would also use the *other* in-batch keys
+as negatives (a different loss); :meth:`MemoryQueue.keys_and_queue` returns the
+candidates with the :class:`OtherKeysMask` that drops them, and
+:meth:`MemoryQueue.info_nce` applies it by default (``in_batch_negatives=True`` keeps
+them, as cross-batch memory does).
 
 It is an ``nn.Module`` with buffers, so ``state_dict`` / ``load_state_dict`` save and
 restore it (contents, write position, fill count) and ``.to(device)`` moves it; it also
@@ -16,14 +24,49 @@ follows the device and dtype of the embeddings it is given.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..engine.validation import check_embeddings, check_labels
+from ..engine import TileMask
+from ..objectives.info_nce import info_nce
+from ..validation import check_embeddings, check_labels, check_pair
 
-__all__ = ["MemoryQueue"]
+__all__ = ["MemoryQueue", "OtherKeysMask"]
+
+
+class OtherKeysMask(TileMask):
+    """Drop entry (i, j) for every in-batch key column ``j < n_keys`` other than the row's
+    own (``j != i``): with candidates ``[keys; queue]`` each query keeps only its own key and
+    the queue (MoCo's loss).
+
+    Example::
+
+        import torch, contrastkit as ck
+        from contrastkit.negatives.queue import OtherKeysMask
+        q, k, queue = torch.randn(4, 8), torch.randn(4, 8), torch.randn(16, 8)
+        ck.functional.info_nce(q, torch.cat([k, queue]), masks=[OtherKeysMask(4)], temperature=0.07)
+    """
+
+    def __init__(self, n_keys: int) -> None:
+        self.n_keys = int(n_keys)
+
+    def check(self, n_rows, n_cols, device):
+        if self.n_keys > n_cols or self.n_keys != n_rows:
+            raise ValueError(f"OtherKeysMask({self.n_keys}) needs one key per query row ({n_rows}) among the "
+                             f"first candidates (got {n_cols} candidates)")
+
+    def touches(self, r0, r1, c0, c1):
+        return c0 < self.n_keys
+
+    def apply_(self, x, r0, r1, c0, c1):
+        hi = min(c1, self.n_keys)
+        if hi <= c0:
+            return
+        rows = torch.arange(r0, r1, device=x.device)[:, None]
+        cols = torch.arange(c0, hi, device=x.device)[None, :]
+        x[:, :hi - c0].masked_fill_(rows != cols, float("-inf"))
 
 
 class MemoryQueue(nn.Module):
@@ -35,8 +78,10 @@ class MemoryQueue(nn.Module):
 
     Example::
 
-        queue = MemoryQueue(4096, 128)
-        loss = ck.functional.info_nce(q, torch.cat([k, queue.candidates()]), temperature=0.07)
+        import torch, contrastkit as ck
+        queue = ck.negatives.MemoryQueue(4096, 128)
+        q, k = torch.randn(8, 128, requires_grad=True), torch.randn(8, 128)
+        loss = queue.info_nce(q, k, temperature=0.07)       # MoCo: own key + queue
         queue.enqueue(k)
     """
 
@@ -108,6 +153,41 @@ class MemoryQueue(nn.Module):
     def candidates(self) -> Tensor:
         """The stored embeddings (count, dim), oldest first; (0, dim) when empty."""
         return self._ordered(self.features)
+
+    def keys_and_queue(self, keys: Tensor, *, in_batch_negatives: bool = False) -> Tuple[Tensor, List[TileMask]]:
+        """Candidates ``[keys; queue]`` and the masks for MoCo's loss: each query row i keeps
+        its own key (column i, its positive) and the queue; the other in-batch keys are
+        dropped unless ``in_batch_negatives``. Use as
+        ``info_nce(q, cands, masks=masks)`` (positives default to the diagonal)."""
+        check_embeddings("keys", keys)
+        queued = self.candidates()
+        if queued.shape[0]:
+            check_pair("keys", keys, "queue", queued.to(keys.device))
+            cands = torch.cat([keys, queued.to(device=keys.device, dtype=keys.dtype)])
+        else:
+            cands = keys
+        return cands, ([] if in_batch_negatives else [OtherKeysMask(keys.shape[0])])
+
+    def info_nce(self, queries: Tensor, keys: Tensor, *, temperature=0.07, in_batch_negatives: bool = False,
+                 **kwargs) -> Tensor:
+        """MoCo's InfoNCE (He et al. 2020, Algorithm 1): query i against its own key and the
+        queue, ``-log exp(q_i.k_i/t) / (exp(q_i.k_i/t) + sum_j exp(q_i.u_j/t))`` (cosine by
+        default, as MoCo normalises both). ``in_batch_negatives=True`` also uses the other
+        keys of the batch (cross-batch memory). Other keyword arguments go to
+        :func:`~contrastkit.objectives.info_nce.info_nce` (``similarity``, ``reduction``...).
+        Call it before :meth:`enqueue` of the same keys.
+
+        Example::
+
+            import torch, contrastkit as ck
+            queue = ck.negatives.MemoryQueue(64, 8)
+            queue.enqueue(torch.randn(32, 8))
+            q, k = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+            queue.info_nce(q, k, temperature=0.07).backward()
+        """
+        cands, masks = self.keys_and_queue(keys, in_batch_negatives=in_batch_negatives)
+        masks = masks + list(kwargs.pop("masks", ()))
+        return info_nce(queries, cands, temperature=temperature, masks=masks, **kwargs)
 
     def labels(self) -> Tensor:
         """The stored labels (count,), aligned with :meth:`candidates`."""
