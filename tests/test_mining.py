@@ -21,7 +21,7 @@ def naive_mine(q, c, positives, num_negatives, window, relative_margin, absolute
         order = [j for j in np.argsort(-s[i], kind="stable") if j not in set(pos)]
         cand = order[window[0]:window[1]]
         sp = s[i, pos[0]]
-        keep = [j for j in cand if not (relative_margin is not None and s[i, j] > relative_margin * sp)
+        keep = [j for j in cand if not (relative_margin is not None and s[i, j] > sp - (1 - relative_margin) * abs(sp))
                 and not (absolute_margin is not None and s[i, j] > sp - absolute_margin)]
         out.append([int(j) for j in keep[:num_negatives]])
     return out
@@ -273,3 +273,47 @@ def test_cli_mine_pairs_with_and_without_corpus(tmp_path, tiny_model, capsys):
     assert "bad.jsonl:13: record has no 'positive' column" in capsys.readouterr().err
     assert main(["mine", "--pairs", str(bad), "--output", str(tmp_path / "o3.jsonl"), "--skip-bad-records"] + common) == 0
     assert "1 bad record skipped" in capsys.readouterr().out
+
+
+def test_relative_margin_with_negative_positive_score():
+    c = torch.eye(4)
+    q = torch.tensor([[-0.5, -0.49, -0.6, -0.52]])  # the positive (doc 0) scores -0.5
+    m = mine_hard_negatives(q, c, [[0]], num_negatives=3, rank_window=(0, 4), relative_margin=0.95)
+    # threshold -0.5 - 0.05 * 0.5 = -0.525: -0.49 and -0.52 are dropped, -0.6 is kept
+    assert m.indices == [[2]] and m.stats["filtered"] == 2
+
+
+def test_same_negatives_as_sentence_transformers(tiny_model):
+    """Where the two definitions coincide (start 0, one positive per query, a long window),
+    sentence-transformers' mine_hard_negatives picks the same negatives from the same embeddings."""
+    st = pytest.importorskip("sentence_transformers")
+    datasets = pytest.importorskip("datasets")
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    from sentence_transformers.util import mine_hard_negatives as st_mine
+
+    tr = Transformer(tiny_model, max_seq_length=32)
+    dim = tr.get_embedding_dimension() if hasattr(tr, "get_embedding_dimension") else tr.get_word_embedding_dimension()
+    model = st.SentenceTransformer(modules=[tr, Pooling(dim, "mean"), Normalize()], device="cpu")
+    import random as _random
+
+    rng = _random.Random(1)
+    queries = [" ".join(rng.choice(WORDS) for _ in range(4)) + f" q{i}" for i in range(12)]
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(10)) + f" d{j}" for j in range(60)]
+    data = datasets.Dataset.from_dict({"query": queries, "positive": corpus[:12]})
+    for rel in (None, 0.05):
+        out = st_mine(data, model, corpus=corpus, num_negatives=3, range_min=0, range_max=40, relative_margin=rel,
+                      sampling_strategy="top", output_format="n-tuple", use_faiss=False, verbose=False, batch_size=16)
+        theirs = {r["query"]: [r[f"negative_{h}"] for h in (1, 2, 3)] for r in out}
+        qe = model.encode(queries, convert_to_tensor=True)
+        ce = model.encode(corpus, convert_to_tensor=True)
+        ours = mine_hard_negatives(qe, ce, [[i] for i in range(12)], num_negatives=3, rank_window=(0, 40),
+                                   relative_margin=None if rel is None else 1 - rel)
+        assert theirs, "sentence-transformers mined nothing"
+        for i, qtext in enumerate(queries):
+            if qtext in theirs:
+                assert [corpus[j] for j in ours.indices[i]] == theirs[qtext]
+        full = [i for i in range(12) if len(ours.indices[i]) == 3]
+        assert set(theirs) == {queries[i] for i in full}

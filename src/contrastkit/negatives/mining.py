@@ -13,14 +13,20 @@ the row's own positive and ``s`` a candidate's score:
 
 - relative margin (NV-Retriever's "TopK-PercPos", Moreira et al., "NV-Retriever:
   Improving text embedding models with effective hard-negative mining",
-  arXiv:2407.15831, 2024): drop when ``s > relative_margin * s+`` (0.95 in the paper);
+  arXiv:2407.15831, 2024): drop when ``s > relative_margin * s+`` (0.95 in the paper),
+  written ``s > s+ - (1 - relative_margin) * |s+|`` so that it stays below the positive
+  when ``s+ < 0``;
 - absolute margin ("TopK-MarginPos"): drop when ``s > s+ - absolute_margin``.
 
-Scores are inner products: pass L2-normalised embeddings for cosine similarity
-(the relative margin assumes positive scores, as cosine scores of positives are).
+Scores are inner products: pass L2-normalised embeddings for cosine similarity.
 
-Note the convention: ``relative_margin=0.95`` here is sentence-transformers'
-``mine_hard_negatives(relative_margin=0.05)`` (it keeps ``s <= s+ * (1 - margin)``).
+Compared with sentence-transformers' ``mine_hard_negatives``: our
+``relative_margin=0.95`` is its ``relative_margin=0.05`` (the same threshold
+``s+ - 0.05 |s+|``); its margins refer to the lowest-scoring positive of the query and its
+``range_min`` skips candidates after filtering, while ours refer to the row's own
+positive and the rank window is cut from the ranking before filtering (so ``start``
+always skips the same closest documents). With ``start = 0``, one positive per query and
+a window long enough, both pick the same negatives (tested).
 
 Example::
 
@@ -156,7 +162,7 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         sampling: ``"top"`` (the best-ranked survivors) or ``"random"`` (a uniform draw
             among the survivors, returned in rank order).
         relative_margin: drop candidates scoring above ``relative_margin * s+``
-            (NV-Retriever, 0.95); None: off. In (0, 1].
+            (NV-Retriever, 0.95; exactly ``s+ - (1 - relative_margin) |s+|``); None: off. In (0, 1].
         absolute_margin: drop candidates scoring above ``s+ - absolute_margin``; None: off.
         seed: seed of the random sampling (per-row draws in row order, so the result does
             not depend on how the search is blocked).
@@ -247,7 +253,7 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         cand_i, cand_s = cand_i[valid], cand_s[valid]
         keep = np.ones(cand_i.shape[0], dtype=bool)
         if relative_margin is not None:
-            keep &= ~(cand_s > relative_margin * pos_scores[i])
+            keep &= ~(cand_s > pos_scores[i] - (1.0 - relative_margin) * abs(pos_scores[i]))
         if absolute_margin is not None:
             keep &= ~(cand_s > pos_scores[i] - absolute_margin)
         n_cand += int(cand_i.shape[0])
