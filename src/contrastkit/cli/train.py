@@ -133,6 +133,8 @@ def _print_summary(s) -> None:
     rows = []
     if "before" in s and "after" in s:
         for m in ("ndcg@10", "mrr@10", "recall@100"):
+            if m not in s["before"] or m not in s["after"]:  # e.g. simcse: before / after are STS-B numbers
+                continue
             d = s.get("difference", {}).get(m, {})
             ci = f"[{d['low']:+.4f}, {d['high']:+.4f}]" if d else ""
             rows.append(f"  {m:<11} {s['before'][m]:.4f} -> {s['after'][m]:.4f}  ({s['after'][m] - s['before'][m]:+.4f}, "

@@ -11,6 +11,7 @@ __all__ = ["RECIPE_RUNNERS", "get_recipe"]
 
 RECIPE_RUNNERS: Dict[str, str] = {
     "text_retrieval": "contrastkit.recipes.text_retrieval:run_text_retrieval",
+    "simcse": "contrastkit.recipes.simcse:run_simcse",
 }
 
 
