@@ -129,3 +129,11 @@ def test_existing_run_folder_is_refused_and_config_errors_are_named(tiny, tmp_pa
         capsys.readouterr().err
     assert main(_args(data, model, tmp_path / "x", "--objective", "NoSuchLoss", "--max-steps", "1")) == 2
     assert "objective.name: 'NoSuchLoss'" in capsys.readouterr().err
+
+
+def test_docs_table_lists_every_config_field():
+    from contrastkit.training.config import describe_fields
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "main-job.md").read_text()
+    missing = [name for name, *_ in describe_fields() if f"| `{name}` |" not in page]
+    assert not missing, f"docs/main-job.md lacks the fields {missing}: paste fields_markdown()'s output"

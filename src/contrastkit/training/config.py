@@ -72,14 +72,14 @@ class DataConfig:
                                       "numbers only (never trained, mined, tuned or selected on); null: none"})
     dev_fraction: float = field(default=0.1, metadata={**_range(0.0, 0.5, open_lo=True),
                                 "help": "share of the training queries held out as dev (seeded, by query)"})
-    query_column: str = "query"
-    positive_column: str = "positive"
+    query_column: str = field(default="query", metadata={"help": "column of the query text in a pairs file"})
+    positive_column: str = field(default="positive", metadata={"help": "column of the positive document text"})
     negative_columns: Optional[List[str]] = field(default=None, metadata={"help": "null: every negative*/neg* column"})
     query_prefix: str = field(default="", metadata={"help": "prepended to every query (e5 'query: ', bge instructions)"})
     document_prefix: str = field(default="", metadata={"help": "prepended to every document ('passage: ')"})
     skip_bad_records: bool = field(default=False, metadata={"help": "count and skip malformed records instead of "
                                    "stopping at the first (file:line in the error)"})
-    max_train_examples: Optional[int] = field(default=None, metadata=_range(1))
+    max_train_examples: Optional[int] = field(default=None, metadata={**_range(1), "help": "use only the first n training examples"})
     sts: bool = field(default=True, metadata={"help": "forgetting guard: STS-B test Spearman before and after"})
 
 
@@ -89,92 +89,92 @@ class ModelConfig:
                       "a bundled name, or a hub name"})
     pooling: Optional[str] = field(default=None, metadata={**_choice(None, "mean", "cls", "last"),
                                    "help": "null: what a sentence-transformers folder says, else mean"})
-    normalize: bool = True
-    query_max_length: int = field(default=64, metadata=_range(1))
+    normalize: bool = field(default=True, metadata={"help": "L2-normalise embeddings (cosine similarity)"})
+    query_max_length: int = field(default=64, metadata={**_range(1), "help": "query truncation in tokens"})
     document_max_length: int = field(default=256, metadata={**_range(1), "help": "evaluation and mining length"})
-    train_document_max_length: Optional[int] = field(default=None, metadata={**_range(1), "help": "document length "
+    train_document_max_length: Optional[int] = field(default=128, metadata={**_range(1), "help": "document length "
                                                      "in training steps (null: document_max_length)"})
     separate_towers: bool = field(default=False, metadata={"help": "a second copy of the model encodes documents"})
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata={"help": "run a hub model's own code (off unless you trust it)"})
 
 
 @dataclass
 class ObjectiveConfig:
     name: str = field(default="MultipleNegativesRanking", metadata={"help": "a class of contrastkit.losses"})
-    temperature: float = field(default=0.05, metadata=_range(0.0, None, open_lo=True))
-    learn_temperature: bool = False
+    temperature: float = field(default=0.05, metadata={**_range(0.0, None, open_lo=True), "help": "softmax temperature (MNRL scale = 1 / temperature)"})
+    learn_temperature: bool = field(default=False, metadata={"help": "learn the temperature with the model"})
     options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "further keyword arguments of the loss"})
 
 
 @dataclass
 class NegativesConfig:
     mine: bool = field(default=True, metadata={"help": "mine hard negatives from the corpus with the base model"})
-    num_negatives: int = field(default=1, metadata=_range(0))
+    num_negatives: int = field(default=1, metadata={**_range(0), "help": "hard negatives per (query, positive), extra candidate columns"})
     rank_window: Tuple[int, int] = field(default=(3, 30), metadata={"help": "0-based ranks [start, stop) sampled, "
                                          "after removing known positives"})
     sampling: str = field(default="random", metadata=_choice("top", "random"))
     relative_margin: Optional[float] = field(default=0.95, metadata={**_range(0.0, 1.0, open_lo=True),
                                              "help": "drop candidates scoring above margin x the positive's score"})
-    absolute_margin: Optional[float] = field(default=None, metadata=_range(0.0))
+    absolute_margin: Optional[float] = field(default=None, metadata={**_range(0.0), "help": "drop candidates scoring above positive - margin"})
     mask_duplicates: bool = field(default=True, metadata={"help": "mask in-batch candidates that are another "
                                   "known positive of the anchor"})
     guide_mask: bool = field(default=True, metadata={"help": "GISTEmbed: mask candidates the frozen base model "
                              "scores above the positive minus guide_margin"})
-    guide_margin: float = field(default=0.0, metadata=_range(0.0))
+    guide_margin: float = field(default=0.0, metadata={**_range(0.0), "help": "GISTEmbed margin of the guide mask"})
 
 
 @dataclass
 class BatchingConfig:
-    batch_size: int = field(default=64, metadata={**_range(2), "help": "global (query, positive) pairs per step"})
+    batch_size: int = field(default=32, metadata={**_range(2), "help": "global (query, positive) pairs per step"})
     sampler: str = field(default="no_duplicates", metadata=_choice("no_duplicates", "random", "b3"))
     chunk_size: int = field(default=32, metadata={**_range(1), "help": "rows per gradient-cached encoder pass"})
-    sort_by_length: bool = True
+    sort_by_length: bool = field(default=True, metadata={"help": "chunk rows of similar length together (less padding)"})
 
 
 @dataclass
 class OptimConfig:
-    epochs: float = field(default=1.0, metadata=_range(0.0, None, open_lo=True))
+    epochs: float = field(default=2.0, metadata={**_range(0.0, None, open_lo=True), "help": "passes over the training examples (fractions allowed)"})
     max_steps: Optional[int] = field(default=None, metadata={**_range(1), "help": "stop after this many steps"})
-    lr: float = field(default=3e-5, metadata=_range(0.0, None, open_lo=True))
-    weight_decay: float = field(default=0.01, metadata=_range(0.0))
-    warmup_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    lr: float = field(default=3e-5, metadata={**_range(0.0, None, open_lo=True), "help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.01, metadata={**_range(0.0), "help": "AdamW weight decay (not on biases / norms)"})
+    warmup_ratio: float = field(default=0.1, metadata={**_range(0.0, 1.0), "help": "share of the steps with linear warm-up"})
     schedule: str = field(default="linear", metadata=_choice("linear", "cosine", "constant"))
-    max_grad_norm: Optional[float] = field(default=1.0, metadata=_range(0.0, None, open_lo=True))
+    max_grad_norm: Optional[float] = field(default=1.0, metadata={**_range(0.0, None, open_lo=True), "help": "clip the gradient norm (null: no clipping)"})
 
 
 @dataclass
 class TrainLoopConfig:
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seeds the dev split, mining, batches and dropout"})
     precision: str = field(default="auto", metadata=_choice("auto", "bf16", "fp32"))
     device: str = field(default="auto", metadata={"help": "auto: cuda when available, else cpu"})
     eval_every: Optional[int] = field(default=None, metadata={**_range(1), "help": "dev evaluation every n steps "
                                       "(null: once per epoch and at the end)"})
-    dev_corpus_size: int = field(default=1500, metadata={**_range(1), "help": "documents the dev evaluation ranks: "
+    dev_corpus_size: int = field(default=500, metadata={**_range(1), "help": "documents the dev evaluation ranks: "
                                  "the dev positives plus the base model's top candidates"})
     checkpoint_every: Optional[int] = field(default=None, metadata={**_range(1), "help": "also checkpoint every n "
                                             "steps (a checkpoint is always written at each dev evaluation)"})
-    encode_batch_size: int = field(default=64, metadata=_range(1))
+    encode_batch_size: int = field(default=64, metadata={**_range(1), "help": "texts per pass when encoding for evaluation / mining"})
 
 
 @dataclass
 class InterpolationConfig:
     enabled: bool = field(default=True, metadata={"help": "WiSE-FT: (1-a) base + a tuned, a chosen on dev"})
-    alphas: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 1.0])
+    alphas: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 1.0], metadata={"help": "candidate weights of the tuned model; 1.0 = no interpolation"})
 
 
 @dataclass
 class EvaluationConfig:
-    ks: List[int] = field(default_factory=lambda: [1, 10, 100])
-    bootstrap_resamples: int = field(default=10000, metadata=_range(100))
+    ks: List[int] = field(default_factory=lambda: [1, 10, 100], metadata={"help": "cut-offs of nDCG / MRR / Recall / MAP / precision"})
+    bootstrap_resamples: int = field(default=10000, metadata={**_range(100), "help": "resamples of the paired bootstrap interval"})
     select_metric: str = field(default="ndcg@10", metadata={"help": "dev metric for checkpoints and interpolation"})
 
 
 @dataclass
 class OutputConfig:
     dir: Optional[str] = field(default=None, metadata={"help": "run folder (null: a fresh folder under runs/)"})
-    overwrite: bool = False
-    resume: bool = False
-    report: bool = True
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
+    resume: bool = field(default=False, metadata={"help": "continue the run folder's checkpoint"})
+    report: bool = field(default=True, metadata={"help": "write report.html"})
 
 
 @dataclass
@@ -404,3 +404,11 @@ def describe_fields(cls: type = RunConfig, prefix: str = "") -> List[Tuple[str, 
         rows.append((path, _type_name(tp), repr(config_to_dict(default) if isinstance(default, tuple) else default),
                      help_))
     return rows
+
+
+def fields_markdown() -> str:
+    """The markdown table of every config field (docs/main-job.md holds its output)."""
+    out = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for name, tp, default, help_ in describe_fields():
+        out.append(f"| `{name}` | {tp} | `{default}` | {help_.replace('|', '/')} |")
+    return "\n".join(out) + "\n"
