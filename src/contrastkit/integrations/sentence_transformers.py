@@ -204,13 +204,15 @@ class CachedLoss(nn.Module):
         temperature = getattr(self.objective, "temperature", None)
         try:
             value = temperature() if callable(temperature) else temperature
+            if isinstance(value, Tensor):
+                value = value.detach()
             if value is not None:
                 config["temperature"] = round(float(value), 6)
         except (TypeError, ValueError, RuntimeError):
             pass
         scale = getattr(self.objective, "scale", None)
         if isinstance(scale, (int, float)):
-            config["scale"] = float(scale)
+            config["scale"] = round(float(scale), 6)
         for key in ("similarity", "symmetric", "margin"):
             value = getattr(self.objective, key, None)
             if isinstance(value, (bool, int, float, str)):
