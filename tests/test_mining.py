@@ -82,8 +82,11 @@ def test_matches_naive_reference(seed):
         for i, row in enumerate(m.indices):
             assert m.scores[i] == pytest.approx([float(q[i] @ c[j]) for j in row], abs=1e-5)
             assert not set(row) & set(pos[i])
-    f = mine_hard_negatives(q, c, pos, num_negatives=4, rank_window=(0, 30), method="faiss-flat")
+    f = mine_hard_negatives(q, c, pos, num_negatives=4, rank_window=(0, 30), method="faiss-flat", query_block_size=5)
     assert f.indices == naive_mine(q, c, pos, 4, (0, 30), 0.95, None)
+    hnsw = mine_hard_negatives(q, c, pos, num_negatives=4, rank_window=(0, 30), method="faiss-hnsw")
+    overlap = sum(len(set(a) & set(b)) for a, b in zip(hnsw.indices, f.indices)) / sum(map(len, f.indices))
+    assert overlap > 0.9  # approximate search, nearly the same negatives
 
 
 def test_random_sampling_seeded_within_window():
@@ -96,6 +99,9 @@ def test_random_sampling_seeded_within_window():
     b = mine_hard_negatives(q, c, pos, num_negatives=3, rank_window=(2, 20), sampling="random", seed=5)
     other = mine_hard_negatives(q, c, pos, num_negatives=3, rank_window=(2, 20), sampling="random", seed=6)
     assert a.indices == b.indices and a.indices != other.indices
+    blocked = mine_hard_negatives(q, c, pos, num_negatives=3, rank_window=(2, 20), sampling="random", seed=5,
+                                  query_block_size=3)
+    assert blocked.indices == a.indices and blocked.stats["filtered"] == a.stats["filtered"]  # blocking-independent
     allowed = mine_hard_negatives(q, c, pos, num_negatives=18, rank_window=(2, 20), relative_margin=0.95)
     for i in range(20):
         assert len(a.indices[i]) == 3 and set(a.indices[i]) <= set(allowed.indices[i])

@@ -146,7 +146,7 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
                         num_negatives: int = 1, rank_window: Tuple[int, int] = (0, 50), sampling: str = "top",
                         relative_margin: Optional[float] = 0.95, absolute_margin: Optional[float] = None,
                         seed: int = 0, method: str = "auto", faiss_threshold: int = 200_000,
-                        progress: bool = False) -> MinedNegatives:
+                        query_block_size: int = 16384, progress: bool = False) -> MinedNegatives:
     """Mine ``num_negatives`` hard negatives per query from a corpus.
 
     Args:
@@ -169,9 +169,13 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         method: search method of :func:`contrastkit.search.topk` (``"auto"``: exact below
             ``faiss_threshold`` corpus rows, faiss IVF above; ``"exact"``, ``"faiss-flat"``,
             ``"faiss-ivf"``, ``"faiss-hnsw"``).
+        query_block_size: queries searched and filtered at a time.
+        progress: show tqdm bars (search, blocks).
 
-    Memory: the search is blocked (one query-block x corpus-block score tile at a time,
-    or a faiss index); what is kept is ``Q x stop`` candidates.
+    Memory: queries are processed ``query_block_size`` at a time (the exact search itself
+    walks one query-block x corpus-block score tile at a time; a faiss index is built once
+    and reused); what is kept is one block's ``block x stop`` candidates plus the mined
+    ``Q x num_negatives`` result.
 
     Returns a :class:`MinedNegatives`. Raises ValueError for mismatched shapes, an
     empty or out-of-range positive list, an empty window, an unknown sampling.
@@ -184,7 +188,7 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         m = mine_hard_negatives(q, c, [[0]], num_negatives=2, rank_window=(0, 5), relative_margin=None)
         assert m.indices == [[1, 2]]
     """
-    from ..search import topk  # search sits beside negatives; imported on use
+    from ..search import METHODS, build_faiss_index, topk  # search sits beside negatives; imported on use
 
     if not isinstance(query_embeddings, Tensor) or not isinstance(corpus_embeddings, Tensor):
         raise ValueError("query_embeddings and corpus_embeddings must be torch tensors")
@@ -230,58 +234,68 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         absolute_margin = float(absolute_margin)
     seed = _check_int("seed", seed, 0)
 
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        method = "exact" if n_c < faiss_threshold else "faiss-ivf"
+    query_block_size = _check_int("query_block_size", query_block_size, 1)
+    index = build_faiss_index(corpus_embeddings, method) if method.startswith("faiss") and n_q else None
     k = min(stop, n_c)
-    if n_q:
-        scores_t, index_t = topk(query_embeddings, corpus_embeddings, k, method=method, exclude=pos,
-                                 faiss_threshold=faiss_threshold, progress=progress)
-        scores_all, index_all = scores_t.cpu().double().numpy(), index_t.cpu().numpy()
-    else:
-        scores_all, index_all = np.zeros((0, k)), np.zeros((0, k), dtype=np.int64)
-    # the own positive's score, exactly (one dot product per row)
-    own = torch.tensor([p[0] for p in pos], dtype=torch.long, device=corpus_embeddings.device)
     acc = torch.float64 if query_embeddings.dtype == torch.float64 else torch.float32
-    pos_scores = (query_embeddings.to(acc) * corpus_embeddings[own].to(query_embeddings.device, acc)).sum(1)
-    pos_scores = pos_scores.cpu().double().numpy()
-
     rng = np.random.default_rng(seed)
     indices: List[List[int]] = []
     scores: List[List[float]] = []
+    pos_list: List[float] = []
     n_cand = n_filtered = n_short = n_none = 0
-    for i in range(n_q):
-        cand_i, cand_s = index_all[i, start:stop], scores_all[i, start:stop]
-        valid = cand_i >= 0
-        cand_i, cand_s = cand_i[valid], cand_s[valid]
-        keep = np.ones(cand_i.shape[0], dtype=bool)
-        if relative_margin is not None:
-            keep &= ~(cand_s > pos_scores[i] - (1.0 - relative_margin) * abs(pos_scores[i]))
-        if absolute_margin is not None:
-            keep &= ~(cand_s > pos_scores[i] - absolute_margin)
-        n_cand += int(cand_i.shape[0])
-        n_filtered += int((~keep).sum())
-        cand_i, cand_s = cand_i[keep], cand_s[keep]
-        if sampling == "random" and cand_i.shape[0] > num_negatives:
-            pick = np.sort(rng.choice(cand_i.shape[0], size=num_negatives, replace=False))
-        else:
-            pick = np.arange(min(num_negatives, cand_i.shape[0]))
-        indices.append([int(j) for j in cand_i[pick]])
-        scores.append([float(s) for s in cand_s[pick]])
-        if len(pick) < num_negatives:
-            n_short += 1
-            n_none += int(len(pick) == 0)
+    blocks = range(0, n_q, query_block_size)
+    if progress and len(blocks) > 1:
+        from tqdm.auto import tqdm
+
+        blocks = tqdm(blocks, desc="mine", unit="block", leave=False)
+    for b0 in blocks:  # one block of queries at a time: memory is block x stop, not Q x stop
+        b1 = min(n_q, b0 + query_block_size)
+        qb = query_embeddings[b0:b1]
+        s_t, i_t = topk(qb, corpus_embeddings, k, method=method, exclude=pos[b0:b1], index=index,
+                        progress=progress and len(range(0, n_q, query_block_size)) == 1)
+        block_s, block_i = s_t.cpu().double().numpy(), i_t.cpu().numpy()
+        # the own positive's score, exactly (one dot product per row)
+        own = torch.tensor([p[0] for p in pos[b0:b1]], dtype=torch.long, device=corpus_embeddings.device)
+        ps = (qb.to(acc) * corpus_embeddings[own].to(qb.device, acc)).sum(1).cpu().double().numpy()
+        for r in range(b1 - b0):
+            sp = float(ps[r])
+            pos_list.append(sp)
+            cand_i, cand_s = block_i[r, start:stop], block_s[r, start:stop]
+            valid = cand_i >= 0
+            cand_i, cand_s = cand_i[valid], cand_s[valid]
+            keep = np.ones(cand_i.shape[0], dtype=bool)
+            if relative_margin is not None:
+                keep &= ~(cand_s > sp - (1.0 - relative_margin) * abs(sp))
+            if absolute_margin is not None:
+                keep &= ~(cand_s > sp - absolute_margin)
+            n_cand += int(cand_i.shape[0])
+            n_filtered += int((~keep).sum())
+            cand_i, cand_s = cand_i[keep], cand_s[keep]
+            if sampling == "random" and cand_i.shape[0] > num_negatives:
+                pick = np.sort(rng.choice(cand_i.shape[0], size=num_negatives, replace=False))
+            else:
+                pick = np.arange(min(num_negatives, cand_i.shape[0]))
+            indices.append([int(j) for j in cand_i[pick]])
+            scores.append([float(x) for x in cand_s[pick]])
+            if len(pick) < num_negatives:
+                n_short += 1
+                n_none += int(len(pick) == 0)
     flat_neg = [s for row in scores for s in row]
-    gaps = [float(pos_scores[i]) - float(np.mean(row)) for i, row in enumerate(scores) if row]
-    if method == "auto":
-        method = "exact" if n_c < faiss_threshold else "faiss-ivf"
+    gaps = [pos_list[i] - float(np.mean(row)) for i, row in enumerate(scores) if row]
     stats = {
         "queries": n_q, "num_negatives": num_negatives, "negatives": len(flat_neg),
-        "positive_score": _describe(pos_scores.tolist()), "negative_score": _describe(flat_neg),
+        "positive_score": _describe(pos_list), "negative_score": _describe(flat_neg),
         "gap": _describe(gaps), "candidates": n_cand, "filtered": n_filtered,
         "filtered_fraction": (n_filtered / n_cand) if n_cand else 0.0,
         "short_queries": n_short, "no_negative_queries": n_none, "rank_window": [start, stop],
         "relative_margin": relative_margin, "absolute_margin": absolute_margin, "sampling": sampling,
         "method": method, "seed": seed,
     }
-    return MinedNegatives(indices, scores, [float(s) for s in pos_scores], stats)
+    return MinedNegatives(indices, scores, pos_list, stats)
 
 
 def known_positives(examples: Sequence, *, corpus_ids: Optional[Sequence] = None,
