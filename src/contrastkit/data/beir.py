@@ -168,6 +168,7 @@ class BeirDataset:
     queries: Dict[str, str]
     qrels: Dict[str, Dict[str, Dict[str, int]]] = field(default_factory=dict)
     qrel_lines: Dict[str, Dict[Tuple[str, str], int]] = field(default_factory=dict, repr=False)
+    _skipped_splits: set = field(default_factory=set, repr=False)  # qrels cached with bad lines skipped
 
     def document(self, doc_id: str) -> str:
         """``title + " " + text`` (BEIR's usual document string), stripped."""
@@ -184,7 +185,11 @@ class BeirDataset:
         return self.folder / "qrels" / f"{split}.tsv"
 
     def load_qrels(self, split: str, *, skip_bad_records: bool = False, stats=None) -> Dict[str, Dict[str, int]]:
-        """``{query_id: {doc_id: score}}`` of ``qrels/<split>.tsv`` (cached)."""
+        """``{query_id: {doc_id: score}}`` of ``qrels/<split>.tsv`` (cached; a strict call
+        re-reads a split that was cached with bad lines skipped, so it still raises)."""
+        if split in self._skipped_splits and not skip_bad_records:
+            self.qrels.pop(split, None)
+            self._skipped_splits.discard(split)
         if split not in self.qrels:
             path = self.qrels_path(split)
             if not path.is_file():
@@ -196,6 +201,8 @@ class BeirDataset:
                 out.setdefault(qid, {})[did] = s
                 lines[(qid, did)] = lineno
             self.qrels[split], self.qrel_lines[split] = out, lines
+            if skip_bad_records:
+                self._skipped_splits.add(split)
         return self.qrels[split]
 
     def _judged(self, split: str, min_score: int, skip_bad_records: bool, stats) -> Iterator[Tuple[str, str, str]]:
