@@ -1,0 +1,135 @@
+"""contrastkit bench train end to end on a tiny BEIR folder and a tiny BERT: ours, the
+sentence-transformers peer and one ablation each in its own subprocess, result files,
+resumability (a second invocation runs nothing), the summary table and figure, --table-from."""
+
+import json
+import math
+import time
+
+import pytest
+
+from contrastkit.cli import main
+from main_job_fixtures import make_beir, make_tiny_model
+
+# what makes one run take seconds (as tests/test_main_job.py::_args); batch 4: the peer's
+# top-1 mined negatives of a random tiny model repeat too often to fill larger no-duplicate batches
+TINY = ["batching.batch_size=4", "batching.chunk_size=3", "optim.lr=1e-3", "train.precision=fp32",
+        "model.query_max_length=16", "model.document_max_length=32", "train.dev_corpus_size=20",
+        "data.dev_fraction=0.25", "negatives.rank_window=[0, 10]", "evaluation.bootstrap_resamples=200",
+        "data.sts=false", "output.report=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchtrain")
+    return make_beir(root / "beir", n_queries=48), make_tiny_model(root / "model")
+
+
+def _argv(data, model, results, *extra):
+    argv = ["bench", "train", "--results", str(results), "--seeds", "0", "--max-steps", "2",
+            "--data", str(data), "--model", str(model)]
+    for o in TINY:
+        argv += ["--set", o]
+    return argv + list(extra)
+
+
+def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
+    data, model = tiny
+    results = tmp_path / "bench"
+    argv = _argv(data, model, results, "--only", "ours", "peer", "no-interpolation")
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    files = {p.relative_to(results).as_posix() for p in results.rglob("seed*.json")}
+    assert files == {"ours/seed0.json", "peer/seed0.json", "no-interpolation/seed0.json"}
+    recs = {name: json.loads((results / name / "seed0.json").read_text())
+            for name in ("ours", "peer", "no-interpolation")}
+    for name, r in recs.items():
+        assert r["name"] == name and r["seed"] == 0
+        assert 0.0 <= r["after"]["ndcg@10"] <= 1.0 and r["after"]["n_queries"] == 8
+        assert r["wall_seconds"] > 0 and r["train"]["steps"] == 2
+        assert "optim.max_steps=2" in r["overrides"] and "train.seed=0" in r["overrides"]
+    # ours ran the real main job in its own run folder; the ablation's override reached it
+    assert (results / "ours" / "seed0" / "metrics.json").is_file()
+    assert "interpolation" in recs["ours"]["dev"] and "interpolation" not in recs["no-interpolation"]["dev"]
+    assert "interpolation.enabled=false" in recs["no-interpolation"]["overrides"]
+    # the peer: same task, tiny settings honoured, evaluated on the same test queries as ours
+    peer = recs["peer"]
+    assert peer["kind"] == "peer" and peer["precision"] == "fp32"
+    assert peer["train"]["pairs"] == recs["ours"]["train"]["examples"]
+    assert peer["per_query"]["query_ids"] == json.loads(
+        (results / "ours" / "seed0" / "per_query.json").read_text())["query_ids"]
+    assert set(peer["phases"]) == {"load", "mine", "train", "after"}
+    assert (results / "peer" / "seed0" / "model" / "modules.json").is_file()
+    # summary: markdown table with every configuration, the base row, ratios to the peer
+    table = (results / "summary.md").read_text()
+    assert (results / "summary.png").stat().st_size > 1000
+    main_table = table.split("Mean seconds per phase")[0]
+    rows = {line.split("|")[1].strip(): line for line in main_table.splitlines() if line.startswith("| ")}
+    assert {"base", "ours", "peer", "no-interpolation"} <= set(rows)
+    assert "(one seed)" in rows["no-interpolation"] and "(one seed)" not in rows["ours"]
+    cells = [c.strip() for c in rows["ours"].split("|")]
+    assert float(cells[3]) == pytest.approx(recs["ours"]["after"]["ndcg@10"], abs=1e-4)
+    ratio = recs["ours"]["after"]["ndcg@10"] / peer["after"]["ndcg@10"]
+    assert float(cells[8]) == pytest.approx(ratio, abs=1e-3)
+    assert [c.strip() for c in rows["peer"].split("|")][8:10] == ["1.000", "1.00"]
+    assert table in out.out or rows["ours"] in out.out
+
+    # resumable: a second invocation runs nothing and leaves every result file as it was
+    stamps = {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")}
+    time.sleep(0.01)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("done before, skipped") == 3 and "running" not in err
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
+
+    # --table-from prints the summary of what is there without running
+    (results / "summary.md").unlink()
+    assert main(["bench", "train", "--table-from", str(results)]) == 0
+    printed = capsys.readouterr().out
+    assert rows["ours"] in printed and (results / "summary.md").is_file()
+
+
+def test_bench_train_rejects_unknown_names_and_bad_overrides(tmp_path, capsys):
+    assert main(["bench", "train", "--results", str(tmp_path / "r"), "--only", "ours", "nope"]) == 2
+    assert "unknown configuration 'nope'" in capsys.readouterr().err
+    assert main(["bench", "train", "--results", str(tmp_path / "r"), "--set", "batching.sampler=magic"]) == 2
+    assert "batching.sampler: 'magic' is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(["bench", "train", "--table-from", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_summary_statistics_and_ratios(tmp_path):
+    from contrastkit.bench.train import summarize, write_summary
+
+    def rec(name, seed, ndcg, wall, sts=None, before=None):
+        r = {"name": name, "seed": seed, "after": {"ndcg@10": ndcg}, "wall_seconds": wall, "phases": {"train": wall}}
+        if sts is not None:
+            r["sts"] = {"after": {"spearman": sts}, **({"before": {"spearman": 0.8}} if before else {})}
+        if before is not None:
+            r["before"] = {"ndcg@10": before}
+        return r
+
+    results = {"ours": [rec("ours", 0, 0.70, 100, 0.81, 0.60), rec("ours", 1, 0.74, 120, 0.83, 0.60)],
+               "peer": [rec("peer", 0, 0.60, 50, 0.79), rec("peer", 1, 0.64, 70, 0.77)],
+               "batch-128": [rec("batch-128", 0, 0.72, 90)]}
+    rows = {r["name"]: r for r in summarize(results)}
+    assert rows["base"]["ndcg"]["mean"] == 0.60 and rows["base"]["sts"] == 0.8
+    o = rows["ours"]
+    assert o["ndcg"]["n"] == 2 and o["ndcg"]["mean"] == pytest.approx(0.72)
+    assert (o["ndcg"]["min"], o["ndcg"]["max"]) == (0.70, 0.74)
+    assert o["ndcg"]["std"] == pytest.approx(math.sqrt(2 * 0.02 ** 2))   # sample std of {0.70, 0.74}
+    assert o["sts"] == pytest.approx(0.82) and o["wall"] == 110
+    assert o["ndcg_vs_peer"] == pytest.approx(0.72 / 0.62) and o["time_vs_peer"] == pytest.approx(110 / 60)
+    assert rows["batch-128"]["ndcg"]["std"] == 0.0 and rows["batch-128"]["sts"] is None
+    # the same through the files
+    for name, recs in results.items():
+        (tmp_path / name).mkdir()
+        for r in recs:
+            (tmp_path / name / f"seed{r['seed']}.json").write_text(json.dumps(r))
+    text = write_summary(str(tmp_path))
+    assert "| ours | 0,1 (n=2) | 0.7200 | 0.7000..0.7400 |" in text
+    assert "| batch-128 | 0 (n=1) | 0.7200 |" in text and "(one seed)" in text
+    (tmp_path / "peer" / "seed1.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"peer/seed1.json:1: not valid JSON"):
+        write_summary(str(tmp_path))
