@@ -51,6 +51,13 @@ def test_explicit_columns_and_streaming(tmp_path):
     first = next(it)
     assert first == Example("q0", "p0", ("h0",), source=f"{path}:1")
     assert len(list(it)) == 4
+    # records are parsed as they are reached: a bad line later in the file does not stop the first ones
+    with open(path, "a") as f:
+        f.write("{broken\n")
+    lazy = read_examples(path, query_column="anchor", positive_column="pos", negative_columns=["hard"])
+    assert [next(lazy).query for _ in range(5)] == [f"q{i}" for i in range(5)]
+    with pytest.raises(ValueError, match=r"a\.jsonl:6: not valid JSON"):
+        next(lazy)
 
 
 def test_csv_tsv_and_gzip(tmp_path):
