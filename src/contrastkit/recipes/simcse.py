@@ -348,8 +348,10 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
         if len(data.examples) < cfg.batching.batch_size:
             raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} is larger than the "
                               f"{len(data.examples)} training examples")
+        # built (and saved) with the model's usual length; training and evaluation cut at ``length``
         encoder = TextEncoder(cfg.model.name, pooling=cfg.model.pooling, normalize=cfg.model.normalize,
-                              max_length=length, trust_remote_code=cfg.model.trust_remote_code).to(device)
+                              max_length=cfg.model.document_max_length,
+                              trust_remote_code=cfg.model.trust_remote_code).to(device)
         sts_dev, sts_test = load_sts("dev"), load_sts("test")
     summary.update(mode="supervised" if data.supervised else "unsupervised", task=data.description, notes=data.notes)
 
