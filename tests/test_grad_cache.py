@@ -4,6 +4,11 @@ The encoder is a tiny BertModel built from a config (no download) with dropout
 active, in float64. With dropout the plain reference encodes the same chunks with
 autograd (the only way two runs can draw the same masks); without dropout it is one
 forward of the whole batch.
+
+The hook mode (``gc.embed(...)`` + the caller's ``loss.backward()``) is held to the same
+gradients as ``step()`` and the plain step, for 1, 2 and 3 input groups, and its misuse
+(second backward, encoder changed before the backward) must raise. A 2-process gloo run
+checks it with a DDP-wrapped encoder re-encoded inside the backward.
 """
 
 from __future__ import annotations
@@ -427,3 +432,89 @@ def test_hook_mode_misuse_raises():
         GradCache(enc).step(q, d)
     with pytest.raises(ValueError, match="at least one input group"):
         gc.embed()
+
+
+# --- hook mode with a DistributedDataParallel encoder (2 gloo processes) -----------------
+
+DDP_WORLD, DDP_ROWS, DDP_IN, DDP_DIM = 2, 5, 6, 4
+
+
+def _ddp_encoder():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(DDP_IN, 8), torch.nn.Tanh(), torch.nn.Linear(8, DDP_DIM)).double()
+
+
+def _ddp_batch():
+    g = torch.Generator().manual_seed(42)
+    return [torch.randn(DDP_WORLD * DDP_ROWS, DDP_IN, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _ddp_worker(rank, port, out_dir):
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=DDP_WORLD, timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        local = [x[rank * DDP_ROWS:(rank + 1) * DDP_ROWS] for x in _ddp_batch()]
+        loss_fn = ck.scale.DistributedLoss(ck.losses.MultipleNegativesRanking(scale=5.0))
+        for mode in ("embed", "step"):
+            enc = _ddp_encoder()
+            ddp = torch.nn.parallel.DistributedDataParallel(enc)
+            gc = GradCache(ddp, loss_fn, chunk_size=2)  # 2 + 2 + 1 rows: no_sync but for the last chunk
+            if mode == "embed":
+                loss = loss_fn(*gc.embed(*local))
+                loss.backward()
+            else:
+                loss = gc.step(*local)
+            results[mode] = (float(ck.scale.mean_over_ranks(loss.detach())),
+                             {k: p.grad.clone() for k, p in enc.named_parameters()})
+        dist.barrier()
+    except Exception:
+        results["error"] = traceback.format_exc()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def test_hook_mode_with_ddp_encoder_two_ranks(tmp_path):
+    """A DDP-wrapped encoder re-encoded inside the backward (all-reduced once, at its last
+    chunk) with negatives from both ranks: after DDP averaging the gradients equal one
+    process on the concatenated batch, in the embed() mode and in step()."""
+    import os
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=DDP_WORLD, join=False,
+                             start_method="spawn")
+    t0 = time.monotonic()
+    while not ctx.join(timeout=5):
+        if time.monotonic() - t0 > 240:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-rank workers did not finish (hang?)")
+    res = [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(DDP_WORLD)]
+    for r in res:
+        assert "error" not in r, r["error"]
+
+    enc = _ddp_encoder()
+    ref = ck.losses.MultipleNegativesRanking(scale=5.0)(*[enc(x) for x in _ddp_batch()])
+    ref.backward()
+    ref_value = float(ref.detach())
+    ref_grads = {k: p.grad for k, p in enc.named_parameters()}
+    for rank, r in enumerate(res):
+        for mode in ("embed", "step"):
+            loss, g = r[mode]
+            assert abs(loss - ref_value) <= 1e-12 * abs(ref_value), (rank, mode, loss, ref_value)
+            for k in ref_grads:
+                assert_rel_close(g[k], ref_grads[k], rtol=1e-10, atol=1e-15, what=f"rank {rank} {mode} {k}")
