@@ -48,21 +48,22 @@ def make_run(root: Path, *, sts=True, sts_after=0.8105, interpolation=True, mini
     difference = {}
     for m in ("ndcg@10", "mrr@10", "recall@100"):
         r = paired_bootstrap(per[m][0], per[m][1], n_resamples=2000, seed=0)
-        difference[m] = {k: r[k] for k in ("mean_diff", "low", "high", "p_value")}
+        difference[m] = r            # as the recipe writes it: mean_diff, low, high, p_value, n, n_resamples, ...
     dev_before = {"ndcg@10": 0.6012, "mrr@10": 0.5733, "recall@100": 0.9011}
-    dev_steps = [0, 50, 100, 150, 200]
+    dev_steps = [0, 50, 100, 150, 200]           # step 0: the base model, logged before training
     dev_scores = [0.6012, 0.6451, 0.6702, 0.6689, 0.6650]
     records = []
     t = 1_790_000_000.0
     records.append({"time": t, "phase": "timing", "name": "load", "seconds": 4.2})
     if test:
         records.append({"time": t + 100, "phase": "before", "split": "test", **before})
+    records.append({"time": t + 140, "phase": "dev", "step": 0, "epoch": 0, **dev_before, "n_queries": 81})
     for step in range(1, 201):
-        if step % 5 == 0:
+        if step % 10 == 0 or step == 1:
             loss = 1.9 * math.exp(-step / 80) + 0.35 + 0.05 * float(rng.normal())
             records.append({"time": t + 150 + step, "phase": "train", "step": step, "loss": loss,
                             "lr": 2e-5 * min(1.0, step / 20)})
-        if step in dev_steps:
+        if step in dev_steps[1:]:
             i = dev_steps.index(step)
             records.append({"time": t + 151 + step, "phase": "dev", "step": step, "epoch": step // 100,
                             "ndcg@10": dev_scores[i], "mrr@10": dev_scores[i] - 0.03, "recall@100": 0.91,
@@ -79,10 +80,10 @@ def make_run(root: Path, *, sts=True, sts_after=0.8105, interpolation=True, mini
     summary = {
         "recipe": "text_retrieval", "model": model, "data": "bundled:scifact", "device": "cpu",
         "precision": "bf16",
-        "dev": {"before": dev_before, "best_step": 100,
+        "dev": {"before": dev_before, "corpus_size": 2000, "queries": 81, "best_step": 100,
                 "best": {"ndcg@10": 0.6702, "mrr@10": 0.6402, "recall@100": 0.91}},
-        "train": {"steps": 200, "examples": 727, "batch_size": 64, "epochs": 2.0, "loss_first": 1.8934,
-                  "loss_last": 0.4127},
+        "train": {"steps": 200, "examples": 727, "batch_size": 64, "epochs": 2.0, "steps_per_epoch": 11,
+                  "loss_first": 1.8934, "loss_last": 0.4127},
         "phases": phases, "wall_seconds": 603.2, "test_split": "test",
         "versions": {"contrastkit": "0.1.0", "torch": "2.13.0", "transformers": "4.57.1"},
     }
@@ -162,9 +163,15 @@ def _text(page: str) -> str:
     return " ".join(" ".join(_parse(page).text).split())
 
 
-def test_full_report_headline_sections_and_self_contained(tmp_path):
-    run = make_run(tmp_path)
-    out = write_report(run)
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The complete fixture run and its written report (drawn once for the tests that only read it)."""
+    run = make_run(tmp_path_factory.mktemp("full"))
+    return run, write_report(run)
+
+
+def test_full_report_headline_sections_and_self_contained(full_run):
+    run, out = full_run
     assert out == run / "report.html" and out.is_file()
     page = out.read_text(encoding="utf-8")
     c = _parse(page)
@@ -350,11 +357,10 @@ def test_cli_regenerates_the_report(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="chromium is not installed (apt-get install chromium): the headless render check needs it")
-def test_renders_in_a_headless_browser(tmp_path):
+def test_renders_in_a_headless_browser(full_run, tmp_path):
     from PIL import Image
 
-    run = make_run(tmp_path)
-    page = write_report(run)
+    _, page = full_run
     shot = tmp_path / "out.png"
     proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                            "--window-size=1200,3000", "--hide-scrollbars", page.resolve().as_uri()],
@@ -376,3 +382,22 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/report.md", "exec"), {"__name__": "__docs__"})
+
+
+def test_partial_sts_select_metric_from_config_and_missing_losses(tmp_path):
+    run = make_run(tmp_path, interpolation=False,
+                   config_text="evaluation:\n  select_metric: mrr@10\n  bootstrap_resamples: 2000\n")
+    s = json.loads((run / "metrics.json").read_text())
+    del s["sts"]["after"]
+    s["train"]["loss_first"] = s["train"]["loss_last"] = None
+    (run / "metrics.json").write_text(json.dumps(s))
+    page = render_report(read_run(run))
+    text = _text(page)
+    assert "before: 82.03" in text and "No STS evaluation after training" in text
+    assert "first logged loss —" in text and "steps per epoch 11" in text
+    # the dev table and curve follow the selected metric (config.yaml's evaluation.select_metric)
+    assert "(2,000 resamples)" in text
+    assert "best checkpoint (step 100)" in text
+    assert "Dev metric: MRR@10" in text
+    (run / "config.yaml").write_text("evaluation: [unclosed\n")
+    assert "config.yaml is not valid YAML" in _text(render_report(read_run(run)))

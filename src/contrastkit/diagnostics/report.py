@@ -333,17 +333,20 @@ class _Page:
         self.test_split = str(self.s.get("test_split", "test"))
         self.before, self.after = self._before_after()
         self.difference = _obj(self.s, "difference", "") or {}
+        self._config: Optional[Dict[str, Any]] = None
 
     # ---- data helpers
 
     def _before_after(self) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]]]:
         before, after = _obj(self.s, "before", ""), _obj(self.s, "after", "")
+        where = {"before": "metrics.json: before", "after": "metrics.json: after"}
         if before is None and after is None:
             # an unfinished run: the records, if the evaluations were logged
             for phase in ("before", "after"):
                 recs = [r for r in self.by_phase.get(phase, []) if str(r.get("split", "test")) == self.test_split]
                 if recs:
                     rec = {k: v for k, v in recs[-1].items() if k not in ("time", "phase", "split", "_line")}
+                    where[phase] = f"metrics.jsonl:{recs[-1]['_line']}: {phase}"
                     if phase == "before":
                         before = rec
                     else:
@@ -351,7 +354,7 @@ class _Page:
         for name, d in (("before", before), ("after", after)):
             for k, v in (d or {}).items():
                 if _METRIC_RE.match(k) and not _is_num(v):
-                    raise ValueError(f"metrics.json: {name}.{k} must be a number, got {v!r}")
+                    raise ValueError(f"{where[name]}.{k} must be a number, got {v!r}")
         return before, after
 
     def interval(self, metric: str) -> Optional[Dict[str, float]]:
@@ -366,6 +369,33 @@ class _Page:
             raise ValueError(f"metrics.json: {where}: low {out['low']} is above high {out['high']}")
         return out
 
+    def select_metric(self) -> str:
+        """The dev metric the run selected on: metrics.json's dev.metric or dev.interpolation.metric,
+        else config.yaml's evaluation.select_metric, else nDCG@10."""
+        dev = _obj(self.s, "dev", "") or {}
+        interp = _obj(dev, "interpolation", "dev") or {}
+        for v in (dev.get("metric"), interp.get("metric"), self.config_value("evaluation", "select_metric")):
+            if isinstance(v, str) and v:
+                return v
+        return _HEADLINE_METRIC
+
+    def config_value(self, *keys: str) -> Any:
+        if self._config is None:
+            self._config = {}
+            if self.run.config_text is not None:
+                import yaml
+
+                try:
+                    cfg = yaml.safe_load(self.run.config_text)
+                except yaml.YAMLError as err:
+                    self.warnings.append(f"config.yaml is not valid YAML ({str(err).splitlines()[0]}).")
+                    cfg = None
+                self._config = cfg if isinstance(cfg, dict) else {}
+        v: Any = self._config
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        return v
+
     def add(self, sid: str, title: str, body: str) -> None:
         self.sections.append((sid, title, body))
 
@@ -376,9 +406,12 @@ class _Page:
         cards, facts = [], []
         m = _HEADLINE_METRIC
         if b is None or a is None or m not in b or m not in a:
-            cards.append(f'<div class="card flat"><div>Test {_e(_label(m))}</div>'
-                         f'{_note("No before / after evaluation on a test split in this run: nothing to compare.")}'
-                         "</div>")
+            if b is None and a is None:
+                why = "No before / after evaluation on a test split in this run: nothing to compare."
+            else:
+                gone = [n for n, d in (("before", b), ("after", a)) if d is None or m not in d]
+                why = f"No {' or '.join(gone)} {_label(m)} on the test split in this run: nothing to compare."
+            cards.append(f'<div class="card flat"><div>Test {_e(_label(m))}</div>{_note(why)}</div>')
         else:
             bv, av = float(b[m]), float(a[m])
             diff = av - bv
@@ -405,27 +438,7 @@ class _Page:
                 f'<div class="big">{_f(bv)} &rarr; {_f(av)} '
                 f'<span class="{_sign_class(diff)}">({_sf(diff)})</span></div>{detail}'
                 f'<div class="{vcls}">{_e(verdict)}</div></div>')
-        sts = _obj(s, "sts", "")
-        if sts is None:
-            cards.append(f'<div class="card flat"><div>General-domain check (STS)</div>'
-                         f'{_note("No STS evaluation in this run: forgetting was not measured.")}</div>')
-        else:
-            sb, sa = _obj(sts, "before", "sts"), _obj(sts, "after", "sts")
-            if sb is None or sa is None:
-                raise ValueError("metrics.json: sts must hold both 'before' and 'after' objects")
-            rb, ra = _num(sb, "spearman", "sts.before"), _num(sa, "spearman", "sts.after")
-            dp = 100 * (ra - rb)
-            fell = dp < -STS_DROP_POINTS
-            cls = "bad" if fell else "good" if dp >= 0 else "flat"
-            msg = (f"fell by {-dp:.2f} points, more than {STS_DROP_POINTS:g}: the model forgot part of what it knew"
-                   if fell else f"within {STS_DROP_POINTS:g} points of the base model" if dp < 0
-                   else "no loss on general-domain similarity")
-            cards.append(
-                f'<div class="card {cls}" id="headline-sts"><div>{_e(sts.get("data", "STS-B"))} '
-                f'{_e(sts.get("split", ""))} Spearman x 100</div>'
-                f'<div class="big">{100 * rb:.2f} &rarr; {100 * ra:.2f} '
-                f'<span class="{_sign_class(dp)}">({dp:+.2f} points)</span></div>'
-                f'<div class="{"worse" if fell else "neutral"}">{"&#9888; " if fell else ""}{_e(msg)}</div></div>')
+        cards.append(self._sts_card())
         dev = _obj(s, "dev", "") or {}
         if _is_num(dev.get("best_step")):
             facts.append(f"best dev step {int(dev['best_step'])}")
@@ -438,6 +451,32 @@ class _Page:
         if facts:
             body += f'<p class="sub">{_e("; ".join(facts))}</p>'
         self.add("headline", "Headline", body)
+
+    def _sts_card(self) -> str:
+        sts = _obj(self.s, "sts", "")
+        if sts is None:
+            return ('<div class="card flat"><div>General-domain check (STS)</div>'
+                    f'{_note("No STS evaluation in this run: forgetting was not measured.")}</div>')
+        name = f'{_e(sts.get("data", "STS-B"))} {_e(sts.get("split", ""))} Spearman x 100'
+        sb, sa = _obj(sts, "before", "sts"), _obj(sts, "after", "sts")
+        if sb is None or sa is None:
+            have, miss = ("before", "after") if sa is None else ("after", "before")
+            known = sb if sa is None else sa
+            val = f"{100 * _num(known, 'spearman', 'sts.' + have):.2f}" if known is not None else ""
+            return (f'<div class="card flat" id="headline-sts"><div>{name}</div>'
+                    + (f'<div class="big">{have}: {val}</div>' if val else "")
+                    + _note(f"No STS evaluation {miss} training: forgetting was not measured.") + "</div>")
+        rb, ra = _num(sb, "spearman", "sts.before"), _num(sa, "spearman", "sts.after")
+        dp = 100 * (ra - rb)
+        fell = dp < -STS_DROP_POINTS
+        cls = "bad" if fell else "good" if dp >= 0 else "flat"
+        msg = (f"fell by {-dp:.2f} points, more than {STS_DROP_POINTS:g}: the model forgot part of what it knew"
+               if fell else f"within {STS_DROP_POINTS:g} points of the base model" if dp < 0
+               else "no loss on general-domain similarity")
+        return (f'<div class="card {cls}" id="headline-sts"><div>{name}</div>'
+                f'<div class="big">{100 * rb:.2f} &rarr; {100 * ra:.2f} '
+                f'<span class="{_sign_class(dp)}">({dp:+.2f} points)</span></div>'
+                f'<div class="{"worse" if fell else "neutral"}">{"&#9888; " if fell else ""}{_e(msg)}</div></div>')
 
     def retrieval(self) -> None:
         b, a = self.before, self.after
@@ -479,7 +518,11 @@ class _Page:
                 body += f" before, {int(na)} after"
                 self.warnings.append(f"metrics.json: before.n_queries ({int(nb)}) differs from after.n_queries "
                                      f"({int(na)}): the two evaluations did not see the same queries.")
-            body += ". Intervals: paired bootstrap over queries (the same resample for both models).</p>"
+            res = {int(d["n_resamples"]) for d in self.difference.values()
+                   if isinstance(d, dict) and _is_num(d.get("n_resamples"))}
+            how = f" ({', '.join(f'{r:,}' for r in sorted(res))} resamples)" if res else ""
+            body += (f". Intervals: paired bootstrap over queries{how}, the same resample for both models; "
+                     "p-value: two-sided bootstrap test of no difference.</p>")
         bars = [m for m in _BAR_METRICS if m in names]
         if bars:
             from .figures import metric_bars
@@ -535,15 +578,21 @@ class _Page:
     def training(self) -> None:
         s = self.s
         dev = _obj(s, "dev", "") or {}
-        metric = str(dev.get("metric", _HEADLINE_METRIC))
+        metric = self.select_metric()
         body = ""
         train = _obj(s, "train", "")
         if train:
             labels = {"steps": "steps", "examples": "training examples", "batch_size": "batch size",
-                      "epochs": "epochs", "loss_first": "first loss", "loss_last": "last loss"}
+                      "epochs": "epochs", "steps_per_epoch": "steps per epoch", "loss_first": "first logged loss",
+                      "loss_last": "last logged loss"}
             rows = []
             for k, v in train.items():
-                val = _f(v) if isinstance(v, float) else _e(v)
+                if v is None:
+                    val = "&mdash;"
+                elif k == "epochs" and _is_num(v):
+                    val = f"{v:g}"
+                else:
+                    val = _f(v) if isinstance(v, float) else _e(v)
                 rows.append([_e(labels.get(k, k)), (val, "")])
             body += _table(None, rows, "kv")
         dev_recs = [r for r in self.by_phase.get("dev", []) if _is_num(r.get("step")) and _is_num(r.get(metric))]
@@ -577,6 +626,8 @@ class _Page:
                                          else None,
                                          [int(r["step"]) for r in train_recs], [float(r["loss"]) for r in train_recs]),
                          "dev metric and training loss over steps")
+            body += (f'<p class="caption">Dev metric: {_e(_label(metric))} (the one the run selects its '
+                     "checkpoint and interpolation on). Training loss as logged.</p>")
             cap = []
             if not dev_recs:
                 cap.append("no dev evaluations were logged")
@@ -597,7 +648,7 @@ class _Page:
         alphas: List[float] = []
         scores: List[float] = []
         chosen = None
-        metric = _HEADLINE_METRIC
+        metric = self.select_metric()
         if interp is not None:
             metric = str(interp.get("metric", metric))
             alphas, scores = interp.get("alphas"), interp.get("scores")
