@@ -294,6 +294,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
             if sts is not None:
                 summary["sts"] = {"split": "test", "before": evaluate_sts(lambda t: encoders.queries(t), sts)}
                 say(f"before (STS-B test): spearman {summary['sts']['before']['spearman']:.4f}")
+    if world > 1:  # every process builds the same false-negative guide
+        corpus_emb, query_emb_rows = _broadcast((corpus_emb, query_emb_rows), rank, world)
     dev_rows = _dev_corpus(task, corpus_emb, query_emb, cfg.train.dev_corpus_size, cfg.train.seed) \
         if main and task.dev_qrels else []
     dev_ids = [task.corpus_ids[j] for j in dev_rows]
@@ -348,7 +350,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
 
         loss_module = DistributedLoss(objective)
     guide = None
-    if cfg.negatives.guide_mask and corpus_emb is not None and world == 1:
+    if cfg.negatives.guide_mask and corpus_emb is not None:
         guide = Guide(query_index={q: i for i, q in enumerate(needed_q)}, query_embeddings=query_emb_rows,
                       doc_index=task.corpus_index(), doc_embeddings=corpus_emb, margin=cfg.negatives.guide_margin)
     train_doc_len = cfg.model.train_document_max_length or cfg.model.document_max_length
@@ -358,6 +360,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                             autocast_dtype=autocast_dtype(precision), sort_by_length=cfg.batching.sort_by_length,
                             known_positives=known_ids, mask_duplicates=cfg.negatives.mask_duplicates, guide=guide,
                             rank=rank, world=world)
+    if cfg.batching.batch_size % world:
+        raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} must be a multiple of the {world} processes")
     if len(examples) < cfg.batching.batch_size:
         raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} is larger than the {len(examples)} "
                           "training examples")

@@ -132,8 +132,10 @@ class RetrievalStep:
         return out
 
     def local_slice(self, batch: Sequence[Example]) -> List[Example]:
-        """This process's share of the global batch (contiguous, sizes differ by at most one)."""
+        """This process's share of the global batch (contiguous, in rank order, equal sizes)."""
         n = len(batch)
+        if n % self.world:
+            raise ValueError(f"a global batch of {n} does not split evenly over {self.world} processes")
         lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
         return list(batch[lo:hi])
 
@@ -149,6 +151,8 @@ class RetrievalStep:
         groups = [q, self._tokens(doc_encoder, [e.positive for e in local], self.doc_max_length)]
         for k in range(h):
             groups.append(self._tokens(doc_encoder, [e.negatives[k] for e in local], self.doc_max_length))
-        masks = self.masks(batch) if self.world == 1 else []
+        # masks index the concatenated global batch (rank-order rows and columns), which is
+        # what DistributedLoss expects; every process builds the same ones
+        masks = self.masks(batch)
         loss_kwargs = {"masks": masks} if masks else {}
         return self.cache.step(*groups, loss_kwargs=loss_kwargs)

@@ -191,8 +191,8 @@ class Trainer:
         import torch.distributed as dist
 
         for p in self._params():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            if p.grad is None:  # unused by the objective on every process alike (e.g. a BERT pooler)
+                continue
             dist.all_reduce(p.grad)
             p.grad.div_(self.world)
 
