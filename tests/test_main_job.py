@@ -137,3 +137,24 @@ def test_docs_table_lists_every_config_field():
     page = (Path(__file__).resolve().parents[1] / "docs" / "main-job.md").read_text()
     missing = [name for name, *_ in describe_fields() if f"| `{name}` |" not in page]
     assert not missing, f"docs/main-job.md lacks the fields {missing}: paste fields_markdown()'s output"
+
+
+def test_pairs_file_and_corpus_only_runs(tiny, tmp_path, capsys):
+    data, model = tiny
+    # a triplets file with one malformed line, skipped and counted
+    lines = [json.dumps({"query": f"what about protein {i}?", "positive": f"protein study {i} results",
+                         "negative": f"unrelated note {i}"}) for i in range(40)]
+    lines.insert(5, "{not json")
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "pairs"
+    args = _args(tmp_path / "t.jsonl", model, out, "--max-steps", "2", "--set", "data.sts=false")
+    assert main(args) == 2
+    assert "t.jsonl:6" in capsys.readouterr().err
+    assert main(args + ["--skip-bad-records", "--overwrite"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_split"] == "held-out share" and any("skipped 1" in n for n in m["notes"])
+    # corpus only (Contriever crops), evaluated on the folder's qrels
+    out = tmp_path / "crops"
+    assert main(_args(data, model, out, "--max-steps", "2", "--format", "corpus", "--set", "data.sts=false")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert "after" in m and "mining" not in m and any("independent crops" in n for n in m["notes"])

@@ -114,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"contrastkit train: config error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message names the file / line / field
+        print(f"contrastkit train: error: {err}", file=sys.stderr)
+        return 2
     if rank != 0:
         return 0
     if cfg.output.report:
