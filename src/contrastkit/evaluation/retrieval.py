@@ -16,8 +16,9 @@ Metrics (for one query with graded judgements ``rel(d)``; a document is relevant
 - ``accuracy@k = 1`` when some relevant document is in the top ``k`` (sentence-transformers'
   accuracy / success@k).
 
-Queries with no relevant document are skipped (as BEIR and sentence-transformers do); means
-are over the remaining queries. Thakur et al., "BEIR: A Heterogeneous Benchmark for Zero-shot
+Queries with no relevant document are skipped, as sentence-transformers does (pytrec_eval, and
+so BEIR's averages, would count a query judged only non-relevant as 0; BEIR datasets such as
+SciFact have none); means are over the remaining queries. Thakur et al., "BEIR: A Heterogeneous Benchmark for Zero-shot
 Evaluation of Information Retrieval Models", NeurIPS Datasets and Benchmarks 2021, arXiv:2104.08663.
 
 Example::
