@@ -249,22 +249,28 @@ HOOK_CASES = {
                              lambda: ck.losses.MultipleNegativesRanking(scale=10.0), False),
     "3 groups shared tokens": (3, 9, {"chunk_tokens": 30, "sort_by_length": True}, False,
                                lambda: ck.losses.MultipleNegativesRanking(scale=20.0), False),
+    "3 groups 3 encoders": (3, 7, {"chunk_size": 3}, 3,
+                            lambda: ck.losses.MultipleNegativesRanking(scale=10.0), False),
 }
 
 
-@pytest.mark.parametrize("keep_last", [True, False])
-@pytest.mark.parametrize("case", list(HOOK_CASES))
+@pytest.mark.parametrize("case,keep_last", [(c, True) for c in HOOK_CASES] + [
+    ("1 group supcon", False), ("2 groups towers", False), ("3 groups towers mnrl", False)])
 def test_hook_mode_equals_step_and_plain_step(case, keep_last):
     """Three ways, one gradient: a plain step (the same chunks with autograd), step(), and
     embed() + the caller's backward; float64, dropout active, uneven chunks."""
     groups, rows, chunking, towers, factory, labelled = HOOK_CASES[case]
     q_enc = tiny_bert(0.1, seed=0)
     d_enc = tiny_bert(0.1, seed=1) if towers else None
+    n_enc = tiny_bert(0.1, seed=2) if towers == 3 else None
     loss_fn = factory()
-    mods = [m for m in (q_enc, d_enc, loss_fn) if m is not None]
+    mods = [m for m in (q_enc, d_enc, n_enc, loss_fn) if m is not None]
     inputs = [token_batch(rows, seed=20 + g) for g in range(groups)]
     loss_args = (torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 3, 0][:rows]),) if labelled else ()
-    gc = GradCache(q_enc, loss_fn, doc_encoder=d_enc, keep_last=keep_last, **chunking)
+    if towers == 3:  # one encoder per input group
+        gc = GradCache([q_enc, d_enc, n_enc], loss_fn, keep_last=keep_last, **chunking)
+    else:
+        gc = GradCache(q_enc, loss_fn, doc_encoder=d_enc, keep_last=keep_last, **chunking)
     assert any(len(idx) != len(gc.plan(inputs[0])[0]) for idx in gc.plan(inputs[0])), "chunks must be uneven"
 
     results = []
@@ -281,8 +287,9 @@ def test_hook_mode_equals_step_and_plain_step(case, keep_last):
     compare(loss_h, g_h, loss_s, g_s, rtol=1e-12)
     assert torch.equal(rng_s, rng_ref) and torch.equal(rng_h, rng_ref), "the RNG must end where a plain step leaves it"
     assert all(g is not None for _, g in grads(q_enc) if True)
-    if d_enc is not None:
-        assert any(g is not None and float(g.abs().max()) > 0 for _, g in grads(d_enc))
+    for enc in (d_enc, n_enc):
+        if enc is not None:
+            assert any(g is not None and float(g.abs().max()) > 0 for _, g in grads(enc))
 
 
 def test_hook_mode_without_replay_would_differ():
@@ -432,6 +439,10 @@ def test_hook_mode_misuse_raises():
         GradCache(enc).step(q, d)
     with pytest.raises(ValueError, match="at least one input group"):
         gc.embed()
+    with pytest.raises(ValueError, match="input group 2 has no encoder"):
+        GradCache([enc, enc]).embed(q, d, q)
+    with pytest.raises(ValueError, match="not both"):
+        GradCache([enc, enc], doc_encoder=enc)
 
 
 # --- hook mode with a DistributedDataParallel encoder (2 gloo processes) -----------------

@@ -198,6 +198,7 @@ class _Snapshot:
     train/eval flag, and the version counters of the input tensors."""
 
     def __init__(self, modules: Sequence[nn.Module], inputs: Sequence[Inputs]) -> None:
+        modules = [m for m in modules if isinstance(m, nn.Module)]  # a plain function has no state
         self.params = [(name, p, p._version) for m in modules for name, p in m.named_parameters()]
         self.modes = [(name, mod, mod.training) for m in modules for name, mod in m.named_modules()]
         self.tensors = []
@@ -358,13 +359,15 @@ class GradCache:
 
     Args:
         encoder: encodes input group 0 (queries / anchors), and every group when
-            ``doc_encoder`` is None (shared towers).
+            ``doc_encoder`` is None (shared towers). A list / tuple / ``nn.ModuleList`` of
+            modules gives one encoder per input group (the same module may appear twice).
         loss_fn: for :meth:`step` (optional for :meth:`embed`): any callable on the
             embeddings, e.g. a ``ck.losses`` module, called as
             ``loss_fn(*embeddings, *loss_args, **loss_kwargs)``, returning a scalar. Wrap it in
             :class:`contrastkit.scale.DistributedLoss` for many processes: the cached (local)
             embeddings are what is gathered.
         doc_encoder: encodes groups 1, 2, ... (documents, hard negatives): two towers.
+            Not with a list of encoders.
         chunk_size: rows per chunk (default 32).
         chunk_tokens: instead, a budget of padded tokens per chunk (rows x longest row).
         sort_by_length: chunk rows sorted by length (less padding; order is restored).
@@ -409,7 +412,7 @@ class GradCache:
         optimizer.step(); optimizer.zero_grad()
     """
 
-    def __init__(self, encoder: nn.Module, loss_fn: Optional[Callable[..., Tensor]] = None, *,
+    def __init__(self, encoder: Union[nn.Module, Sequence[nn.Module]], loss_fn: Optional[Callable[..., Tensor]] = None, *,
                  doc_encoder: Optional[nn.Module] = None, chunk_size: Optional[int] = 32,
                  chunk_tokens: Optional[int] = None, sort_by_length: bool = False, trim_padding: bool = True,
                  autocast_dtype: Optional[torch.dtype] = None,
@@ -422,6 +425,13 @@ class GradCache:
             raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
         if autocast_dtype is not None and autocast_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype must be torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
+        self.encoders: Optional[List[nn.Module]] = None
+        if isinstance(encoder, (list, tuple, nn.ModuleList)):
+            if doc_encoder is not None:
+                raise ValueError("give one encoder per input group (a list) or encoder + doc_encoder, not both")
+            if len(encoder) == 0 or not all(isinstance(m, nn.Module) or callable(m) for m in encoder):
+                raise ValueError("encoder as a list needs one module per input group")
+            self.encoders = list(encoder)
         self.encoder, self.doc_encoder, self.loss_fn = encoder, doc_encoder, loss_fn
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.chunk_tokens = chunk_tokens
@@ -434,6 +444,11 @@ class GradCache:
     # -- pieces (public so a reference step can use the very same chunks) --------
     def encoder_for(self, group: int) -> nn.Module:
         """The module that encodes input group ``group``."""
+        if self.encoders is not None:
+            if not 0 <= group < len(self.encoders):
+                raise ValueError(f"input group {group} has no encoder: {len(self.encoders)} encoders were given "
+                                 "(one per input group)")
+            return self.encoders[group]
         return self.encoder if group == 0 or self.doc_encoder is None else self.doc_encoder
 
     def plan(self, inputs: Inputs) -> List[Tensor]:
