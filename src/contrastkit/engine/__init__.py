@@ -9,7 +9,8 @@ learnable 0-dim tensor or one per anchor row) with its exact gradient:
   log-sum-exp with O(N + M) saved state (and the positive logits).
 - :func:`tiled_multi_logsumexp`: several scaled / masked row log-sum-exps in one walk
   (hard-negative reweighting, SupCon L_in).
-- :func:`tiled_pairwise`: weighted kernel sums and log-sum-exps (Gaussian / Student-t /
+- :func:`contrastkit.engine.tiled_pairwise.tiled_pairwise` (not re-exported here, so that
+  the module keeps its name): weighted kernel sums and log-sum-exps (Gaussian / Student-t /
   soft targets: I-Con).
 - :func:`tiled_softplus_rows`: SigLIP's pairwise softplus sums.
 - masks (:class:`DiagonalMask`, :class:`LabelMask`, :class:`IndexMask`, ...): entries
@@ -28,7 +29,6 @@ from .masks import DiagonalMask, DifferentLabelMask, IndexMask, LabelMask, TileM
 from .multi_lse import LSEStat, tiled_multi_logsumexp
 from .positives import label_positive_logits, positive_logits
 from .tiled_lse import tiled_logsumexp, tiled_logsumexp_with_positives
-from .tiled_pairwise import tiled_pairwise
 from .tiled_softplus import tiled_softplus_rows
 from .tiling import choose_tile
 
@@ -36,7 +36,6 @@ __all__ = [
     "tiled_logsumexp",
     "tiled_logsumexp_with_positives",
     "tiled_multi_logsumexp",
-    "tiled_pairwise",
     "tiled_softplus_rows",
     "choose_tile",
     "TileMask",
