@@ -288,3 +288,43 @@ def test_config_errors_exit_with_code_2(tiny_model, small_sts, tmp_path, capsys)
     assert "separate_towers" in capsys.readouterr().err
     assert main(_args(tiny_model, tmp_path / "c", "--data", "stsb", "--batch-size", "500")) == 2
     assert "batching.batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["no_duplicates", "random", "b3"])
+def test_build_batches_covers_each_example_at_most_once_per_epoch_and_resumes(kind):
+    from contrastkit.recipes.simcse import build_batches
+
+    ex = unsupervised_examples([f"sentence {i}" for i in range(23)])
+    calls = []
+
+    def anchors(texts):  # a stand-in for the base model: 2-d points on a line
+        calls.append(list(texts))
+        return torch.stack([torch.tensor([1.0, float(i)]) for i in range(len(texts))])
+
+    batches = build_batches(ex, kind=kind, batch_size=5, seed=3, anchor_embeddings=anchors)
+    batches.set_epoch(0)
+    got = [b for b in batches]
+    assert all(len(b) == 5 for b in got) and len(got) == len(batches) == 4
+    ids = [e.query for b in got for e in b]
+    assert len(ids) == len(set(ids))
+    assert calls == ([[e.query for e in ex]] if kind == "b3" else [])
+    # resume in the middle of the epoch: the same remaining batches
+    again = build_batches(ex, kind=kind, batch_size=5, seed=3, anchor_embeddings=anchors)
+    again.set_epoch(0)
+    it = iter(again)
+    next(it)
+    state = again.state_dict()
+    resumed = build_batches(ex, kind=kind, batch_size=5, seed=3, anchor_embeddings=anchors)
+    resumed.set_epoch(0)
+    resumed.load_state_dict(state)
+    assert [[e.query for e in b] for b in resumed] == [[e.query for e in b] for b in got[1:]]
+
+
+def test_build_batches_errors():
+    from contrastkit.recipes.simcse import build_batches
+
+    ex = unsupervised_examples(["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="anchor_embeddings"):
+        build_batches(ex, kind="b3", batch_size=2)
+    with pytest.raises(ConfigError, match="allowed values"):
+        build_batches(ex, kind="bogus", batch_size=2)

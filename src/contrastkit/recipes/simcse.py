@@ -82,7 +82,7 @@ from .text_retrieval import (_broadcast, _ExampleBatches, _load_towers, _RandomB
 from .text_steps import RetrievalStep
 
 __all__ = ["SimCSEData", "stsb_sentences", "unsupervised_examples", "supervised_examples", "load_simcse_data",
-           "build_simcse_step", "run_simcse", "CITATION"]
+           "build_simcse_step", "build_batches", "run_simcse", "CITATION"]
 
 CITATION = ("Gao, Yao, Chen. SimCSE: Simple Contrastive Learning of Sentence Embeddings. EMNLP 2021. "
             "arXiv:2104.08821")
@@ -293,6 +293,38 @@ def build_simcse_step(encoder: nn.Module, objective: nn.Module, *, max_length: i
                          known_positives=known_positives, mask_duplicates=mask_duplicates, rank=rank, world=world)
 
 
+def build_batches(examples: Sequence[Example], *, kind: str, batch_size: int, seed: int = 0,
+                  anchor_embeddings: Optional[Callable[[List[str]], torch.Tensor]] = None):
+    """The resumable batch source of the loop: batches (lists) of ``examples``.
+
+    ``kind`` is ``batching.sampler``: ``"no_duplicates"`` (no text twice in a batch;
+    :class:`~contrastkit.negatives.samplers.NoDuplicatesBatchSampler`), ``"random"``
+    (seeded shuffles) or ``"b3"`` (:class:`~contrastkit.negatives.samplers.B3BatchSampler`:
+    batches of neighbouring anchors, which needs ``anchor_embeddings(texts) -> (N, d)``,
+    called once with the anchors, e.g. the base model's ``encode``). Incomplete last
+    batches are dropped (every batch has ``batch_size`` examples, the loss's negatives).
+
+    Example::
+
+        from contrastkit.recipes.simcse import build_batches, unsupervised_examples
+        batches = build_batches(unsupervised_examples([f"s{i}" for i in range(10)]), kind="random", batch_size=4)
+        assert len(batches) == 2 and all(len(b) == 4 for b in batches)
+    """
+    examples = list(examples)
+    if kind == "no_duplicates":
+        sampler = NoDuplicatesBatchSampler(examples, batch_size, seed=seed, drop_last=True)
+    elif kind == "b3":
+        if anchor_embeddings is None:
+            raise ValueError("batching.sampler b3 needs anchor_embeddings (texts -> (N, d) embeddings)")
+        teacher = anchor_embeddings([e.query for e in examples]).detach().float().cpu()
+        sampler = B3BatchSampler(examples, batch_size, query_embeddings=teacher, seed=seed, drop_last=True)
+    elif kind == "random":
+        sampler = _RandomBatchSampler(len(examples), batch_size, seed=seed)
+    else:
+        raise ConfigError(f"batching.sampler: {kind!r} is not allowed; allowed values: no_duplicates, random, b3")
+    return _ExampleBatches(sampler, examples)
+
+
 # -- the job ------------------------------------------------------------------------------
 
 def _select_metric(cfg: RunConfig) -> str:
@@ -389,16 +421,10 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
                                 sort_by_length=cfg.batching.sort_by_length, known_positives=data.known_positives,
                                 mask_duplicates=cfg.negatives.mask_duplicates and data.supervised, rank=rank,
                                 world=world)
-    if cfg.batching.sampler == "no_duplicates":
-        sampler = NoDuplicatesBatchSampler(examples, cfg.batching.batch_size, seed=cfg.train.seed, drop_last=True)
-    elif cfg.batching.sampler == "b3":
-        teacher = encoder.encode([e.query for e in examples], batch_size=cfg.train.encode_batch_size,
-                                 precision=precision, max_length=length)      # the base model's view of the anchors
-        sampler = B3BatchSampler(examples, cfg.batching.batch_size, query_embeddings=teacher.cpu(),
-                                 seed=cfg.train.seed)
-    else:
-        sampler = _RandomBatchSampler(len(examples), cfg.batching.batch_size, seed=cfg.train.seed)
-    batches = _ExampleBatches(sampler, examples)
+    batches = build_batches(examples, kind=cfg.batching.sampler, batch_size=cfg.batching.batch_size,
+                            seed=cfg.train.seed,
+                            anchor_embeddings=lambda texts: encoder.encode(texts, batch_size=cfg.train.encode_batch_size,
+                                                                           precision=precision, max_length=length))
     steps_per_epoch = max(1, len(batches))
     total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
     trainable: Dict[str, nn.Module] = {"model": encoder}
