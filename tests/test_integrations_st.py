@@ -155,6 +155,11 @@ def test_bad_objectives_and_columns(tiny_model_dir):
         CachedLoss(model, ck.losses.NTXent(temperature=0.1))(features(model, [ANCHORS, POSITIVES, NEGATIVES]), None)
     with pytest.raises(ValueError, match="chunk_size"):
         CachedLoss(model, chunk_size=0)
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    matryoshka = MatryoshkaLoss(model, CachedLoss(model), matryoshka_dims=[16, 8])
+    with pytest.raises(ValueError, match="MatryoshkaLoss is not supported"):  # not silently ignored
+        matryoshka(features(model, [ANCHORS, POSITIVES]), None)
     a, p = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
     assert_rel_close(call_with_columns(ck.losses.NTXent(temperature=0.1), a, p),
                      ck.losses.NTXent(temperature=0.1)(a, p), rtol=1e-12, what="pairs")

@@ -187,6 +187,11 @@ class CachedLoss(nn.Module):
 
     def forward(self, sentence_features: Iterable[Mapping[str, Tensor]], labels: Optional[Tensor] = None) -> Tensor:
         """Loss of one batch; its ``backward()`` runs the cached re-encode."""
+        if "calculate_loss" in self.__dict__:
+            raise ValueError(
+                "CachedLoss inside sentence-transformers' MatryoshkaLoss is not supported: MatryoshkaLoss "
+                "replaced CachedLoss.calculate_loss, which CachedLoss does not use, so the Matryoshka dimensions "
+                "would be silently ignored. Use MatryoshkaLoss around sentence-transformers' own cached losses")
         features: List[Mapping[str, Tensor]] = list(sentence_features)
         if len(features) < 2:
             raise ValueError(f"CachedLoss needs at least 2 input columns (anchor, positive[, negatives...]), "
@@ -197,6 +202,11 @@ class CachedLoss(nn.Module):
             raise ValueError(f"objective {type(self.objective).__name__} must return a scalar loss "
                              "(reduction='mean' or 'sum')")
         return loss
+
+    def calculate_loss(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Not used: sentence-transformers' cached-loss hook, present so that a wrapper that
+        decorates it (MatryoshkaLoss) is detected by :meth:`forward` and refused."""
+        raise ValueError("CachedLoss computes its loss in forward(); calculate_loss is not supported")
 
     def get_config_dict(self) -> Dict[str, Any]:
         """The settings shown in the model card (sentence-transformers' convention)."""
