@@ -79,7 +79,9 @@ def make_run(root: Path, *, sts=True, sts_after=0.8105, interpolation=True, mini
               "interpolate": 21.0, "after": 133.9, "report": 1.3}
     summary = {
         "recipe": "text_retrieval", "model": model, "data": "bundled:scifact", "device": "cpu",
-        "precision": "bf16",
+        "precision": "bf16", "world_size": 1,
+        "task": "beir: 809 (query, relevant document) pairs from 727 train queries; dev 81 queries carved from train",
+        "notes": [],
         "dev": {"before": dev_before, "corpus_size": 2000, "queries": 81, "best_step": 100,
                 "best": {"ndcg@10": 0.6702, "mrr@10": 0.6402, "recall@100": 0.91}},
         "train": {"steps": 200, "examples": 727, "batch_size": 64, "epochs": 2.0, "steps_per_epoch": 11,
@@ -208,7 +210,8 @@ def test_full_report_headline_sections_and_self_contained(full_run):
     assert "other (outside the phases) 4.1 s" in text                                  # 603.2 - 599.1
     assert "<details>" in page and "objective: mnrl" in text
     assert "bf16" in text and "2.13.0" in text and "4.57.1" in text
-    assert "Check these" not in text                                                    # the fixture is consistent
+    assert "Check these" not in text and "Notes from the run" not in text               # consistent, no notes
+    assert "dev 81 queries carved from train" in text
     # self-contained: 5 embedded PNG figures, no script, no external reference
     assert c.scripts == 0 and "<link" not in page
     assert len(c.imgs) == 5
@@ -390,10 +393,12 @@ def test_partial_sts_select_metric_from_config_and_missing_losses(tmp_path):
     s = json.loads((run / "metrics.json").read_text())
     del s["sts"]["after"]
     s["train"]["loss_first"] = s["train"]["loss_last"] = None
+    s["notes"] = ["mining skipped (the training pairs have no ids) <random negatives>"]
     (run / "metrics.json").write_text(json.dumps(s))
     page = render_report(read_run(run))
     text = _text(page)
     assert "before: 82.03" in text and "No STS evaluation after training" in text
+    assert "Notes from the run mining skipped (the training pairs have no ids) <random negatives>" in text
     assert "first logged loss —" in text and "steps per epoch 11" in text
     # the dev table and curve follow the selected metric (config.yaml's evaluation.select_metric)
     assert "(2,000 resamples)" in text

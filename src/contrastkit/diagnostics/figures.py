@@ -62,16 +62,18 @@ def png_data_uri(png: bytes) -> str:
 
 def metric_bars(before: Mapping[str, float], after: Mapping[str, float],
                 intervals: Mapping[str, Tuple[float, float]], metrics: Sequence[str]) -> bytes:
-    """Grouped bars, before (grey) and after (green when higher, red when lower), per metric.
+    """Left: grouped bars, before (grey) and after (green when higher, red when lower), per
+    metric. Right: the difference ``after - before`` per metric with its interval, against a
+    line at 0 (green when the interval lies above 0, red below, grey when it holds 0).
 
     ``intervals[m] = (low, high)`` is the 95% interval of the paired difference
-    ``after - before``; it is drawn as a whisker on the *after* bar spanning
+    ``after - before``; on the left it is drawn as a whisker on the *after* bar spanning
     ``before + low .. before + high`` (where after lies, with its uncertainty, measured
     from before): when the whisker stays clear of the before bar's height the interval
-    excludes 0. Metrics without an interval get no whisker.
+    excludes 0. Metrics without an interval get no whisker and a bare dot on the right.
     """
-    fig = _figure(7.0, 3.4)
-    ax = fig.add_subplot()
+    fig = _figure(9.5, 3.4)
+    ax, ax_d = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.7, 1.0]})
     x = np.arange(len(metrics), dtype=float)
     w = 0.36
     b = np.array([before[m] for m in metrics], dtype=float)
@@ -99,6 +101,33 @@ def metric_bars(before: Mapping[str, float], after: Mapping[str, float],
                        Patch(color=RED, label="after (lower)")], loc="lower left", bbox_to_anchor=(0.0, 1.0),
               ncol=3, fontsize=8, frameon=False)
     _style(ax)
+    # the differences and their intervals
+    y = np.arange(len(metrics), dtype=float)[::-1]
+    for yi, m, ai, bi in zip(y, metrics, a, b):
+        d = ai - bi
+        if m in intervals:
+            lo, hi = intervals[m]
+            c = GREEN if lo > 0 else RED if hi < 0 else GREY
+            ax_d.errorbar([d], [yi], xerr=[[d - lo], [hi - d]], fmt="o", color=c, ecolor=c, elinewidth=2,
+                          capsize=4, markersize=6)
+            ax_d.annotate(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]", xy=(d, yi), xytext=(0, 7), textcoords="offset points",
+                          ha="center", fontsize=7.5, color="#24292f")
+        else:
+            ax_d.plot([d], [yi], "o", color=GREY, markersize=6)
+            ax_d.annotate(f"{d:+.3f} (no interval)", xy=(d, yi), xytext=(0, 7), textcoords="offset points",
+                          ha="center", fontsize=7.5, color="#57606a")
+    ax_d.axvline(0.0, color="#24292f", linewidth=0.9)
+    ax_d.set_yticks(y, list(metrics))
+    ax_d.set_ylim(-0.6, len(metrics) - 0.4)
+    lo_all = min([0.0] + [intervals[m][0] for m in metrics if m in intervals] + list(a - b))
+    hi_all = max([0.0] + [intervals[m][1] for m in metrics if m in intervals] + list(a - b))
+    pad = 0.25 * max(hi_all - lo_all, 1e-3)
+    ax_d.set_xlim(lo_all - pad, hi_all + pad)
+    ax_d.set_xlabel("after - before (95% interval)")
+    ax_d.spines["top"].set_visible(False)
+    ax_d.spines["right"].set_visible(False)
+    ax_d.grid(True, axis="x", color="#d0d7de", linewidth=0.6)
+    ax_d.set_axisbelow(True)
     return _png(fig)
 
 

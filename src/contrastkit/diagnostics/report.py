@@ -47,7 +47,7 @@ STS_DROP_POINTS = 2.0  # an STS Spearman fall larger than this many points (x100
 _CONSISTENCY_TOL = 1e-6
 _HEADLINE_METRIC = "ndcg@10"
 _BAR_METRICS = ("ndcg@10", "mrr@10", "recall@100")
-_METRIC_ORDER = ("ndcg", "mrr", "recall", "map", "precision")
+_METRIC_ORDER = ("ndcg", "mrr", "recall", "map", "precision", "accuracy")
 _METRIC_RE = re.compile(r"^([A-Za-z_]+)@(\d+)$")
 
 
@@ -233,7 +233,8 @@ def _label(metric: str) -> str:
     m = _METRIC_RE.match(metric)
     if not m:
         return metric
-    base = {"ndcg": "nDCG", "mrr": "MRR", "recall": "Recall", "map": "MAP", "precision": "P"}.get(
+    base = {"ndcg": "nDCG", "mrr": "MRR", "recall": "Recall", "map": "MAP", "precision": "P",
+            "accuracy": "Accuracy"}.get(
         m.group(1).lower(), m.group(1))
     return f"{base}@{m.group(2)}"
 
@@ -312,6 +313,7 @@ table.kv td{text-align:left}
 .note{color:#57606a;font-style:italic;margin:6px 0}
 .warn{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:8px 14px;margin:12px 0}
 .warn li{margin:2px 0}
+.notes{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;margin:12px 0}
 img.fig{max-width:100%;display:block;margin:8px 0 4px}
 .caption{color:#57606a;font-size:13px;margin:0 0 12px}
 details{margin:8px 0}
@@ -531,8 +533,9 @@ class _Page:
                                      {_label(m): intervals[m] for m in bars if m in intervals},
                                      [_label(m) for m in bars]),
                          "before / after bars")
-            body += ('<p class="caption">The whisker on each <em>after</em> bar is before + the 95% interval of '
-                     "the difference: when it stays clear of the grey bar's height, the change is real.</p>")
+            body += ('<p class="caption">Left: the whisker on each <em>after</em> bar is before + the 95% interval '
+                     "of the difference: when it stays clear of the grey bar's height, the change is real. Right: "
+                     "the difference itself with its interval; green or red when the interval excludes 0.</p>")
         else:
             body += _note("None of nDCG@10, MRR@10, Recall@100 was measured: no bar figure.")
         self.add("retrieval", "Test retrieval metrics", body)
@@ -768,7 +771,7 @@ class _Page:
         s = self.s
         rows = []
         labels = [("recipe", "recipe"), ("model", "model"), ("data", "data"), ("test_split", "test split"),
-                  ("device", "device"), ("precision", "precision")]
+                  ("device", "device"), ("precision", "precision"), ("world_size", "processes")]
         for k, lab in labels:
             if k in s:
                 rows.append([_e(lab), (_e(s[k]), "")])
@@ -800,6 +803,12 @@ class _Page:
         sub = " &middot; ".join(_e(x) for x in (
             s.get("recipe"), s.get("model"), s.get("data") and f"data {s.get('data')}") if x)
         nav = "".join(f'<a href="#{sid}">{_e(t)}</a>' for sid, t, _ in self.sections)
+        task = f'<p class="sub">{_e(s["task"])}</p>' if isinstance(s.get("task"), str) and s["task"] else ""
+        run_notes = s.get("notes")
+        notes = ""
+        if isinstance(run_notes, list) and run_notes:
+            notes = ('<div class="notes" id="run-notes"><strong>Notes from the run</strong><ul>' +
+                     "".join(f"<li>{_e(n)}</li>" for n in run_notes) + "</ul></div>")
         warn = ""
         if self.warnings:
             warn = ('<div class="warn" id="warnings"><strong>Check these</strong><ul>' +
@@ -808,7 +817,7 @@ class _Page:
         return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                 "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
                 f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
-                f"<h1>{_e(title)}</h1><p class=\"sub\">{sub}</p><nav>{nav}</nav>{warn}{body}"
+                f"<h1>{_e(title)}</h1><p class=\"sub\">{sub}</p>{task}<nav>{nav}</nav>{warn}{notes}{body}"
                 "</main></body></html>\n")
 
 
