@@ -82,6 +82,17 @@ def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     assert err.count("done before, skipped") == 3 and "running" not in err
     assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
 
+    # a run folder that finished before its record was written gives the record without rerunning
+    (results / "ours" / "seed0.json").unlink()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "ours seed 0: result taken from its finished run folder" in err
+    assert json.loads((results / "ours" / "seed0.json").read_text())["after"] == recs["ours"]["after"]
+
+    # results made with other settings are never mixed in: refused before anything runs
+    assert main(_argv(data, model, results, "--only", "ours", "--set", "optim.lr=2e-3")) == 2
+    assert "ours/seed0.json was made with other settings" in capsys.readouterr().err
+
     # --table-from prints the summary of what is there without running
     (results / "summary.md").unlink()
     assert main(["bench", "train", "--table-from", str(results)]) == 0

@@ -141,9 +141,9 @@ def _st_model(cfg, device: str):
     folder = read_sentence_transformers_config(path) if os.path.isdir(path) else {}
     pooling = cfg.model.pooling or str(folder.get("pooling", "mean"))
     mode = {"mean": "mean", "cls": "cls", "last": "lasttoken"}[pooling]
-    word = Transformer(path, max_seq_length=cfg.model.document_max_length,
-                       model_args={"trust_remote_code": cfg.model.trust_remote_code},
-                       config_args={"trust_remote_code": cfg.model.trust_remote_code})
+    remote = {"trust_remote_code": cfg.model.trust_remote_code}
+    word = Transformer(path, max_seq_length=cfg.model.document_max_length, model_kwargs=remote,
+                       config_kwargs=remote, processor_kwargs=remote)
     modules = [word, Pooling(word.get_embedding_dimension(), pooling_mode=mode)]
     if cfg.model.normalize:
         modules.append(Normalize())
@@ -332,15 +332,39 @@ def _ours_record(metrics: Dict[str, Any], seed: int) -> Dict[str, Any]:
     return rec
 
 
+def _overrides(c: Configuration, seed: int, common: Sequence[str]) -> List[str]:
+    """The config overrides of one (configuration, seed): common ones, the configuration's, the seed."""
+    return [*common, *c.overrides, f"train.seed={seed}"]
+
+
+def _same_run(run_dir: Path, overrides: Sequence[str]) -> bool:
+    """True when ``run_dir/config.yaml`` is the config of ``overrides`` (output section aside)."""
+    import yaml
+
+    from ..training.config import config_to_dict, load_config
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    wanted = config_to_dict(load_config(overrides=list(overrides)))
+    if not isinstance(saved, dict):
+        return False
+    saved.pop("output", None)
+    wanted.pop("output", None)
+    return saved == wanted
+
+
 def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> Tuple[bool, str]:
-    """Run one (configuration, seed) in a subprocess unless its result file exists;
+    """Run one (configuration, seed) in a subprocess (its result file does not exist yet);
     (ran, message)."""
     folder = results / c.name
     folder.mkdir(parents=True, exist_ok=True)
     result_file = folder / f"seed{seed}.json"
     run_dir = folder / f"seed{seed}"
-    overrides = [*common, *c.overrides, f"train.seed={seed}"]
-    if c.kind == "ours" and (run_dir / "metrics.json").is_file():  # finished, but stopped before its record
+    overrides = _overrides(c, seed, common)
+    if c.kind == "ours" and (run_dir / "metrics.json").is_file() and _same_run(run_dir, overrides):
+        # the run finished but the benchmark stopped before writing its record
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         _atomic_write_json(result_file, {**_ours_record(metrics, seed), "name": c.name, "overrides": overrides})
         return False, "result taken from its finished run folder"
@@ -557,10 +581,25 @@ def run(args) -> int:
         print("contrastkit bench train: --seeds needs at least one seed", file=sys.stderr)
         return 2
     results = Path(args.results)
+    plan = _plan(configs, args.seeds)
+    for c, seed in plan:  # a result made with other settings is never mixed in silently
+        done = results / c.name / f"seed{seed}.json"
+        if done.is_file():
+            try:
+                saved = json.loads(done.read_text(encoding="utf-8")).get("overrides")
+            except json.JSONDecodeError as err:
+                print(f"contrastkit bench train: {done}:{err.lineno}: not valid JSON ({err.msg}); delete it to rerun "
+                      "that configuration", file=sys.stderr)
+                return 2
+            wanted = _overrides(c, seed, common)
+            if saved != wanted:
+                print(f"contrastkit bench train: {done} was made with other settings ({saved}, now {wanted}); use "
+                      "another --results folder or delete that file to rerun it", file=sys.stderr)
+                return 2
     results.mkdir(parents=True, exist_ok=True)
     failed = 0
     t0 = time.perf_counter()
-    for c, seed in _plan(configs, args.seeds):
+    for c, seed in plan:
         if (results / c.name / f"seed{seed}.json").is_file():
             print(f"  {c.name} seed {seed}: done before, skipped", file=sys.stderr, flush=True)
             continue
