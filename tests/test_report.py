@@ -406,3 +406,30 @@ def test_partial_sts_select_metric_from_config_and_missing_losses(tmp_path):
     assert "Dev metric: MRR@10" in text
     (run / "config.yaml").write_text("evaluation: [unclosed\n")
     assert "config.yaml is not valid YAML" in _text(render_report(read_run(run)))
+
+
+def test_simcse_run_without_retrieval_metrics(tmp_path):
+    """The SimCSE recipe's folder: before / after are STS-B test correlations, the dev metric is Spearman."""
+    run = tmp_path / "simcse"
+    run.mkdir()
+    before, after = {"spearman": 0.7612, "pearson": 0.7533, "n": 1379}, {"spearman": 0.8021, "pearson": 0.7950, "n": 1379}
+    summary = {"recipe": "simcse", "mode": "unsupervised", "model": "tiny", "device": "cpu", "precision": "fp32",
+               "task": "unsupervised: 5749 STS-B train sentences", "notes": [],
+               "before": before, "after": after, "sts": {"split": "test", "before": before, "after": after},
+               "dev": {"split": "sts-b dev", "metric": "spearman", "pairs": 1500,
+                       "before": {"spearman": 0.7801, "pearson": 0.7702, "n": 1500}, "best_step": 20,
+                       "best": {"spearman": 0.8203, "pearson": 0.8100, "n": 1500},
+                       "interpolation": {"alphas": [0.5, 1.0], "scores": [0.8105, 0.8203], "metric": "spearman",
+                                         "chosen_alpha": 1.0}},
+               "phases": {"before": 12.0, "train": 80.0}, "wall_seconds": 95.0, "test_split": "STS-B test"}
+    records = [{"time": 0, "phase": "dev", "step": 0, "epoch": 0, "spearman": 0.7801, "pearson": 0.7702},
+               {"time": 1, "phase": "train", "step": 1, "loss": 2.1, "lr": 1e-5},
+               {"time": 2, "phase": "dev", "step": 20, "epoch": 1, "spearman": 0.8203, "pearson": 0.81}]
+    (run / "metrics.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = _text(write_report(run).read_text(encoding="utf-8"))
+    assert "This run (recipe simcse) measured no retrieval metric" in text
+    assert "76.12 → 80.21 (+4.09 points)" in text
+    assert "Spearman 0.7801 0.8203 +0.0402" in text              # the dev table: base vs best checkpoint
+    assert "Dev metric: Spearman" in text and "dev Spearman" in text
+    assert "Check these" not in text

@@ -49,6 +49,7 @@ _HEADLINE_METRIC = "ndcg@10"
 _BAR_METRICS = ("ndcg@10", "mrr@10", "recall@100")
 _METRIC_ORDER = ("ndcg", "mrr", "recall", "map", "precision", "accuracy")
 _METRIC_RE = re.compile(r"^([A-Za-z_]+)@(\d+)$")
+_CORRELATIONS = ("spearman", "pearson")
 
 
 # --------------------------------------------------------------------------- reading
@@ -232,7 +233,7 @@ def _metric_names(before: Dict[str, Any], after: Dict[str, Any]) -> List[str]:
 def _label(metric: str) -> str:
     m = _METRIC_RE.match(metric)
     if not m:
-        return metric
+        return {"spearman": "Spearman", "pearson": "Pearson"}.get(metric, metric)
     base = {"ndcg": "nDCG", "mrr": "MRR", "recall": "Recall", "map": "MAP", "precision": "P",
             "accuracy": "Accuracy"}.get(
         m.group(1).lower(), m.group(1))
@@ -407,7 +408,11 @@ class _Page:
         s, b, a = self.s, self.before, self.after
         cards, facts = [], []
         m = _HEADLINE_METRIC
-        if b is None or a is None or m not in b or m not in a:
+        if b is not None and a is not None and not _metric_names(b, a):
+            recipe = f" (recipe {s['recipe']})" if isinstance(s.get("recipe"), str) else ""
+            why = f"This run{recipe} measured no retrieval metric: its before / after test numbers are the STS ones."
+            cards.append(f'<div class="card flat"><div>Retrieval</div>{_note(why)}</div>')
+        elif b is None or a is None or m not in b or m not in a:
             if b is None and a is None:
                 why = "No before / after evaluation on a test split in this run: nothing to compare."
             else:
@@ -489,7 +494,8 @@ class _Page:
             return
         names = _metric_names(b, a)
         if not names:
-            self.add("retrieval", "Test retrieval metrics", _note("The before / after results hold no metric@k."))
+            self.add("retrieval", "Test retrieval metrics",
+                     _note("The before / after results hold no retrieval metric (metric@k): nothing to tabulate."))
             return
         rows = []
         intervals: Dict[str, Tuple[float, float]] = {}
@@ -606,8 +612,8 @@ class _Page:
         best = _obj(dev, "best", "dev")
         best_step = int(dev["best_step"]) if _is_num(dev.get("best_step")) else None
         if dev_before is not None or best is not None:
-            names = sorted({k for d in (dev_before or {}, best or {}) for k in d if _METRIC_RE.match(k)},
-                           key=_metric_key)
+            names = sorted({k for d in (dev_before or {}, best or {}) for k, v in d.items()
+                            if _is_num(v) and (_METRIC_RE.match(k) or k in _CORRELATIONS)}, key=_metric_key)
             rows = []
             for m in names:
                 bv = (dev_before or {}).get(m)
