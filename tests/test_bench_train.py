@@ -72,6 +72,8 @@ def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     ratio = recs["ours"]["after"]["ndcg@10"] / peer["after"]["ndcg@10"]
     assert float(cells[8]) == pytest.approx(ratio, abs=1e-3)
     assert [c.strip() for c in rows["peer"].split("|")][8:10] == ["1.000", "1.00"]
+    diff = recs["ours"]["after"]["ndcg@10"] - peer["after"]["ndcg@10"]      # one seed: the paired mean
+    assert cells[10].startswith(f"{diff:+.4f} [")
     assert table in out.out or rows["ours"] in out.out
 
     # resumable: a second invocation runs nothing and leaves every result file as it was
@@ -124,7 +126,17 @@ def test_summary_statistics_and_ratios(tmp_path):
     results = {"ours": [rec("ours", 0, 0.70, 100, 0.81, 0.60), rec("ours", 1, 0.74, 120, 0.83, 0.60)],
                "peer": [rec("peer", 0, 0.60, 50, 0.79), rec("peer", 1, 0.64, 70, 0.77)],
                "batch-128": [rec("batch-128", 0, 0.72, 90)]}
+    # per-query scores of 4 test queries: ours beats the peer by 0.5 on two of them at both seeds
+    for seed in (0, 1):
+        results["ours"][seed]["per_query"] = {"query_ids": ["a", "b", "c", "d"], "after": [1.0, 1.0, 0.5, 0.0]}
+        results["peer"][seed]["per_query"] = {"query_ids": ["a", "b", "c", "d"], "after": [0.5, 0.5, 0.5, 0.0]}
     rows = {r["name"]: r for r in summarize(results)}
+    d = rows["ours"]["diff_vs_peer"]
+    assert d["mean_diff"] == pytest.approx(0.25) and d["seeds"] == [0, 1]
+    assert 0.0 <= d["low"] <= 0.25 <= d["high"] <= 0.5
+    assert rows["ours"]["diff_vs_ours"] is None and rows["peer"]["diff_vs_peer"] is None
+    assert rows["peer"]["diff_vs_ours"]["mean_diff"] == pytest.approx(-0.25)
+    assert rows["batch-128"]["diff_vs_peer"] is None      # no per-query scores
     assert rows["base"]["ndcg"]["mean"] == 0.60 and rows["base"]["sts"] == 0.8
     o = rows["ours"]
     assert o["ndcg"]["n"] == 2 and o["ndcg"]["mean"] == pytest.approx(0.72)
@@ -139,8 +151,12 @@ def test_summary_statistics_and_ratios(tmp_path):
         for r in recs:
             (tmp_path / name / f"seed{r['seed']}.json").write_text(json.dumps(r))
     text = write_summary(str(tmp_path))
-    assert "| ours | 0,1 (n=2) | 0.7200 | 0.7000..0.7400 |" in text
+    assert "| ours | 0,1 (n=2) | 0.7200 | 0.7000..0.7400 |" in text and "| +0.2500 [" in text
     assert "| batch-128 | 0 (n=1) | 0.7200 |" in text and "(one seed)" in text
+    # per-query scores over different queries are an error, not a silent comparison
+    results["peer"][1]["per_query"]["query_ids"] = ["a", "b", "c", "e"]
+    with pytest.raises(ValueError, match="seed 1: the per-query test scores are over different queries"):
+        summarize(results)
     (tmp_path / "peer" / "seed1.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"peer/seed1.json:1: not valid JSON"):
         write_summary(str(tmp_path))

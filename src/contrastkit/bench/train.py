@@ -229,7 +229,8 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
             output_dir=str(out / "trainer"), max_steps=total, num_train_epochs=cfg.optim.epochs,
             per_device_train_batch_size=cfg.batching.batch_size, learning_rate=cfg.optim.lr,
             weight_decay=cfg.optim.weight_decay, warmup_steps=int(cfg.optim.warmup_ratio * total),
-            lr_scheduler_type={"constant": "constant_with_warmup"}.get(cfg.optim.schedule, cfg.optim.schedule), max_grad_norm=cfg.optim.max_grad_norm or 0.0,
+            lr_scheduler_type={"constant": "constant_with_warmup"}.get(cfg.optim.schedule, cfg.optim.schedule),
+            max_grad_norm=cfg.optim.max_grad_norm or 0.0,
             bf16=precision == "bf16", batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, data_seed=seed,
             dataloader_drop_last=True, save_strategy="no", eval_strategy="no", logging_steps=max(1, total // 10),
             report_to="none", disable_tqdm=True, use_cpu=device == "cpu")
@@ -321,8 +322,12 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _ours_record(metrics: Dict[str, Any], seed: int) -> Dict[str, Any]:
-    rec = {"kind": "ours", "seed": seed}
+def _ours_record(metrics: Dict[str, Any], seed: int, run_dir: Path) -> Dict[str, Any]:
+    rec: Dict[str, Any] = {"kind": "ours", "seed": seed}
+    pq = run_dir / "per_query.json"
+    if pq.is_file():
+        per_query = json.loads(pq.read_text(encoding="utf-8"))
+        rec["per_query"] = {k: per_query[k] for k in ("metric", "query_ids", "after") if k in per_query}
     for key in ("before", "after", "difference", "sts", "phases", "wall_seconds", "train", "mining", "device",
                 "precision", "task"):
         if key in metrics:
@@ -366,7 +371,8 @@ def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> T
     if c.kind == "ours" and (run_dir / "metrics.json").is_file() and _same_run(run_dir, overrides):
         # the run finished but the benchmark stopped before writing its record
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        _atomic_write_json(result_file, {**_ours_record(metrics, seed), "name": c.name, "overrides": overrides})
+        record = {**_ours_record(metrics, seed, run_dir), "name": c.name, "overrides": overrides}
+        _atomic_write_json(result_file, record)
         return False, "result taken from its finished run folder"
     if c.kind == "ours":
         cmd = [sys.executable, "-m", "contrastkit", "train", "--output", str(run_dir), "--overwrite"]
@@ -388,7 +394,7 @@ def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> T
         return True, f"FAILED (exit {proc.returncode}, see {log}): " + " | ".join(tail)
     if c.kind == "ours":
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        record = _ours_record(metrics, seed)
+        record = _ours_record(metrics, seed, run_dir)
     else:
         record = json.loads(result_file.read_text(encoding="utf-8"))
     record.update({"name": c.name, "overrides": overrides, "process_seconds": round(seconds, 2)})
@@ -444,11 +450,44 @@ def _stats(values: List[float]) -> Dict[str, float]:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def _paired(recs: List[Dict[str, Any]], refs: List[Dict[str, Any]]) -> Optional[Dict[str, float]]:
+    """Paired bootstrap (``contrastkit.evaluation.paired_bootstrap``, 10,000 resamples of the
+    test queries) of per-query nDCG@10 of ``recs`` minus ``refs``, over the seeds both have:
+    each query's value is first averaged over those seeds. None without a common seed."""
+    from ..evaluation import paired_bootstrap
+
+    mine = {r["seed"]: r["per_query"] for r in recs if r.get("per_query")}
+    theirs = {r["seed"]: r["per_query"] for r in refs if r.get("per_query")}
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    ids = mine[seeds[0]]["query_ids"]
+    for s in seeds:
+        if mine[s]["query_ids"] != ids or theirs[s]["query_ids"] != ids:
+            raise ValueError(f"seed {s}: the per-query test scores are over different queries; the runs did not "
+                             "evaluate the same test split")
+    a = [statistics.fmean(theirs[s]["after"][i] for s in seeds) for i in range(len(ids))]
+    b = [statistics.fmean(mine[s]["after"][i] for s in seeds) for i in range(len(ids))]
+    out = paired_bootstrap(a, b, n_resamples=10_000, seed=0)
+    return {"mean_diff": out["mean_diff"], "low": out["low"], "high": out["high"], "p_value": out["p_value"],
+            "seeds": seeds}
+
+
 def summarize(results: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
     """One row per configuration: test nDCG@10 (n, mean, min, max, sample std over seeds),
     STS-B Spearman mean, pipeline wall seconds mean, and the ratios of nDCG@10 and wall time
-    to the peer's means (None without a peer). A first row ``base`` is the base model (the
-    "before" numbers of ours)."""
+    to the peer's means (None without a peer); ``diff_vs_peer`` / ``diff_vs_ours``: the paired
+    bootstrap of per-query nDCG@10 against the peer / ours (see :func:`_paired`; None where the
+    records have no per-query scores or no common seed). A first row ``base`` is the base model
+    (the "before" numbers of ours).
+
+    Example::
+
+        recs = {"ours": [{"seed": 0, "after": {"ndcg@10": 0.7}, "wall_seconds": 90.0}],
+                "peer": [{"seed": 0, "after": {"ndcg@10": 0.6}, "wall_seconds": 60.0}]}
+        rows = summarize(recs)
+        rows[0]["ndcg_vs_peer"], rows[0]["time_vs_peer"]      # (1.1666..., 1.5)
+    """
     rows: List[Dict[str, Any]] = []
     before = [r["before"] for recs in results.values() for r in recs if r.get("before")]
     if before:
@@ -472,6 +511,10 @@ def summarize(results: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
                      "note": (c.description if c else "") + ("" if (c is None or c.all_seeds) else " (one seed)")})
     peer = next((r for r in rows if r["name"] == "peer"), None)
     for r in rows:
+        if r["name"] != "base":
+            for ref in ("peer", "ours"):
+                r[f"diff_vs_{ref}"] = _paired(results.get(r["name"], []), results.get(ref, [])) \
+                    if r["name"] != ref else None
         r["ndcg_vs_peer"] = r["ndcg"]["mean"] / peer["ndcg"]["mean"] if peer and peer["ndcg"]["mean"] else None
         r["time_vs_peer"] = r["wall"] / peer["wall"] if peer and peer["wall"] and r["wall"] is not None else None
     return rows
@@ -481,17 +524,22 @@ def _f(v: Optional[float], fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _diff(d: Optional[Dict[str, float]]) -> str:
+    return "-" if not d else f"{d['mean_diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
 def summary_markdown(rows: List[Dict[str, Any]]) -> str:
     """The summary rows as a markdown table (see :func:`summarize`)."""
     lines = ["| configuration | seeds | test nDCG@10 mean | min..max | std | STS-B Spearman | wall s | "
-             "nDCG@10 / peer | time / peer | what |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "nDCG@10 / peer | time / peer | Δ vs peer [95% CI] | Δ vs ours [95% CI] | what |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = r["ndcg"]
         seeds = ",".join(str(s) for s in r["seeds"]) if r["seeds"] else "-"
         lines.append(f"| {r['name']} | {seeds} (n={n['n']}) | {n['mean']:.4f} | {n['min']:.4f}..{n['max']:.4f} | "
                      f"{n['std']:.4f} | {_f(r['sts'], '.4f')} | {_f(r['wall'], '.0f')} | "
-                     f"{_f(r['ndcg_vs_peer'], '.3f')} | {_f(r['time_vs_peer'], '.2f')} | {r['note']} |")
+                     f"{_f(r['ndcg_vs_peer'], '.3f')} | {_f(r['time_vs_peer'], '.2f')} | "
+                     f"{_diff(r.get('diff_vs_peer'))} | {_diff(r.get('diff_vs_ours'))} | {r['note']} |")
     return "\n".join(lines)
 
 
@@ -523,7 +571,9 @@ def write_summary(folder: str) -> str:
         return text
     text = ("# contrastkit bench train\n\n"
             "Test nDCG@10 over the whole corpus; mean, min..max and sample std over the seeds (n); STS-B test "
-            "Spearman (mean); wall: the pipeline's own phase timer, mean seconds; ratios: to the peer's means.\n\n"
+            "Spearman (mean); wall: the pipeline's own phase timer, mean seconds; ratios: to the peer's means; "
+            "Δ: mean per-query nDCG@10 difference to the peer / to ours over the seeds both ran (each query "
+            "averaged over those seeds first), 95% paired bootstrap interval over the test queries.\n\n"
             + summary_markdown(rows) + "\n\nMean seconds per phase:\n\n" + _phases_markdown(results) + "\n")
     Path(folder, "summary.md").write_text(text, encoding="utf-8")
     _figure(rows, Path(folder, "summary.png"))
