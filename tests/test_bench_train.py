@@ -84,12 +84,16 @@ def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     assert err.count("done before, skipped") == 3 and "running" not in err
     assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
 
-    # a run folder that finished before its record was written gives the record without rerunning
+    # a run that finished before the benchmark wrote its result file gives it without rerunning
+    assert not list(results.rglob("_seed*"))        # the peer worker's own record became the result
     (results / "ours" / "seed0.json").unlink()
+    (results / "peer" / "seed0.json").rename(results / "peer" / "_seed0.worker.json")
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "ours seed 0: result taken from its finished run folder" in err
+    assert "peer seed 0: result taken from its finished worker" in err
     assert json.loads((results / "ours" / "seed0.json").read_text())["after"] == recs["ours"]["after"]
+    assert json.loads((results / "peer" / "seed0.json").read_text())["after"] == peer["after"]
 
     # results made with other settings are never mixed in: refused before anything runs
     assert main(_argv(data, model, results, "--only", "ours", "--set", "optim.lr=2e-3")) == 2

@@ -374,12 +374,19 @@ def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> T
         record = {**_ours_record(metrics, seed, run_dir), "name": c.name, "overrides": overrides}
         _atomic_write_json(result_file, record)
         return False, "result taken from its finished run folder"
+    partial = folder / f"_seed{seed}.worker.json"   # the peer worker's record (not a result file yet)
+    if c.kind == "peer" and partial.is_file():
+        record = json.loads(partial.read_text(encoding="utf-8"))
+        if record.get("overrides") == overrides:   # the worker finished but the benchmark stopped after it
+            _atomic_write_json(result_file, {**record, "name": c.name})
+            partial.unlink()
+            return False, "result taken from its finished worker"
     if c.kind == "ours":
         cmd = [sys.executable, "-m", "contrastkit", "train", "--output", str(run_dir), "--overwrite"]
         for o in overrides:
             cmd += ["--set", o]
     else:
-        spec = {"overrides": overrides, "output": str(run_dir), "result": str(result_file),
+        spec = {"overrides": overrides, "output": str(run_dir), "result": str(partial),
                 "steps": _peer_steps(results, seed, overrides)}
         cmd = [sys.executable, "-m", "contrastkit.bench.train", "--peer-worker", json.dumps(spec)]
     log = folder / f"seed{seed}.log"
@@ -396,9 +403,11 @@ def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> T
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         record = _ours_record(metrics, seed, run_dir)
     else:
-        record = json.loads(result_file.read_text(encoding="utf-8"))
+        record = json.loads(partial.read_text(encoding="utf-8"))
     record.update({"name": c.name, "overrides": overrides, "process_seconds": round(seconds, 2)})
     _atomic_write_json(result_file, record)
+    if c.kind == "peer":
+        partial.unlink()
     return True, f"test ndcg@10 {record.get('after', {}).get('ndcg@10', float('nan')):.4f}, " \
                  f"pipeline {record.get('wall_seconds', 0):.0f} s"
 
@@ -419,6 +428,7 @@ def _peer_worker(spec_json: str) -> int:
     spec = json.loads(spec_json)
     record = run_peer(spec["overrides"], spec["output"], steps=spec.get("steps"))
     record["steps_source"] = "ours' result at this seed" if spec.get("steps") else "ours' step count (computed)"
+    record["overrides"] = list(spec["overrides"])
     _atomic_write_json(Path(spec["result"]), record)
     print(json.dumps({"result": spec["result"], "ndcg@10": record.get("after", {}).get("ndcg@10")}))
     return 0
