@@ -1,7 +1,7 @@
 """Gradient caching: any batch size with the activation memory of one chunk.
 
-Gao et al. 2021 ("Scaling Deep Contrastive Learning Batch Size under Memory Limited
-Setup"). One training step of :class:`GradCache`:
+Gao, Zhang, Han and Callan, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup", RepL4NLP 2021, arXiv:2101.06983. One cached batch of :class:`GradCache`:
 
 1. encode every input group (queries, documents, hard negatives...) in chunks
    under ``torch.no_grad()``, saving the RNG state (CPU and CUDA) before each chunk;
@@ -11,6 +11,11 @@ Setup"). One training step of :class:`GradCache`:
 3. re-encode each chunk with autograd, restoring its RNG state first so dropout
    draws the very same masks, and back-propagate the cached gradient slice.
 
+Two ways to drive it, one implementation (:class:`_CachedBatch`): :meth:`GradCache.step`
+runs all three; :meth:`GradCache.embed` runs step 1 and returns the embeddings, and the
+caller's own ``loss.backward()`` runs steps 2 and 3 (an autograd node whose backward is the
+re-encode), so any trainer that back-propagates a returned loss gets gradient caching.
+
 The parameter gradients are those of a plain step that encodes the same chunks with
 autograd (identical up to floating-point rounding); the activation memory is one
 chunk's, the loss is the tiled engine's O(N + M). The RNG is left exactly where the
@@ -18,12 +23,17 @@ plain step would leave it.
 
 Example::
 
-    import contrastkit as ck
+    import torch, contrastkit as ck
     enc = ck.models.TextEncoder("all-MiniLM-L6-v2", normalize=True, max_length=128)
     gc = ck.scale.GradCache(enc, ck.losses.MultipleNegativesRanking(scale=20.0), chunk_size=32)
     opt = torch.optim.AdamW(enc.parameters(), lr=2e-5)
     loss = gc.step(enc.tokenize(queries), enc.tokenize(documents))   # grads are in .grad
     torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
+    opt.step(); opt.zero_grad()
+
+    q, d = gc.embed(enc.tokenize(queries), enc.tokenize(documents))  # or: your own loss
+    loss = ck.losses.InfoNCE(temperature=0.05)(q, d)
+    loss.backward()                                                  # the cached re-encode
     opt.step(); opt.zero_grad()
 """
 
