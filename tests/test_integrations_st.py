@@ -155,6 +155,10 @@ def test_bad_objectives_and_columns(tiny_model_dir):
         CachedLoss(model, ck.losses.NTXent(temperature=0.1))(features(model, [ANCHORS, POSITIVES, NEGATIVES]), None)
     with pytest.raises(ValueError, match="chunk_size"):
         CachedLoss(model, chunk_size=0)
+    flat = features(model, [ANCHORS, POSITIVES])
+    flat[1]["cu_seq_lens_q"] = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="input column 1 is flattened"):
+        CachedLoss(model)(flat, None)
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
     matryoshka = MatryoshkaLoss(model, CachedLoss(model), matryoshka_dims=[16, 8])

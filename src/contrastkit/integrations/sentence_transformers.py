@@ -141,6 +141,10 @@ class CachedLoss(nn.Module):
         if len(features) < 2:
             raise ValueError(f"CachedLoss needs at least 2 input columns (anchor, positive[, negatives...]), "
                              f"got {len(features)}")
+        for c, f in enumerate(features):
+            if "cu_seq_lens_q" in f:
+                raise ValueError(f"input column {c} is flattened (DataCollatorWithFlattening: cu_seq_lens_q); "
+                                 "CachedLoss chunks padded batches by rows: use the default padding collator")
         embeddings = self.grad_cache.embed(*features)
         loss = call_with_columns(self.objective, embeddings[0], embeddings[1], embeddings[2:])
         if not isinstance(loss, Tensor) or loss.dim() != 0:
