@@ -169,6 +169,41 @@ def test_bad_objectives_and_columns(tiny_model_dir):
                      ck.losses.NTXent(temperature=0.1)(a, p), rtol=1e-12, what="pairs")
 
 
+def _objectives():
+    out = []
+    for name in ck.losses.__all__:
+        cls = getattr(ck.losses, name)
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and name not in ("Temperature", "Objective"):
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("name", _objectives())
+def test_every_objective_takes_columns_or_says_why(name):
+    """Every ck.losses objective either runs on (anchor, positive[, negative]) columns, as
+    documented, or raises a ValueError saying why (never a TypeError or a silent misuse)."""
+    objective = getattr(ck.losses, name)().double()
+    g = torch.Generator().manual_seed(0)
+    a, p, n = (torch.randn(6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for negatives in ([], [n]):
+        try:
+            loss = call_with_columns(objective, a, p, negatives)
+        except ValueError as err:
+            assert name in str(err) and ("not an (anchor, positive" in str(err) or "takes no hard negatives" in str(err))
+            continue
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        if not negatives:
+            assert_rel_close(loss, objective(a, p), rtol=1e-12, what=name)
+        elif name == "MultipleNegativesRanking":
+            assert_rel_close(loss, objective(a, p, n), rtol=1e-12, what=name)
+        else:  # the MNRL column layout: positives first, anchor i's positive at column i
+            assert_rel_close(loss, objective(a, torch.cat([p, n]), positives=torch.arange(6)), rtol=1e-12, what=name)
+    if name in ("InfoNCE", "MultipleNegativesRanking"):
+        mnrl = ck.losses.MultipleNegativesRanking(scale=20.0)(a, p, n)
+        assert_rel_close(call_with_columns(ck.losses.InfoNCE(temperature=0.05), a, p, [n]), mnrl, rtol=1e-12,
+                         what="InfoNCE columns = MNRL")
+
+
 def test_config_and_citation(tiny_model_dir):
     model = build(tiny_model_dir, dropout=False)
     loss = CachedLoss(model, ck.losses.InfoNCE(temperature=0.05), chunk_size=16)

@@ -65,6 +65,10 @@ def call_with_columns(objective: Callable[..., Tensor], anchor: Tensor, positive
             "(anchor, positive, negatives) column objective; use contrastkit.scale.GradCache.embed with it directly")
     if any(p.kind == p.VAR_POSITIONAL for p in params):
         return objective(anchor, positive, *negatives)
+    if len(positional) < 2:
+        raise ValueError(
+            f"objective {name} takes one tensor ({', '.join(p.name for p in positional) or 'none'}): it is not an "
+            "(anchor, positive, negatives) column objective; use contrastkit.scale.GradCache.embed with it directly")
     if not negatives:
         return objective(anchor, positive)
     if any(p.name == "positives" for p in params):
