@@ -40,7 +40,7 @@ def test_ties_lower_index_first_regardless_of_blocks():
     q = torch.randint(-1, 2, (20, 4), generator=g).float()
     c = torch.randint(-1, 2, (97, 4), generator=g).float()
     rs, ri = _reference(q, c, 30)
-    for bs in (1, 3, 16, 97):
+    for bs in (1, 3, 16, 31, 40, 64, 97):
         s, i = exact_topk(q, c, 30, block_size=bs)
         assert torch.equal(i, ri), bs
         assert torch.equal(s.double(), rs)
@@ -84,6 +84,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="corpus row 3"):
         c2 = c.clone(); c2[3, 1] = float("nan")
         exact_topk(q, c2, 2)
+    huge = torch.full((3, 4), 1e308, dtype=torch.float64)  # finite, but its sum overflows
+    assert exact_topk(huge[:1], huge, 2)[1].tolist() == [[0, 1]]
     with pytest.raises(ValueError, match="one list per query"):
         exact_topk(q, c, 2, exclude=[[0]])
     with pytest.raises(ValueError, match=r"exclude\[1\].*outside"):

@@ -24,7 +24,7 @@ __all__ = ["exact_topk", "check_search_inputs"]
 
 # Score-tile budget (entries) used to pick the query block when the caller gives none.
 _TILE_ENTRIES = 1 << 24
-_DEFAULT_BLOCK = 8192
+_DEFAULT_BLOCK = 65536
 
 
 def check_search_inputs(queries: Tensor, corpus: Tensor, k: int) -> None:
@@ -42,9 +42,12 @@ def check_search_inputs(queries: Tensor, corpus: Tensor, k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     for name, t in (("queries", queries), ("corpus", corpus)):
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            row = int((~torch.isfinite(t)).any(1).nonzero()[0, 0])
-            raise ValueError(f"{name} row {row} has a non-finite value (nan or inf)")
+        # one float64 sum is finite exactly when every entry is (NaN / inf propagate; finite
+        # float32 / bf16 values cannot overflow float64); the slow scan only names the row
+        if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+            bad = (~torch.isfinite(t)).any(1).nonzero()
+            if bad.numel():  # else: huge finite float64 values overflowed the sum; nothing wrong
+                raise ValueError(f"{name} row {int(bad[0, 0])} has a non-finite value (nan or inf)")
 
 
 def _exclusion_pairs(exclude: Optional[Sequence[Sequence[int]]], n_queries: int, n_corpus: int,
@@ -72,18 +75,28 @@ def _exclusion_pairs(exclude: Optional[Sequence[Sequence[int]]], n_queries: int,
 
 
 def _block_topk(s: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """Top-``k`` columns of each row of ``s``, ties resolved towards the lower column;
-    returned ordered by increasing column (so a later stable sort keeps that rule)."""
-    k = min(k, s.shape[1])
-    vals, pos = s.topk(k, dim=1, sorted=False)
-    # torch.topk breaks ties at the k-th value arbitrarily: redo those rows with a stable sort.
-    kth = vals.min(dim=1, keepdim=True).values
-    tied = (s >= kth).sum(1) > k
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        _, order = torch.sort(s[rows], dim=1, descending=True, stable=True)
-        pos = pos.clone()
-        pos[rows] = order[:, :k]
+    """Top-``k`` columns of each row of ``s``, ties at the k-th value resolved towards the lower
+    column; returned ordered by increasing column (so a later stable sort keeps that rule).
+
+    One ``topk(k + 1)`` finds the selection and whether it is ambiguous: the (k+1)-th largest
+    value equals the k-th exactly when some unselected element ties with the boundary. Only
+    those rows are redone (everything above the boundary, then the lowest-index ties)."""
+    n, w = s.shape
+    if w <= k:
+        return s, torch.arange(w, device=s.device).expand(n, w)
+    vals, pos = s.topk(k + 1, dim=1, sorted=False)
+    two, where = vals.topk(2, dim=1, largest=False)  # (k+1)-th and k-th largest, ascending
+    keep = torch.ones_like(vals, dtype=torch.bool).scatter_(1, where[:, :1], False)
+    pos = pos[keep].view(n, k)
+    tied = (two[:, 0] == two[:, 1]).nonzero().squeeze(1)
+    if tied.numel():
+        st = s[tied]
+        kth = two[tied, 1:2]
+        above = st > kth
+        at = st == kth
+        need = k - above.sum(1, keepdim=True)
+        chosen = above | (at & (at.cumsum(1) <= need))
+        pos[tied] = chosen.nonzero()[:, 1].view(-1, k)  # row-major: ascending columns
     pos, _ = pos.sort(dim=1)
     return s.gather(1, pos), pos
 
@@ -114,7 +127,7 @@ def exact_topk(queries: Tensor, corpus: Tensor, k: int, *, block_size: Optional[
         queries: ``(Q, d)`` query embeddings.
         corpus: ``(C, d)`` corpus embeddings.
         k: number of results per query (positive int).
-        block_size: corpus rows per block (default 8,192).
+        block_size: corpus rows per block (default 65,536).
         exclude: one list of corpus indices per query, or None.
         query_block_size: query rows per block (default: about 16 M score entries per tile).
         progress: show a tqdm bar over corpus blocks.
