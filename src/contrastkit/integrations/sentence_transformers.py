@@ -33,7 +33,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
