@@ -162,7 +162,9 @@ def _parse(page: str) -> _Collector:
 
 
 def _text(page: str) -> str:
-    return " ".join(" ".join(_parse(page).text).split())
+    """The visible text, text nodes joined by one space (so table cells stay apart); a comma
+    that starts a text node is glued back to the word before it."""
+    return " ".join(" ".join(_parse(page).text).split()).replace(" ,", ",")
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +186,10 @@ def test_full_report_headline_sections_and_self_contained(full_run):
     assert f"{b:.4f} → {a:.4f} ({a - b:+.4f})" in text
     assert f"[{d['low']:+.4f}, {d['high']:+.4f}]" in text
     assert d["low"] > 0 and "excludes 0: a real improvement" in text
+    pq = json.loads((run / "per_query.json").read_text())
+    dq = np.array(pq["after"]) - np.array(pq["before"])
+    assert (f"per query: {int((dq > 1e-9).sum())} better, {int((dq < -1e-9).sum())} worse, "
+            f"{int((np.abs(dq) <= 1e-9).sum())} unchanged") in text
     assert "82.03 → 81.05 (-0.98 points)" in text and "within 2 points" in text
     # every retrieval metric, before / after / difference
     for m in METRICS:

@@ -438,6 +438,12 @@ class _Page:
                 nq = f", {int(n_q)} queries" if _is_num(n_q) else ""
                 detail = (f"<div>difference {_sf(iv['mean_diff'])}, {conf} paired-bootstrap interval "
                           f"[{_sf(iv['low'])}, {_sf(iv['high'])}], p = {_p(iv['p_value'])}{nq}</div>")
+            pq = self.run.per_query
+            if pq is not None and pq.get("metric", _HEADLINE_METRIC) == m and pq["query_ids"]:
+                d_q = [float(y) - float(x) for x, y in zip(pq["before"], pq["after"])]
+                up, down = sum(x > 1e-9 for x in d_q), sum(x < -1e-9 for x in d_q)
+                detail += (f'<div>per query: <span class="better">{up} better</span>, '
+                           f'<span class="worse">{down} worse</span>, {len(d_q) - up - down} unchanged</div>')
             vcls = {"good": "better", "bad": "worse"}.get(cls, "neutral")
             cards.append(
                 f'<div class="card {cls}" id="headline-retrieval"><div>Test {_e(_label(m))} '
