@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from contrastkit import reference
+
 __all__ = [
     "naive_logits",
     "naive_lse",
@@ -26,19 +28,9 @@ __all__ = [
 
 def naive_logits(anchors: Tensor, candidates: Tensor, temperature: Union[float, Tensor] = 1.0,
                  similarity: str = "cosine") -> Tensor:
-    """The full (N, M) logit matrix ``f(a_i, c_j) / t`` (t scalar or one per row)."""
-    q, k = anchors, candidates
-    if similarity == "cosine":
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    elif similarity != "dot":
-        raise ValueError(similarity)
-    x = q @ k.T
-    if isinstance(temperature, Tensor):
-        t = temperature.to(x.dtype)
-        if t.dim() == 1 and t.numel() == x.shape[0] and x.shape[0] != 1:
-            return x / t[:, None]
-        return x / t.reshape(())
-    return x / float(temperature)
+    """The full (N, M) logit matrix ``f(a_i, c_j) / t`` (t scalar or one per row):
+    :func:`contrastkit.reference.logits`."""
+    return reference.logits(anchors, candidates, temperature, similarity)
 
 
 def naive_lse(q: Tensor, k: Tensor, *, row_bias: Optional[Tensor] = None, col_bias: Optional[Tensor] = None,
@@ -70,32 +62,10 @@ def naive_index_loss(
     drop: Optional[Tensor] = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """Materialised InfoNCE / CLIP with one positive column per row (-1: none).
-
-    Row i: ``logsumexp_j(X_ij, j not dropped) - X_{i, p(i)}`` over rows with a positive.
-    Symmetric: also, for each column j that is some row's positive,
-    ``logsumexp_i(X_ij, not dropped) - mean_{i: p(i)=j} X_ij``; the two directions averaged.
-    """
-    x = naive_logits(anchors, candidates, temperature, similarity)
-    n, m = x.shape
-    if positives is None:
-        positives = torch.arange(n)
-    den = x if drop is None else x.masked_fill(drop, float("-inf"))
-    valid = positives >= 0
-    idx = positives.clamp(min=0)
-    pos = x.gather(1, idx[:, None]).squeeze(1)
-    rows = torch.logsumexp(den, 1) - pos
-    if not symmetric:
-        if reduction == "none":
-            return torch.where(valid, rows, torch.zeros_like(rows))
-        return _reduce(rows[valid], reduction)
-    onehot = torch.zeros(n, m, dtype=x.dtype)
-    onehot[valid.nonzero().squeeze(1), idx[valid]] = 1.0
-    count = onehot.sum(0)
-    has = count > 0
-    col_pos = (onehot * x).sum(0)[has] / count[has]
-    cols = torch.logsumexp(den, 0)[has] - col_pos
-    return 0.5 * (_reduce(rows[valid], reduction) + _reduce(cols, reduction))
+    """Materialised InfoNCE / CLIP with one positive column per row (-1: none):
+    :func:`contrastkit.reference.info_nce` (the one copy of the formula)."""
+    return reference.info_nce(anchors, candidates, positives, temperature=temperature, symmetric=symmetric,
+                              similarity=similarity, drop=drop, reduction=reduction)
 
 
 def assert_rel_close(actual: Tensor, expected: Tensor, rtol: float = 1e-9, scale: Optional[float] = None,

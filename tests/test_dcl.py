@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
+from contrastkit import reference
 from contrastkit.functional import dcl
 from objective_checks import assert_rel_close, grads_of, inverse_min_temperature
 
@@ -30,47 +31,13 @@ def _t_col(t, rows):
 
 
 def naive_dcl_two_view(a, b, t, *, weighted=False, sigma=0.5, extra=None, similarity="cosine"):
-    """The paper's (and lightly's) symmetric DCL: per direction, loss_i =
-    -w_i s(a_i,b_i)/t + log( sum_{j!=i} e^{s(a_i,a_j)/t} + sum_{j!=i} e^{s(a_i,b_j)/t} [+ extra] ),
-    averaged over the two directions."""
-    a, b = _norm(a, similarity), _norm(b, similarity)
-    e = None if extra is None else _norm(extra, similarity)
-    n = a.shape[0]
-    tc = _t_col(t, 2 * n)
-    t0, t1 = (tc[:n], tc[n:]) if isinstance(tc, torch.Tensor) and tc.dim() == 2 else (tc, tc)
-    eye = torch.eye(n, dtype=torch.bool)
-
-    def one(x, y, tt):
-        pos = (x * y).sum(1) / tt.reshape(-1) if isinstance(tt, torch.Tensor) else (x * y).sum(1) / tt
-        if weighted:
-            s = (x * y).sum(1).detach() / sigma
-            pos = pos * (2 - n * torch.softmax(s, 0))
-        parts = [(x @ x.T / tt).masked_fill(eye, NEG), (x @ y.T / tt).masked_fill(eye, NEG)]
-        if e is not None:
-            parts.append(x @ e.T / tt)
-        return (torch.logsumexp(torch.cat(parts, 1), 1) - pos).mean()
-
-    return 0.5 * (one(a, b, t0) + one(b, a, t1))
+    """The paper's (and lightly's) two-view DCL (contrastkit.reference.dcl)."""
+    return reference.dcl(a, b, None, extra, temperature=t, two_view=True, weighted=weighted, sigma=sigma,
+                         similarity=similarity)
 
 
 def naive_dcl_retrieval(a, c, t, positives, *, weighted=False, sigma=0.5, extra=None, similarity="cosine"):
-    a, c = _norm(a, similarity), _norm(c, similarity)
-    if extra is not None:
-        c = torch.cat([c, _norm(extra, similarity)])
-    sim = a @ c.T
-    x = sim / _t_col(t, a.shape[0])
-    valid = positives >= 0
-    idx = positives.clamp(min=0)
-    pos = x.gather(1, idx[:, None]).squeeze(1)
-    drop = torch.zeros_like(x, dtype=torch.bool)
-    drop[torch.arange(len(idx)), idx] = True
-    lse = torch.logsumexp(x.masked_fill(drop, NEG), 1)
-    if weighted:
-        s = sim.gather(1, idx[:, None]).squeeze(1).detach()[valid] / sigma
-        w = torch.zeros_like(pos)
-        w[valid] = 2 - int(valid.sum()) * torch.softmax(s, 0)
-        pos = pos * w
-    return (lse - pos)[valid].mean()
+    return reference.dcl(a, c, positives, extra, temperature=t, weighted=weighted, sigma=sigma, similarity=similarity)
 
 
 @st.composite

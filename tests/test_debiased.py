@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
+from contrastkit import reference
 from contrastkit.functional import debiased_contrastive, hard_negative_contrastive
 from objective_checks import assert_rel_close, grads_of, inverse_min_temperature
 
@@ -44,41 +45,13 @@ def _published(pos_logit_sim, neg_sim, t, tau_plus, beta):
 
 
 def naive_two_view(a, b, t, tau_plus, beta, extra=None, similarity="cosine"):
-    if similarity == "cosine":
-        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-        extra = None if extra is None else F.normalize(extra, dim=-1)
-    n = a.shape[0]
-    out = torch.cat([a, b])
-    k = out if extra is None else torch.cat([out, extra])
-    sim = out @ k.T
-    keep = torch.ones(2 * n, k.shape[0], dtype=torch.bool)
-    idx = torch.arange(2 * n)
-    keep[idx, idx] = False
-    keep[idx, (idx + n) % (2 * n)] = False
-    neg = sim.masked_select(keep).view(2 * n, -1)
-    pos = (a * b).sum(-1)
-    pos = torch.cat([pos, pos])
-    return _published(pos, neg, _t_col(t, 2 * n), tau_plus, beta).mean()
+    return reference.debiased_contrastive(a, b, None, extra, temperature=t, tau_plus=tau_plus, beta=beta,
+                                          two_view=True, similarity=similarity)
 
 
 def naive_retrieval(a, c, t, positives, tau_plus, beta, extra=None, similarity="cosine"):
-    if similarity == "cosine":
-        a, c = F.normalize(a, dim=-1), F.normalize(c, dim=-1)
-        extra = None if extra is None else F.normalize(extra, dim=-1)
-    k = c if extra is None else torch.cat([c, extra])
-    sim = a @ k.T
-    valid = positives >= 0
-    rows = valid.nonzero().squeeze(1)
-    sim = sim[rows]
-    idx = positives[rows]
-    keep = torch.ones_like(sim, dtype=torch.bool)
-    keep[torch.arange(len(rows)), idx] = False
-    neg = sim.masked_select(keep).view(len(rows), -1)
-    pos = sim.gather(1, idx[:, None]).squeeze(1)
-    tt = _t_col(t, a.shape[0])
-    if isinstance(tt, torch.Tensor) and tt.dim() == 1:
-        tt = tt[rows]
-    return _published(pos, neg, tt, tau_plus, beta).mean()
+    return reference.debiased_contrastive(a, c, positives, extra, temperature=t, tau_plus=tau_plus, beta=beta,
+                                          similarity=similarity)
 
 
 @st.composite

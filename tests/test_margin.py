@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
+from contrastkit import reference
 from contrastkit.functional import info_nce, nt_xent
 from objective_checks import assert_rel_close, grads_of, inverse_min_temperature
 
@@ -21,24 +22,8 @@ DATA = __import__("pathlib").Path(__file__).parent / "data" / "peer_losses.npz"
 
 
 def naive_margin_info_nce(a, c, t, positives, margin, *, symmetric=False, similarity="cosine", drop=None):
-    if similarity == "cosine":
-        a, c = F.normalize(a, dim=-1), F.normalize(c, dim=-1)
-    sim = a @ c.T
-    n, m = sim.shape
-    valid = positives >= 0
-    onehot = torch.zeros(n, m, dtype=torch.bool)
-    onehot[valid.nonzero().squeeze(1), positives[valid]] = True
-    tt = t[:, None] if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == n and n > 1 else t
-    x = (sim - margin * onehot.to(sim.dtype)) / tt
-    den = x if drop is None else x.masked_fill(drop & ~onehot, NEG)
-    pos = (x * onehot).sum(1)
-    rows = (torch.logsumexp(den, 1) - pos)[valid]
-    if not symmetric:
-        return rows.mean()
-    cnt = onehot.sum(0)
-    has = cnt > 0
-    cols = (torch.logsumexp(den, 0) - (x * onehot).sum(0) / cnt.clamp(min=1))[has]
-    return 0.5 * (rows.mean() + cols.mean())
+    return reference.info_nce(a, c, positives, temperature=t, margin=margin, symmetric=symmetric,
+                              similarity=similarity, drop=drop)
 
 
 @st.composite

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
+from contrastkit import reference
 from conftest import assert_rel_close, grads_of
 from contrastkit.functional import multiview_info_nce, nt_xent
 
@@ -18,33 +19,13 @@ D64 = torch.float64
 
 
 def naive_multi_positive(feats, t, similarity="cosine"):
-    n, v, d = feats.shape
-    z = feats.reshape(n * v, d)
-    if similarity == "cosine":
-        z = F.normalize(z, dim=-1)
-    logits = z @ z.T / t[:, None] if isinstance(t, torch.Tensor) and t.dim() == 1 else z @ z.T / t
-    eye = torch.eye(n * v, dtype=torch.bool)
-    logprob = logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), 1, keepdim=True)
-    sid = torch.arange(n).repeat_interleave(v)
-    pos = (sid[:, None] == sid[None, :]) & ~eye
-    per = -(logprob * pos).sum(1) / (v - 1)
-    return per.reshape(n, v)
+    return reference.multiview_info_nce(feats, temperature=t, similarity=similarity, reduction="none")
 
 
 def naive_joint(feats, t, similarity="cosine"):
-    """Koromilas et al.'s MVINFONCE, view-major as in their code, generalised to per-row temperatures."""
-    n, v, d = feats.shape
-    z = feats.reshape(n * v, d)
-    if similarity == "cosine":
-        z = F.normalize(z, dim=-1)
-    tt = t if isinstance(t, torch.Tensor) and t.dim() == 1 else torch.full((n * v,), float(t), dtype=z.dtype) \
-        if not isinstance(t, torch.Tensor) else t.expand(n * v)
-    sim = torch.exp(z @ z.T / tt[:, None])
-    eye = torch.eye(n * v, dtype=torch.bool)
-    neg = sim.masked_fill(eye, 0).sum(1).reshape(n, v).sum(1)
-    sid = torch.arange(n).repeat_interleave(v)
-    pos = sim.masked_fill(~((sid[:, None] == sid[None, :]) & ~eye), 0).sum(1).reshape(n, v).sum(1)
-    return -torch.log(pos / neg)
+    """Koromilas et al.'s MVINFONCE (contrastkit.reference.multiview_info_nce, aggregation="joint")."""
+    return reference.multiview_info_nce(feats, temperature=t, aggregation="joint", similarity=similarity,
+                                        reduction="none")
 
 
 @st.composite

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
+from contrastkit import reference
 from conftest import assert_rel_close, grads_of
 from contrastkit.engine import DiagonalMask
 from contrastkit.engine.tiled_pairwise import KernelStats, LabelWeights, tiled_pairwise
@@ -24,21 +25,8 @@ DATA = Path(__file__).parent / "data"
 
 
 def naive_siglip(x, y, temperature, bias, positives=None, similarity="cosine", reduction="mean"):
-    if similarity == "cosine":
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    n, m = x.shape[0], y.shape[0]
-    t = temperature
-    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == n and n != 1:
-        logits = x @ y.T / t[:, None] + bias
-    else:
-        logits = x @ y.T / (t.reshape(()) if isinstance(t, torch.Tensor) else t) + bias
-    if positives is None:
-        positives = torch.arange(n)
-    z = -torch.ones(n, m, dtype=logits.dtype)
-    rows = (positives >= 0).nonzero().squeeze(1)
-    z[rows, positives[rows]] = 1.0
-    per_row = -F.logsigmoid(z * logits).sum(1)
-    return {"mean": per_row.sum() / n, "sum": per_row.sum(), "none": per_row}[reduction]
+    return reference.siglip(x, y, positives, temperature=temperature, bias=bias, similarity=similarity,
+                            reduction=reduction)
 
 
 @st.composite

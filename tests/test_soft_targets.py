@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
+from contrastkit import reference
 from conftest import assert_rel_close, grads_of
 from contrastkit.engine.neighbors import tiled_topk
 from contrastkit.functional import cwcl, icon
@@ -29,17 +30,8 @@ def _div_t(x, t):
 
 
 def naive_cwcl(x, y, t, teacher, teacher_c, symmetric=False, similarity="cosine", reduction="mean"):
-    if similarity == "cosine":
-        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    logits = _div_t(x @ y.T, t)
-    tr, tc = F.normalize(teacher.detach(), dim=-1), F.normalize(teacher_c.detach(), dim=-1)
-    w = (1 + tr @ tc.T) / 2
-    rows = -(w * torch.log_softmax(logits, 1)).sum(1) / w.sum(1)
-    if not symmetric:
-        return {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
-    cols = -(w * torch.log_softmax(logits, 0)).sum(0) / w.sum(0)
-    red = {"mean": torch.mean, "sum": torch.sum}[reduction]
-    return 0.5 * (red(rows) + red(cols))
+    return reference.cwcl(x, y, teacher, teacher_c, temperature=t, symmetric=symmetric, similarity=similarity,
+                          reduction=reduction)
 
 
 @st.composite
@@ -126,36 +118,8 @@ def test_cwcl_bad_input():
 
 def naive_icon(f, kernel, *, t=None, sigma=1.0, labels=None, teacher=None, neighbors=None, teacher_t=None,
                reduction="mean"):
-    n = f.shape[0]
-    eye = torch.eye(n, dtype=torch.bool)
-    if kernel == "cosine":
-        z = F.normalize(f, dim=-1)
-        x = _div_t(z @ z.T, t)
-    elif kernel == "gaussian":
-        x = -torch.cdist(f, f).pow(2) / (2 * sigma ** 2) if not isinstance(sigma, torch.Tensor) else \
-            -((f[:, None, :] - f[None, :, :]) ** 2).sum(-1) / (2 * sigma ** 2)
-    else:
-        x = -torch.log1p(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1))
-    logq = torch.log_softmax(x.masked_fill(eye, float("-inf")), 1)
-    if labels is not None:
-        same = (labels[:, None] == labels[None, :]) & ~eye
-        p = same.to(f.dtype)
-        cnt = p.sum(1, keepdim=True)
-        p = p / cnt.clamp(min=1)
-        valid = cnt.squeeze(1) > 0
-    else:
-        tn = F.normalize(teacher, dim=-1)
-        s = tn @ tn.T
-        if neighbors is not None:
-            idx = s.masked_fill(eye, float("-inf")).topk(neighbors, dim=1).indices
-            p = torch.zeros(n, n, dtype=f.dtype).scatter_(1, idx, 1.0 / neighbors)
-        else:
-            p = torch.softmax((s / teacher_t).masked_fill(eye, float("-inf")), 1)
-        valid = torch.ones(n, dtype=torch.bool)
-    kl = (torch.special.xlogy(p, p) - p * logq.masked_fill(eye, 0.0)).sum(1)
-    if reduction == "none":
-        return torch.where(valid, kl, torch.zeros_like(kl))
-    return {"mean": kl[valid].mean(), "sum": kl[valid].sum()}[reduction]
+    return reference.icon(f, labels, teacher, neighbors=neighbors, teacher_temperature=teacher_t, kernel=kernel,
+                          temperature=t, sigma=sigma, reduction=reduction)
 
 
 @st.composite

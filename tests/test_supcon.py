@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
+from contrastkit import reference
 from objective_checks import assert_rel_close, grads_of
 from contrastkit.functional import supcon
 
@@ -25,44 +26,8 @@ DATA = __import__("pathlib").Path(__file__).parent / "data" / "peer_losses.npz"
 def naive_supcon(features, labels, temperature, *, variant="out", margin=0.0, extra=None, extra_labels=None,
                  similarity="cosine", reduction="mean"):
     """The published formula on the materialised (rows x candidates) similarity matrix."""
-    if features.dim() == 3:
-        v = features.shape[1]
-        z = torch.cat(torch.unbind(features, dim=1))
-        y = labels.repeat(v)
-    else:
-        v, z, y = 1, features, labels
-    k, yk = z, y
-    if extra is not None:
-        k, yk = torch.cat([z, extra]), torch.cat([y, extra_labels])
-    if similarity == "cosine":
-        zn, kn = F.normalize(z, dim=-1), F.normalize(k, dim=-1)
-    else:
-        zn, kn = z, k
-    sim = zn @ kn.T
-    n, m = sim.shape
-    if isinstance(temperature, torch.Tensor) and temperature.dim() == 1 and temperature.numel() > 1:
-        t = temperature.repeat(n // temperature.numel())[:, None]
-    else:
-        t = temperature
-    self_mask = torch.zeros(n, m, dtype=torch.bool)
-    self_mask[torch.arange(n), torch.arange(n)] = True
-    pos = (y[:, None] == yk[None, :]) & ~self_mask
-    x = (sim - margin * pos.to(sim.dtype)) / t
-    cnt = pos.sum(1)
-    valid = cnt > 0
-    den = torch.logsumexp(x.masked_fill(self_mask, float("-inf")), 1)
-    if variant == "out":
-        # -1/|P| sum_p log( exp(x_ip) / sum_a exp(x_ia) )
-        logp = x - den[:, None]
-        rows = -(logp * pos).sum(1) / cnt.clamp(min=1)
-    else:
-        # -log( 1/|P| sum_p exp(x_ip) / sum_a exp(x_ia) )
-        rows = -(torch.logsumexp(x.masked_fill(~pos, float("-inf")), 1) - torch.log(cnt.clamp(min=1).double())
-                 - den)
-    if reduction == "none":
-        return torch.where(valid, rows, torch.zeros_like(rows))
-    r = rows[valid]
-    return r.mean() if reduction == "mean" else r.sum()
+    return reference.supcon(features, labels, extra, extra_labels, temperature=temperature, variant=variant,
+                            margin=margin, similarity=similarity, reduction=reduction)
 
 
 @st.composite

@@ -3,7 +3,8 @@ naive formula (materialised logits, as the peers compute it) and the peer librar
 
 Each case maps ``(n, dim, seed, device)`` inputs to a callable that runs one
 forward + backward. Inputs are random unit vectors (the regime of trained
-embeddings); the naive formulas are the textbook ones on a full N x M matrix.
+embeddings); the naive formulas are :mod:`contrastkit.reference` (the textbook ones on
+a full N x M matrix, the same the tests compare with).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import contrastkit as ck
+from contrastkit import reference as ref
 
 __all__ = ["LossCase", "CASES", "make_inputs"]
 
@@ -48,24 +50,6 @@ class LossCase:
     pairs: float = 1.0
 
 
-def _eye(n, device):
-    return torch.eye(n, dtype=torch.bool, device=device)
-
-
-def _naive_info_nce(a, b, labels, tile):
-    logits = (F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T) / TEMPERATURE
-    target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-def _naive_nt_xent(a, b, labels, tile, t=0.5):
-    z = F.normalize(torch.cat([a, b]), dim=-1)
-    n = a.shape[0]
-    logits = (z @ z.T / t).masked_fill(_eye(2 * n, z.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, target)
-
-
 def _pml_ntxent(a, b, labels, tile):
     from pytorch_metric_learning.losses import NTXentLoss
 
@@ -74,87 +58,10 @@ def _pml_ntxent(a, b, labels, tile):
     return NTXentLoss(temperature=0.5)(torch.cat([a, b]), torch.cat([ids, ids]))
 
 
-def _cos(a, b):
-    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
-
-
-def _naive_mnrl(a, b, labels, tile):
-    neg = b.roll(1, 0).detach()  # one hard negative per anchor
-    logits = 20.0 * _cos(a, torch.cat([b, neg]))
-    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
-
-
-def _naive_supcon(a, b, labels, tile, t=0.1):
-    z = F.normalize(a, dim=-1)
-    logits = (z @ z.T / t).masked_fill(_eye(len(z), z.device), float("-inf"))
-    logp = logits - torch.logsumexp(logits, 1, keepdim=True)
-    pos = (labels[:, None] == labels[None, :]) & ~_eye(len(z), z.device)
-    count = pos.sum(1)
-    keep = count > 0
-    per_row = -(logp.masked_fill(~pos, 0.0)).sum(1)[keep] / count[keep]
-    return per_row.mean()
-
-
 def _pml_supcon(a, b, labels, tile):
     from pytorch_metric_learning.losses import SupConLoss
 
     return SupConLoss(temperature=0.1)(a, labels)
-
-
-def _naive_dcl(a, b, labels, tile, t=0.1):
-    x = _cos(a, b) / t
-    pos = x.diagonal()
-    neg = x.masked_fill(_eye(len(x), x.device), float("-inf"))
-    return (torch.logsumexp(neg, 1) - pos).mean()
-
-
-def _naive_dclw(a, b, labels, tile, t=0.1, sigma=0.5):
-    sim = _cos(a, b)
-    w = 2.0 - len(sim) * torch.softmax(sim.diagonal().detach() / sigma, dim=0)
-    x = sim / t
-    neg = x.masked_fill(_eye(len(x), x.device), float("-inf"))
-    return (torch.logsumexp(neg, 1) - w * x.diagonal()).mean()
-
-
-def _naive_debiased(a, b, labels, tile, t=0.5, tau_plus=0.1, beta=0.0):
-    x = _cos(a, b) / t
-    n = len(x)
-    pos = x.diagonal().exp()
-    negmask = ~_eye(n, x.device)
-    neg = x.exp()
-    if beta:
-        imp = (beta * x).exp() * negmask
-        reweight = (imp * neg).sum(1) / (imp.sum(1) / (n - 1))
-    else:
-        reweight = (neg * negmask).sum(1)
-    ng = (reweight - tau_plus * (n - 1) * pos) / (1 - tau_plus)
-    ng = torch.clamp(ng, min=(n - 1) * torch.e ** (-1 / t))
-    return (-torch.log(pos / (pos + ng))).mean()
-
-
-def _naive_siglip(a, b, labels, tile, t=0.1, bias=-10.0):
-    z = 2.0 * _eye(len(a), a.device).to(a.dtype) - 1.0
-    return -F.logsigmoid(z * (_cos(a, b) / t + bias)).sum() / len(a)
-
-
-def _naive_cwcl(a, b, labels, tile, t=0.05):
-    teacher = F.normalize(a.detach() + 0.0, dim=-1)
-    w = 0.5 * (1.0 + teacher @ teacher.T)
-    w = w / w.sum(1, keepdim=True)
-    logp = torch.log_softmax(_cos(a, b) / t, dim=1)
-    return -(w * logp).sum(1).mean()
-
-
-def _naive_icon(a, b, labels, tile, t=0.1):
-    z = F.normalize(a, dim=-1)
-    eye = _eye(len(z), z.device)
-    same = (labels[:, None] == labels[None, :]) & ~eye
-    count = same.sum(1, keepdim=True)
-    keep = count.squeeze(1) > 0
-    p = same.to(z.dtype) / count.clamp(min=1)
-    logq = torch.log_softmax((z @ z.T / t).masked_fill(eye, float("-inf")), dim=1)
-    kl = (p * (torch.log(p.clamp(min=1e-30)) - logq.masked_fill(eye, 0.0))).sum(1)
-    return kl[keep].mean()
 
 
 def _views(a):
@@ -162,25 +69,7 @@ def _views(a):
     return a[:n].reshape(n // 2, 2, -1)
 
 
-def _naive_multiview(a, b, labels, tile, t=0.1):
-    v = _views(a)
-    sample = torch.arange(v.shape[0], device=a.device).repeat_interleave(v.shape[1])
-    return _naive_supcon(v.reshape(-1, v.shape[-1]), None, sample, tile, t)
-
-
-def _naive_uniformity(a, b, labels, tile):
-    z = F.normalize(a, dim=-1)
-    sq = torch.cdist(z, z).pow(2)
-    off = ~_eye(len(z), z.device)
-    return torch.logsumexp((-2.0 * sq)[off], 0) - torch.log(torch.tensor(float(off.sum()), dtype=z.dtype))
-
-
-def _naive_margin(a, b, labels, tile, t=0.05, m=0.2):
-    x = _cos(a, b)
-    x = (x - m * _eye(len(x), x.device).to(x.dtype)) / t
-    return F.cross_entropy(x, torch.arange(len(x), device=x.device))
-
-
+# the naive formulas are contrastkit.reference's (the tests' oracle), on the same arguments
 def _ours(fn, **kw):
     return lambda a, b, labels, tile: fn(a, b, tile_size=tile, **kw)
 
@@ -190,65 +79,65 @@ CASES: Dict[str, LossCase] = {
         name="symmetric InfoNCE (CLIP)",
         ours=lambda a, b, labels, tile: ck.functional.info_nce(
             a, b, temperature=TEMPERATURE, symmetric=True, tile_size=tile),
-        naive=_naive_info_nce,
+        naive=lambda a, b, labels, tile: ref.info_nce(a, b, temperature=TEMPERATURE, symmetric=True),
         peer_name="pytorch-metric-learning NTXentLoss (vs our NT-Xent)",
         peer_case="nt_xent",
     ),
     "nt_xent": LossCase(
         name="NT-Xent (SimCLR, 2N views)",
         ours=lambda a, b, labels, tile: ck.functional.nt_xent(a, b, temperature=0.5, tile_size=tile),
-        naive=_naive_nt_xent,
+        naive=lambda a, b, labels, tile: ref.nt_xent(a, b, temperature=0.5),
         peer=_pml_ntxent,
         peer_name="pytorch-metric-learning NTXentLoss",
     ),
     "mnrl": LossCase(
         name="MNRL, one hard negative per query (N x 2N)",
         ours=lambda a, b, labels, tile: ck.functional.multiple_negatives_ranking(
-            a, b, b.roll(1, 0).detach(), scale=20.0, tile_size=tile),
-        naive=_naive_mnrl,
+            a, b, b.roll(1, 0).detach(), temperature=0.05, tile_size=tile),
+        naive=lambda a, b, labels, tile: ref.multiple_negatives_ranking(a, b, b.roll(1, 0).detach(), temperature=0.05),
         pairs=2.0,
     ),
     "supcon": LossCase(
         name="SupCon L_out (labels: N/4 classes)",
         ours=lambda a, b, labels, tile: ck.functional.supcon(a, labels, temperature=0.1, tile_size=tile),
-        naive=_naive_supcon,
+        naive=lambda a, b, labels, tile: ref.supcon(a, labels, temperature=0.1),
         peer=_pml_supcon,
         peer_name="pytorch-metric-learning SupConLoss",
     ),
     "dcl": LossCase(name="DCL (retrieval form)", ours=_ours(ck.functional.dcl, temperature=0.1),
-                    naive=_naive_dcl),
+                    naive=lambda a, b, labels, tile: ref.dcl(a, b, temperature=0.1)),
     "dclw": LossCase(name="DCLW (retrieval form)", ours=_ours(ck.functional.dcl, temperature=0.1, weighted=True),
-                     naive=_naive_dclw),
+                     naive=lambda a, b, labels, tile: ref.dcl(a, b, temperature=0.1, weighted=True)),
     "debiased": LossCase(name="debiased contrastive (tau+ = 0.1)",
                          ours=_ours(ck.functional.debiased_contrastive, temperature=0.5, tau_plus=0.1),
-                         naive=_naive_debiased),
+                         naive=lambda a, b, labels, tile: ref.debiased_contrastive(a, b, temperature=0.5, tau_plus=0.1)),
     "hard_negative": LossCase(
         name="hard-negative reweighted (beta = 1, tau+ = 0.1)",
         ours=_ours(ck.functional.hard_negative_contrastive, temperature=0.5, beta=1.0, tau_plus=0.1),
-        naive=lambda a, b, labels, tile: _naive_debiased(a, b, labels, tile, beta=1.0)),
+        naive=lambda a, b, labels, tile: ref.debiased_contrastive(a, b, temperature=0.5, tau_plus=0.1, beta=1.0)),
     "siglip": LossCase(name="SigLIP (t = 0.1, b = -10)",
-                       ours=_ours(ck.functional.siglip, temperature=0.1, bias=-10.0), naive=_naive_siglip),
+                       ours=_ours(ck.functional.siglip, temperature=0.1, bias=-10.0), naive=lambda a, b, labels, tile: ref.siglip(a, b, temperature=0.1, bias=-10.0)),
     "cwcl": LossCase(
         name="CWCL (teacher = detached anchors)",
         ours=lambda a, b, labels, tile: ck.functional.cwcl(a, b, temperature=0.05, teacher=a.detach(),
                                                            tile_size=tile),
-        naive=_naive_cwcl),
+        naive=lambda a, b, labels, tile: ref.cwcl(a, b, a.detach(), temperature=0.05)),
     "icon": LossCase(
         name="I-Con, label supervision, cosine kernel",
         ours=lambda a, b, labels, tile: ck.functional.icon(a, labels=labels, temperature=0.1, tile_size=tile),
-        naive=_naive_icon),
+        naive=lambda a, b, labels, tile: ref.icon(a, labels, temperature=0.1)),
     "multiview": LossCase(
         name="multi-view InfoNCE (V = 2, N/2 samples)",
         ours=lambda a, b, labels, tile: ck.functional.multiview_info_nce(_views(a), temperature=0.1,
                                                                          tile_size=tile),
-        naive=_naive_multiview),
+        naive=lambda a, b, labels, tile: ref.multiview_info_nce(_views(a), temperature=0.1)),
     "uniformity": LossCase(
         name="uniformity (t = 2)",
         ours=lambda a, b, labels, tile: ck.functional.uniformity(a, t=2.0, normalize=True, tile_size=tile),
-        naive=_naive_uniformity),
+        naive=lambda a, b, labels, tile: ref.uniformity(a, t=2.0)),
     "margin": LossCase(
         name="InfoNCE with additive margin 0.2",
         ours=lambda a, b, labels, tile: ck.functional.info_nce(a, b, temperature=0.05, margin=0.2,
                                                                tile_size=tile),
-        naive=_naive_margin),
+        naive=lambda a, b, labels, tile: ref.info_nce(a, b, temperature=0.05, margin=0.2)),
 }

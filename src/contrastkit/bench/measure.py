@@ -19,12 +19,12 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Mapping, Optional
 
 import psutil
 import torch
 
-__all__ = ["gemm_rate", "measure_in_subprocess", "worker_main"]
+__all__ = ["gemm_rate", "measure_in_subprocess", "run_json_subprocess", "peak_rss_bytes", "worker_main"]
 
 
 def gemm_rate(dim: int, device: str = "cpu", size: int = 2048, min_seconds: float = 0.5) -> float:
@@ -57,6 +57,11 @@ def _rss() -> int:
 
 def _max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (bytes); what ``bench step`` reports."""
+    return _max_rss()
 
 
 def _reset_peak_rss() -> bool:
@@ -140,29 +145,48 @@ def worker_main(spec: Dict) -> Dict:
     return out
 
 
-def measure_in_subprocess(spec: Dict, mem_limit_bytes: Optional[int] = None, timeout_s: float = 1800.0) -> Dict:
-    """Run :func:`worker_main` in a fresh interpreter under an address-space limit."""
-    env = dict(os.environ)
-    # large blocks are mmap-ed and returned to the OS when freed, so the resident size
-    # follows live memory instead of glibc's cached heap
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    cmd = [sys.executable, "-m", "contrastkit.bench.measure", json.dumps(spec)]
+def run_json_subprocess(module_args: List[str], *, env: Optional[Mapping[str, str]] = None,
+                        mem_limit_bytes: Optional[int] = None, timeout_s: Optional[float] = None) -> Dict:
+    """Run ``python -m <module_args...>`` in a fresh interpreter (its own memory peak; an
+    address-space limit when given, so that an out-of-memory run fails cleanly) and return
+    the last JSON line it printed, or ``{"status": "timeout" | "oom" | "error", "error": ...}``.
+
+    Example::
+
+        from contrastkit.bench.measure import run_json_subprocess
+        run_json_subprocess(["json.tool", "--help"])["status"]   # no JSON line: "error"
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", *module_args]
 
     def limit():  # runs in the child before exec
-        if mem_limit_bytes:
-            resource.setrlimit(resource.RLIMIT_AS, (mem_limit_bytes, mem_limit_bytes))
+        resource.setrlimit(resource.RLIMIT_AS, (mem_limit_bytes, mem_limit_bytes))
 
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=full_env,
                               preexec_fn=limit if mem_limit_bytes else None)
     except subprocess.TimeoutExpired:
-        return {**spec, "status": "timeout", "error": f"exceeded {timeout_s:.0f} s"}
+        return {"status": "timeout", "error": f"exceeded {timeout_s:.0f} s"}
     for line in reversed(proc.stdout.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    tail = (proc.stderr or "").strip().splitlines()
+    err = " | ".join(tail[-3:]) if tail else f"no output (exit {proc.returncode})"
     status = "oom" if proc.returncode in (-9, 137) or "memory" in err.lower() else "error"
-    return {**spec, "status": status, "error": err[:200]}
+    return {"status": status, "error": err[:400]}
+
+
+def measure_in_subprocess(spec: Dict, mem_limit_bytes: Optional[int] = None, timeout_s: float = 1800.0) -> Dict:
+    """Run :func:`worker_main` in a fresh interpreter under an address-space limit."""
+    # large blocks are mmap-ed and returned to the OS when freed, so the resident size
+    # follows live memory instead of glibc's cached heap
+    env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+    out = run_json_subprocess(["contrastkit.bench.measure", json.dumps(spec)], env=env,
+                              mem_limit_bytes=mem_limit_bytes, timeout_s=timeout_s)
+    if "error" in out and "objective" not in out:
+        return {**spec, **out}
+    return out
 
 
 if __name__ == "__main__":

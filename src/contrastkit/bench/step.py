@@ -27,11 +27,11 @@ import json
 import math
 import os
 import random
-import resource
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
+
+from .measure import peak_rss_bytes, run_json_subprocess
 
 METHODS = ("ck-plain", "ck-cached", "ck-cached-tok", "st-mnrl", "st-cached")
 DEFAULT_METHODS = ("ck-plain", "ck-cached", "st-mnrl", "st-cached")
@@ -73,7 +73,7 @@ def _batch_pairs(batch: int, seed: int = 0):
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_bytes() / 2.0 ** 20
 
 
 # -- one configuration (in its own process) --------------------------------------------
@@ -180,16 +180,12 @@ def _run_config(cfg: Dict) -> Dict:
 
 
 def _subprocess(cfg: Dict) -> Dict:
-    cmd = [sys.executable, "-m", "contrastkit.bench.step", "--worker", json.dumps(cfg)]
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (proc.stderr or "").strip().splitlines()[-3:]
-    return {"method": cfg["method"], "batch": cfg["batch"], "mini": cfg["mini"], "error": " | ".join(tail) or
-            f"exit {proc.returncode}"}
+    """One configuration in a fresh interpreter (:func:`~contrastkit.bench.measure.run_json_subprocess`)."""
+    env = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
+    out = run_json_subprocess(["contrastkit.bench.step", "--worker", json.dumps(cfg)], env=env)
+    if "status" in out and "step_s" not in out:
+        return {"method": cfg["method"], "batch": cfg["batch"], "mini": cfg["mini"], "error": out["error"]}
+    return out
 
 
 # -- the command ----------------------------------------------------------------------

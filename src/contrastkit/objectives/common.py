@@ -25,7 +25,6 @@ from .base import SIMILARITIES, Temperature
 __all__ = [
     "Temperature",
     "prepare",
-    "scale_rows",
     "reduce_rows",
     "index_target_loss",
     "check_reduction",
@@ -51,20 +50,10 @@ def prepare(similarity: str, **named: Tensor) -> Tuple[Tensor, ...]:
     return tuple(x for _, x in items)
 
 
-def scale_rows(x: Tensor, temperature: Union[float, Tensor]) -> Tensor:
-    """``x / temperature``: a scalar temperature, or one per row (shape (N,))."""
-    check_scale("temperature", temperature, like=x, n_rows=x.shape[0])
-    if isinstance(temperature, Tensor):
-        t = temperature.to(x.dtype)
-        if t.dim() == 1 and t.numel() == x.shape[0] and x.shape[0] != 1:
-            return x / t[:, None]
-        return x / t.reshape(())
-    return x * (1.0 / float(temperature))
-
-
 def inverse_temperature(temperature: Union[float, Tensor], like: Tensor) -> Tensor:
     """``1 / temperature`` as a 0-dim tensor or one per row (N,), for the engine's ``scale=``
-    (differentiable in a tensor temperature); checked like :func:`scale_rows`."""
+    (differentiable in a tensor temperature), checked by
+    :func:`~contrastkit.validation.check_scale`."""
     check_scale("temperature", temperature, like=like, n_rows=like.shape[0])
     if isinstance(temperature, Tensor):
         t = temperature.to(like.dtype)

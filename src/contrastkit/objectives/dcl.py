@@ -43,7 +43,7 @@ from ..engine.tiling import TileSize
 from ..validation import check_index, check_reduction, check_scale
 from ._rows import append_candidates, expand_temperature, reject_symmetric, two_view_layout
 from .base import Objective, Work
-from .common import default_positives, finish_rows, prepare, scale_rows
+from .common import default_positives, finish_rows, inverse_temperature, prepare
 
 __all__ = ["dcl", "DCL", "DCLW", "CITATION"]
 
@@ -123,15 +123,15 @@ def dcl(
     valid = index >= 0
     if not bool(valid.any()):
         raise ValueError("no anchor row has a positive (every entry of positives is -1)")
-    qs = scale_rows(q, temperature)
-    lse, _ = tiled_logsumexp(qs, k, masks=masks, tile_size=tile_size)
-    pos = positive_logits(qs, k, index)
+    s = inverse_temperature(temperature, q)          # inside the engine's walk: q / t is never formed
+    lse, _ = tiled_logsumexp(q, k, masks=masks, tile_size=tile_size, scale=s)
+    sim_pos = positive_logits(q, k, index)
+    pos = sim_pos * s
     lse = lse.to(pos.dtype)
     bad = valid & ~torch.isfinite(lse)
     if bool(bad.any()):
         raise ValueError(f"anchor row {int(bad.nonzero()[0])} has no negative left in the denominator")
     if weighted:
-        sim_pos = positive_logits(q, k, index)
         if two_view:
             w = _vmf_weights(sim_pos[:n], valid[:n], sigma)
             w = torch.cat([w, w])  # sim(a_i, b_i) is the same for both directions

@@ -45,7 +45,7 @@ from ..engine.tiling import TileSize
 from ..validation import check_index, check_reduction
 from ._rows import append_candidates, expand_temperature, log1mexp, reject_symmetric, two_view_layout
 from .base import Objective, Work
-from .common import default_positives, finish_rows, inverse_temperature, prepare, scale_rows
+from .common import default_positives, finish_rows, inverse_temperature, prepare
 
 __all__ = ["debiased_contrastive", "hard_negative_contrastive", "DebiasedContrastive", "HardNegativeContrastive",
            "CITATION", "HARD_NEGATIVE_CITATION"]
@@ -138,17 +138,17 @@ def debiased_contrastive(
     if n_neg < 1:
         raise ValueError("the debiased loss needs at least one negative per anchor")
     rows = q.shape[0]
-    qs = scale_rows(q, temperature)
-    pos = positive_logits(qs, k, index)
+    s = inverse_temperature(temperature, q)          # inside the engine's walk: q / t is never formed
+    pos = positive_logits(q, k, index) * s
     log_q = math.log(n_neg)
     if beta == 0.0:
-        r, _ = tiled_logsumexp(qs, k, masks=masks, tile_size=tile_size)
+        r, _ = tiled_logsumexp(q, k, masks=masks, tile_size=tile_size, scale=s)
         r = r.to(pos.dtype)
     else:
-        hi, lo = tiled_multi_logsumexp(qs, k, [LSEStat(1.0 + beta), LSEStat(beta)], masks=masks,
-                                       tile_size=tile_size).to(pos.dtype)
+        hi, lo = tiled_multi_logsumexp(q, k, [LSEStat(1.0 + beta), LSEStat(beta)], masks=masks,
+                                       tile_size=tile_size, scale=s).to(pos.dtype)
         r = log_q + hi - lo
-    floor = log_q - inverse_temperature(temperature, q).expand(rows).to(pos.dtype)
+    floor = log_q - s.expand(rows).to(pos.dtype)
     if tau_plus > 0.0:
         # log(exp(R) - tau+ Q exp(P)) = R + log(1 - exp(log(tau+ Q) + P - R)), when the argument is < 0
         x = math.log(tau_plus * n_neg) + pos - r

@@ -125,19 +125,19 @@ def multiview_info_nce(
         )
     z3 = l2_normalize(features) if similarity == "cosine" else features
     z = z3.reshape(n * v, d)
-    scale = _row_scale(temperature, n, v, z)
-    zs = z * scale[:, None] if isinstance(scale, Tensor) and scale.dim() == 1 else z * scale
-    lse, _ = tiled_logsumexp(zs, z, masks=[DiagonalMask(0)], tile_size=tile_size)
+    scale = _row_scale(temperature, n, v, z)         # inside the engine's walk: z / t is never formed
+    lse, _ = tiled_logsumexp(z, z, masks=[DiagonalMask(0)], tile_size=tile_size, scale=scale)
     lse = lse.to(z.dtype).reshape(n, v)
-    zs3 = zs.reshape(n, v, d)
+    # per view-anchor scale (N, V, 1), or a number
+    s3 = scale.reshape(n, v, 1) if isinstance(scale, Tensor) and scale.dim() == 1 else scale
     if aggregation == "multi_positive":
-        # mean over siblings of X_ab = zs_a . (sum_b z_b - z_a) / (V - 1)
-        pos = (zs3 * (z3.sum(1, keepdim=True) - z3)).sum(-1) / (v - 1)
+        # mean over siblings of X_ab = s_a z_a . (sum_b z_b - z_a) / (V - 1)
+        pos = (z3 * (z3.sum(1, keepdim=True) - z3) * s3).sum(-1) / (v - 1)
         per_anchor = lse - pos
         if reduction == "none":
             return per_anchor
         return reduce_rows(per_anchor.reshape(-1), reduction)
-    pair = torch.einsum("nad,nbd->nab", zs3, z3)
+    pair = torch.einsum("nad,nbd->nab", z3, z3) * s3
     off = ~torch.eye(v, dtype=torch.bool, device=z.device)
     pos = torch.logsumexp(pair[:, off], dim=1)
     per_sample = torch.logsumexp(lse, dim=1) - pos

@@ -67,7 +67,7 @@ from ..engine.tiled_pairwise import IndexWeights, KernelStats, LabelWeights, Sof
 from ..engine.tiling import TileSize
 from ..validation import check_choice, check_embeddings, check_labels, check_pair, check_reduction, check_scale
 from .base import Objective, Work
-from .common import finish_rows, prepare, reduce_rows, scale_rows
+from .common import finish_rows, inverse_temperature, prepare, reduce_rows
 
 __all__ = ["cwcl", "CWCL", "icon", "ICon", "ICON_KERNELS", "CWCL_CITATION", "ICON_CITATION"]
 
@@ -152,12 +152,12 @@ def cwcl(
     else:
         t_cols = _teacher("teacher_candidates", teacher_candidates, m, q)
         check_pair("teacher", t_rows, "teacher_candidates", t_cols)
-    qs = scale_rows(q, temperature)
-    lse_r, lse_c = tiled_logsumexp(qs, k, symmetric=symmetric, tile_size=tile_size)
-    # rows: sum_j w_ij qs_i.k_j = qs_i . (sum_j k_j + (K^T T') t_i) / 2,  sum_j w_ij = (M + t_i . sum_j t'_j) / 2
+    sc = inverse_temperature(temperature, q)         # inside the engine's walk: q / t is never formed
+    lse_r, lse_c = tiled_logsumexp(q, k, symmetric=symmetric, tile_size=tile_size, scale=sc)
+    # rows: sum_j w_ij s_i q_i.k_j = s_i q_i . (sum_j k_j + (K^T T') t_i) / 2,  sum_j w_ij = (M + t_i . sum_j t'_j) / 2
     w_rows = 0.5 * (m + t_rows @ t_cols.sum(0))
     target = 0.5 * (k.sum(0) + t_rows @ (k.T @ t_cols).T)
-    cross = (qs * target).sum(-1)
+    cross = (q * target).sum(-1) * sc
     valid = w_rows > 0
     row_losses = lse_r.to(cross.dtype) - cross / torch.where(valid, w_rows, torch.ones_like(w_rows))
     if not bool(valid.any()):
@@ -165,7 +165,9 @@ def cwcl(
     if not symmetric:
         return finish_rows(row_losses, valid, reduction)
     w_cols = 0.5 * (n + t_cols @ t_rows.sum(0))
-    target_c = 0.5 * (qs.sum(0) + t_cols @ (qs.T @ t_rows).T)
+    s_rows = sc.expand(n).to(q.dtype)
+    # sum_i s_i q_i and sum_i s_i q_i t_i^T without forming the scaled rows
+    target_c = 0.5 * (s_rows @ q + t_cols @ (q.T @ (t_rows * s_rows[:, None])).T)
     cross_c = (k * target_c).sum(-1)
     valid_c = w_cols > 0
     col_losses = lse_c.to(cross_c.dtype) - cross_c / torch.where(valid_c, w_cols, torch.ones_like(w_cols))
@@ -299,14 +301,15 @@ def icon(
 
     # --- learned kernel X = f(U), U = q.k + r + c
     row_bias = col_bias = None
+    sc = None  # the kernel's scale, applied inside the engine's walk
     if kernel == "cosine":
         z = l2_normalize(features)
-        q, k = scale_rows(z, temperature), z
+        q, k, sc = z, z, inverse_temperature(temperature, z)
         op_kernel = "linear"
     elif kernel == "gaussian":
         s2 = _sigma_squared(sigma, features)
         sq = features.pow(2).sum(-1) / (-2.0 * s2)
-        q, k, row_bias, col_bias = features / s2, features, sq, sq
+        q, k, row_bias, col_bias, sc = features, features, sq, sq, 1.0 / s2
         op_kernel = "linear"
     else:
         sq = features.pow(2).sum(-1) * -0.5
@@ -316,10 +319,11 @@ def icon(
         # labels / k-NN with a dot-product kernel: the target term is O(N d) (a per-class
         # or per-neighbour-list mean of candidates), the denominator the tiled LSE.
         lse, _ = tiled_logsumexp(q, k, row_bias=row_bias, col_bias=col_bias, masks=[DiagonalMask(0)],
-                                 tile_size=tile_size)
+                                 tile_size=tile_size, scale=sc)
         lse = lse.to(features.dtype)
         if labels is not None:
             cross, _ = label_positive_logits(q, k, labels, labels, self_offset=0)
+            cross = cross * sc
             if col_bias is not None:
                 csum = torch.zeros(n_cls, dtype=col_bias.dtype, device=dev).index_add(0, rid, col_bias)
                 cnt = count.to(col_bias.dtype).clamp(min=1)
@@ -328,13 +332,13 @@ def icon(
             kbar = k[idx[:, 0]]
             for j in range(1, neighbors):
                 kbar = kbar + k[idx[:, j]]
-            cross = (q * kbar).sum(-1) / neighbors
+            cross = (q * kbar).sum(-1) * sc / neighbors
             if col_bias is not None:
                 cross = cross + row_bias + col_bias[idx].mean(1)
     else:
         op = KernelStats(op_kernel, weights=weights, lse=True, weight_entropy=entropy_from_op)
         rows, _ = tiled_pairwise(q, k, op, row_bias=row_bias, col_bias=col_bias, masks=[DiagonalMask(0)],
-                                 tile_size=tile_size)
+                                 tile_size=tile_size, scale=sc)
         rows = rows.to(features.dtype)
         cross, lse = rows[0], rows[1]
         if entropy_from_op:

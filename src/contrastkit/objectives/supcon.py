@@ -49,7 +49,7 @@ from ..engine.tiling import TileSize
 from ..validation import check_choice, check_embeddings, check_labels, check_number, check_reduction
 from ._rows import append_candidates, expand_temperature
 from .base import SIMILARITIES, Objective, Work
-from .common import finish_rows, inverse_temperature, scale_rows
+from .common import finish_rows, inverse_temperature
 
 __all__ = ["supcon", "SupCon", "SupConStats", "CITATION"]
 
@@ -155,9 +155,10 @@ def supcon(
         if k is not z:
             col_labels = torch.cat([row_labels, extra_labels])
     temperature = expand_temperature(temperature, n_samples, rows)
-    qs = scale_rows(z, temperature)
+    s = inverse_temperature(temperature, z)          # inside the engine's walk: z / t is never formed
 
-    mean_pos, count = label_positive_logits(qs, k, row_labels, col_labels, self_offset=0)
+    mean_pos, count = label_positive_logits(z, k, row_labels, col_labels, self_offset=0)
+    mean_pos = mean_pos * s
     valid = count > 0
     n_valid = int(valid.sum())
     if n_valid == 0:
@@ -166,16 +167,16 @@ def supcon(
             "or batches with at least two samples of some class)"
         )
     if variant == "out" and not margin:
-        lse, _ = tiled_logsumexp(qs, k, masks=[DiagonalMask(0)], tile_size=tile_size)
+        lse, _ = tiled_logsumexp(z, k, masks=[DiagonalMask(0)], tile_size=tile_size, scale=s)
         row_losses = lse.to(mean_pos.dtype) - mean_pos
     else:
         neg, pos = tiled_multi_logsumexp(
-            qs, k,
+            z, k,
             [LSEStat(1.0, (LabelMask(row_labels, col_labels),)),
              LSEStat(1.0, (DifferentLabelMask(row_labels, col_labels), DiagonalMask(0)))],
-            tile_size=tile_size,
+            tile_size=tile_size, scale=s,
         ).to(mean_pos.dtype)
-        shift = margin * inverse_temperature(temperature, z).expand(rows) if margin else None
+        shift = margin * s.expand(rows) if margin else None
         if shift is not None:
             pos = pos - shift
             mean_pos = mean_pos - shift
