@@ -102,7 +102,7 @@ def test_matches_sentence_transformers_evaluator():
     from contrastkit.models import TextEncoder
 
     d = load_sts("test")
-    sub = StsData(d.sentences1[:40], d.sentences2[:40], d.scores[:40])
+    sub = StsData(d.sentences1[:24], d.sentences2[:24], d.scores[:24])
     model = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
     model.max_seq_length = 32
     ev = EmbeddingSimilarityEvaluator(sub.sentences1, sub.sentences2, sub.scores, write_csv=False,
