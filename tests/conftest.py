@@ -12,7 +12,6 @@ from typing import Optional, Sequence, Tuple, Union
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from contrastkit import reference

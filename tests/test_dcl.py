@@ -20,16 +20,6 @@ DATA = __import__("pathlib").Path(__file__).parent / "data" / "peer_losses.npz"
 NEG = float("-inf")
 
 
-def _norm(x, similarity):
-    return F.normalize(x, dim=-1) if similarity == "cosine" else x
-
-
-def _t_col(t, rows):
-    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() > 1:
-        return t.repeat(rows // t.numel())[:, None]
-    return t
-
-
 def naive_dcl_two_view(a, b, t, *, weighted=False, sigma=0.5, extra=None, similarity="cosine"):
     """The paper's (and lightly's) two-view DCL (contrastkit.reference.dcl)."""
     return reference.dcl(a, b, None, extra, temperature=t, two_view=True, weighted=weighted, sigma=sigma,

@@ -20,30 +20,6 @@ from objective_checks import assert_rel_close, grads_of, inverse_min_temperature
 D64 = torch.float64
 
 
-def _t_col(t, rows):
-    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() > 1:
-        return t.repeat(rows // t.numel())
-    return t
-
-
-def _published(pos_logit_sim, neg_sim, t, tau_plus, beta):
-    """The papers' code on similarities: pos (R,), neg (R, Q) (only the negatives)."""
-    tt = t if not isinstance(t, torch.Tensor) or t.dim() == 0 else t
-    tcol = tt[:, None] if isinstance(tt, torch.Tensor) and tt.dim() == 1 else tt
-    pos = torch.exp(pos_logit_sim / tt)
-    neg = torch.exp(neg_sim / tcol)
-    n_neg = neg.shape[1]
-    if beta > 0:
-        imp = (beta * neg.log()).exp()
-        reweight_neg = (imp * neg).sum(dim=-1) / imp.mean(dim=-1)
-    else:
-        reweight_neg = neg.sum(dim=-1)
-    ng = (-tau_plus * n_neg * pos + reweight_neg) / (1 - tau_plus)
-    floor = n_neg * torch.exp(-1 / (tt if isinstance(tt, torch.Tensor) else torch.tensor(tt, dtype=D64)))
-    ng = torch.clamp(ng, min=floor) if isinstance(tt, torch.Tensor) else torch.clamp(ng, min=float(floor))
-    return -torch.log(pos / (pos + ng))
-
-
 def naive_two_view(a, b, t, tau_plus, beta, extra=None, similarity="cosine"):
     return reference.debiased_contrastive(a, b, None, extra, temperature=t, tau_plus=tau_plus, beta=beta,
                                           two_view=True, similarity=similarity)

@@ -4,11 +4,9 @@ random sizes, tiles, supervisions and kernels; the tiled k-NN; edge cases; bad i
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
@@ -18,12 +16,6 @@ from contrastkit.engine.neighbors import tiled_topk
 from contrastkit.functional import cwcl, icon
 
 D64 = torch.float64
-
-
-def _div_t(x, t):
-    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == x.shape[0] and x.shape[0] != 1:
-        return x / t[:, None]
-    return x / (t.reshape(()) if isinstance(t, torch.Tensor) else t)
 
 
 # ------------------------------------------------------------------ CWCL

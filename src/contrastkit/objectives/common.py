@@ -31,6 +31,7 @@ __all__ = [
     "finish_rows",
     "default_positives",
     "inverse_temperature",
+    "check_denominators",
     "SIMILARITIES",
 ]
 
@@ -74,7 +75,8 @@ def reduce_rows(losses: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _check_denominators(lse: Tensor, valid: Tensor, what: str) -> None:
+def check_denominators(lse: Tensor, valid: Tensor, what: str) -> None:
+    """Raise when a row that counts has an empty (``-inf``) denominator."""
     bad = valid & ~torch.isfinite(lse)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
@@ -159,7 +161,7 @@ def index_target_loss(
         pos = pos - shift.to(pos.dtype)
         lse_r = torch.logaddexp(lse_r, pos)
     else:
-        _check_denominators(lse_r, valid, "anchor row")
+        check_denominators(lse_r, valid, "anchor row")
     row_losses = finish_rows(lse_r - pos, valid, reduction)
     if not symmetric:
         return row_losses
@@ -171,6 +173,6 @@ def index_target_loss(
     if shift is not None:
         lse_c = torch.logaddexp(lse_c, _scatter_logsumexp(vals, cols, m))
     else:
-        _check_denominators(lse_c, has, "candidate column")
+        check_denominators(lse_c, has, "candidate column")
     col_losses = lse_c[has] - col_pos[has] / col_count[has].to(pos.dtype)
     return 0.5 * (row_losses + reduce_rows(col_losses, reduction))

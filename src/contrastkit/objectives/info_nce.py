@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from ..engine import TileMask

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..engine import IndexMask, TileMask, positive_logits, tiled_logsumexp
 from ..engine.tiling import TileSize
 from ..objectives.base import IndexRows, Work
-from ..objectives.common import index_target_loss
+from ..objectives.common import check_denominators, index_target_loss
 from ..objectives.siglip import siglip
 from .collectives import (
     all_gather_rows,
@@ -110,12 +110,6 @@ def _count(mask: Tensor, group) -> Tensor:
     return all_reduce_sum(mask.sum().to(torch.float64), group)
 
 
-def _check_finite(lse: Tensor, valid: Tensor, what: str) -> None:
-    bad = valid & ~torch.isfinite(lse)
-    if bool(bad.any()):
-        raise ValueError(f"{what} {int(bad.nonzero()[0])} has every candidate masked out of the denominator")
-
-
 def _scaled(q: Tensor, scale: Tensor) -> Tensor:
     s = scale.to(q.dtype)
     return q * (s[:, None] if s.dim() == 1 else s)
@@ -152,7 +146,7 @@ def _index_share(rows: IndexRows, reduction: str, mode: str, group) -> Tensor:
             pos = pos - shift.to(pos.dtype)
             lse = torch.logaddexp(lse, pos)
         else:
-            _check_finite(lse, valid, "anchor row")
+            check_denominators(lse, valid, "anchor row")
         row_sum = torch.where(valid, lse - pos, torch.zeros_like(pos)).sum()
     n_valid = _count(valid, group)
     if float(n_valid) == 0:
@@ -172,7 +166,7 @@ def _index_share(rows: IndexRows, reduction: str, mode: str, group) -> Tensor:
         lse_c = tiled_logsumexp(k, all_gather_with_grad(qs, group), tile_size=rows.tile_size)[0]
     else:
         lse_c = ring_logsumexp(k, qs, group=group, tile_size=rows.tile_size)
-    _check_finite(lse_c, has, "candidate column")
+    check_denominators(lse_c, has, "candidate column")
     col_terms = lse_c.to(pos.dtype) - col_pos / col_count.clamp(min=1).to(pos.dtype)
     col_sum = torch.where(has, col_terms, torch.zeros_like(col_terms)).sum()
     n_cols = _count(has, group)
