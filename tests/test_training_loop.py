@@ -140,3 +140,18 @@ def test_config_yaml_roundtrip_and_file_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="bad.yaml:"):
         load_config(tmp_path / "bad.yaml")
     assert any(row[0] == "optim.lr" for row in describe_fields())
+
+
+def test_choose_alpha_prefers_the_base_within_tolerance():
+    from contrastkit.training.interpolation import choose_alpha, interpolate_into, snapshot
+
+    assert choose_alpha([0.5, 0.85, 1.0], [0.74, 0.7698, 0.7699], tolerance=0.002) == 1
+    assert choose_alpha([0.5, 0.85, 1.0], [0.74, 0.7698, 0.7699], tolerance=0.0) == 2
+    assert choose_alpha([1.0, 0.5], [0.7, 0.7]) == 1
+    with pytest.raises(ValueError, match="one score per alpha"):
+        choose_alpha([0.5], [0.1, 0.2])
+    base, tuned, model = (torch.nn.Linear(3, 2).double() for _ in range(3))
+    interpolate_into(model, snapshot(base), snapshot(tuned), 0.25)
+    torch.testing.assert_close(model.weight, 0.75 * base.weight + 0.25 * tuned.weight)
+    with pytest.raises(ValueError, match="alpha"):
+        interpolate_into(model, snapshot(base), snapshot(tuned), 1.5)

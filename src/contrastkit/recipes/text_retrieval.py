@@ -45,7 +45,7 @@ from ..models.precision import autocast_dtype, cpu_has_fast_bf16, resolve_precis
 from ..negatives.mining import known_positives, mine_hard_negatives
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
 from ..training.config import ConfigError, RunConfig, config_to_dict, dump_config
-from ..training.interpolation import interpolate_into, snapshot
+from ..training.interpolation import choose_alpha, interpolate_into, snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
@@ -436,12 +436,13 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                 scores.append(float(s))
                 run.log({"phase": "interpolation", "alpha": a, select: float(s)})
                 say(f"interpolation a={a:.2f}: dev {select} {s:.4f}")
-            best_i = max(range(len(scores)), key=lambda i: (scores[i], -cfg.interpolation.alphas[i]))
+            best_i = choose_alpha(cfg.interpolation.alphas, scores, tolerance=cfg.interpolation.tolerance)
             chosen = cfg.interpolation.alphas[best_i]
             for k, t in towers.items():
                 interpolate_into(t.model, base_states[k], tuned[k], chosen)
             summary["dev"]["interpolation"] = {"alphas": list(cfg.interpolation.alphas), "scores": scores,
-                                               "metric": select, "chosen_alpha": chosen}
+                                               "metric": select, "chosen_alpha": chosen,
+                                               "tolerance": cfg.interpolation.tolerance}
             say(f"chosen a={chosen} on dev")
         atomic_replace_dir(lambda tmp: _save_towers(towers, tmp, cfg.model.separate_towers), run.file("model"))
 

@@ -24,7 +24,7 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-__all__ = ["snapshot", "interpolate_into"]
+__all__ = ["snapshot", "interpolate_into", "choose_alpha"]
 
 
 def snapshot(module: nn.Module) -> Dict[str, Tensor]:
@@ -48,3 +48,22 @@ def interpolate_into(module: nn.Module, base: Dict[str, Tensor], tuned: Dict[str
             raise ValueError(f"{k}: shape {tuple(b.shape)} in base, {tuple(t.shape)} in tuned")
         state[k] = torch.lerp(b.to(t.dtype), t, float(alpha)) if t.is_floating_point() else t
     module.load_state_dict(state)
+
+
+def choose_alpha(alphas, scores, *, tolerance: float = 0.0) -> int:
+    """Index of the chosen weight: the smallest ``a`` whose dev score is within
+    ``tolerance`` of the best dev score (closer to the base model when fine-tuning buys
+    nothing measurable on dev: less forgetting for the same in-domain score).
+
+    Example::
+
+        assert choose_alpha([0.5, 0.85, 1.0], [0.74, 0.7698, 0.7699], tolerance=0.002) == 1
+    """
+    alphas, scores = [float(a) for a in alphas], [float(s) for s in scores]
+    if not alphas or len(alphas) != len(scores):
+        raise ValueError(f"need one score per alpha, got {len(alphas)} alphas and {len(scores)} scores")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+    best = max(scores)
+    ok = [i for i, s in enumerate(scores) if s >= best - tolerance]
+    return min(ok, key=lambda i: alphas[i])
