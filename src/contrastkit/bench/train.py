@@ -181,7 +181,7 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
     from ..models import TextEncoder
     from ..models.precision import autocast, resolve_precision
     from ..recipes.retrieval_task import build_retrieval_task
-    from ..recipes.text_retrieval import _Encoders, _evaluate_test
+    from ..recipes.text_retrieval import Encoders, evaluate_test
     from ..training.config import load_config
     from ..training.timing import PhaseTimer
 
@@ -248,12 +248,12 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
         enc = TextEncoder(str(out / "model"), pooling=cfg.model.pooling, normalize=cfg.model.normalize,
                           max_length=cfg.model.document_max_length,
                           trust_remote_code=cfg.model.trust_remote_code).to(device)
-        encoders = _Encoders({"query": enc, "document": enc}, cfg, precision)
+        encoders = Encoders({"query": enc, "document": enc}, cfg, precision)
         ks = tuple(cfg.evaluation.ks)
         scores = None
         if task.test_qrels:
             corpus_emb = encoders.documents(task.corpus_texts)
-            scores = _evaluate_test(task, encoders, corpus_emb, ks)
+            scores = evaluate_test(task, encoders, corpus_emb, ks)
         sts_after = evaluate_sts(lambda t: encoders.queries(t), sts) if sts is not None else None
 
     record: Dict[str, Any] = {

@@ -18,7 +18,6 @@ Every config field is documented in docs/main-job.md; --set takes any of them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import List
 

@@ -72,7 +72,7 @@ def _relevant(qrels: Qrels) -> Qrels:
             if any(s > 0 for s in docs.values())}
 
 
-def _is_beir_folder(source: str) -> bool:
+def is_beir_folder(source: str) -> bool:
     p = Path(source)
     if p.is_dir():
         return (p / "qrels").is_dir() or (p / "corpus.jsonl").exists() or (p / "corpus.jsonl.gz").exists()
@@ -88,7 +88,7 @@ def _load_beir(source: str):
             from None
 
 
-def _text_id(prefix: str, text: str) -> str:
+def text_id(prefix: str, text: str) -> str:
     return prefix + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -96,8 +96,8 @@ def build_retrieval_task(cfg: DataConfig, *, seed: int = 0) -> RetrievalTask:
     """The task the ``data`` section describes (see the module doc)."""
     fmt = cfg.format
     if fmt == "auto":
-        fmt = "beir" if _is_beir_folder(cfg.source) else "pairs"
-    if fmt in ("beir", "corpus") and _is_beir_folder(cfg.source):
+        fmt = "beir" if is_beir_folder(cfg.source) else "pairs"
+    if fmt in ("beir", "corpus") and is_beir_folder(cfg.source):
         return _from_beir(cfg, seed=seed, unsupervised=(fmt == "corpus"))
     if fmt == "corpus":
         raise ConfigError("data.format: corpus needs data.source to be a BEIR folder (its qrels give the dev and test "
@@ -170,13 +170,13 @@ def _from_pairs_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
     qrels: Qrels = {}
     examples: List[Example] = []
     for ex in rows:
-        qid = ex.query_id or _text_id("q", ex.query)
+        qid = ex.query_id or text_id("q", ex.query)
         queries[qid] = cfg.query_prefix + ex.query
-        pid = ex.positive_id or _text_id("d", ex.positive)
+        pid = ex.positive_id or text_id("d", ex.positive)
         corpus.setdefault(pid, cfg.document_prefix + ex.positive)
         nids = []
         for j, neg in enumerate(ex.negatives):
-            nid = ex.negative_ids[j] if j < len(ex.negative_ids) and ex.negative_ids[j] else _text_id("d", neg)
+            nid = ex.negative_ids[j] if j < len(ex.negative_ids) and ex.negative_ids[j] else text_id("d", neg)
             corpus.setdefault(nid, cfg.document_prefix + neg)
             nids.append(nid)
         qrels.setdefault(qid, {})[pid] = 1

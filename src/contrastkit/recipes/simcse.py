@@ -28,9 +28,9 @@ Two settings, picked by the data:
   (:class:`~contrastkit.negatives.false_negatives.DuplicatePositiveMask`).
 
 The step is the main job's :class:`~contrastkit.recipes.text_steps.RetrievalStep` (one
-shared encoder), the objective comes from :func:`~contrastkit.recipes.text_retrieval.build_objective`
+shared encoder), the objective comes from :func:`~contrastkit.recipes.common.build_objective`
 (default ``MultipleNegativesRanking`` at temperature 0.05, cosine similarity), AdamW and
-the warm-up schedule from :func:`~contrastkit.recipes.text_retrieval.build_optimizer` /
+the warm-up schedule from :func:`~contrastkit.recipes.common.build_optimizer` /
 :func:`~contrastkit.training.loop.build_schedule`, and the loop is
 :class:`~contrastkit.training.loop.Trainer` (resumable batches, atomic checkpoints,
 ``--resume``).
@@ -76,9 +76,9 @@ from ..training.interpolation import interpolate_into, snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
-from .retrieval_task import _is_beir_folder, _text_id
-from .text_retrieval import (_broadcast, _ExampleBatches, _load_towers, _RandomBatchSampler, _save_towers,
-                             _versions, build_objective, build_optimizer, init_distributed, seed_everything)
+from .common import (ExampleBatches, RandomBatchSampler, broadcast, build_objective, build_optimizer,
+                     init_distributed, load_towers, save_towers, seed_everything, versions)
+from .retrieval_task import is_beir_folder, text_id
 from .text_steps import RetrievalStep
 
 __all__ = ["SimCSEData", "stsb_sentences", "unsupervised_examples", "supervised_examples", "load_simcse_data",
@@ -188,9 +188,9 @@ def supervised_examples(rows: Sequence[Example], *, num_negatives: int, query_pr
         anchor = query_prefix + e.query
         positive = document_prefix + e.positive
         negatives = tuple(document_prefix + n for n in e.negatives[:h])
-        qid, pid = _text_id("q", anchor), _text_id("d", positive)
+        qid, pid = text_id("q", anchor), text_id("d", positive)
         known.setdefault(qid, set()).add(pid)
-        examples.append(Example(anchor, positive, negatives, qid, pid, tuple(_text_id("d", n) for n in negatives),
+        examples.append(Example(anchor, positive, negatives, qid, pid, tuple(text_id("d", n) for n in negatives),
                                 e.source))
     return SimCSEData(examples, True, h, "", known, notes)
 
@@ -238,7 +238,7 @@ def load_simcse_data(cfg: DataConfig, *, num_negatives: int = 1) -> SimCSEData:
                               "simcse recipe: auto, pairs, corpus")
         bad = BadRecords()
         if fmt == "corpus":
-            if path.is_dir() and not _is_beir_folder(str(path)):
+            if path.is_dir() and not is_beir_folder(str(path)):
                 raise ConfigError(f"data.source: {source!r} is a folder without a corpus.jsonl")
             _, texts = load_corpus(path, skip_bad_records=cfg.skip_bad_records, stats=bad)
             examples = unsupervised_examples(texts, prefix=cfg.query_prefix, source=str(path))
@@ -319,10 +319,10 @@ def build_batches(examples: Sequence[Example], *, kind: str, batch_size: int, se
         teacher = anchor_embeddings([e.query for e in examples]).detach().float().cpu()
         sampler = B3BatchSampler(examples, batch_size, query_embeddings=teacher, seed=seed, drop_last=True)
     elif kind == "random":
-        sampler = _RandomBatchSampler(len(examples), batch_size, seed=seed)
+        sampler = RandomBatchSampler(len(examples), batch_size, seed=seed)
     else:
         raise ConfigError(f"batching.sampler: {kind!r} is not allowed; allowed values: no_duplicates, random, b3")
-    return _ExampleBatches(sampler, examples)
+    return ExampleBatches(sampler, examples)
 
 
 # -- the job ------------------------------------------------------------------------------
@@ -437,10 +437,10 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     base_state = snapshot(encoder.model) if cfg.interpolation.enabled else None
 
     def evaluate(step: int) -> Dict[str, float]:
-        return _broadcast(sts(sts_dev) if main else None, rank, world)
+        return broadcast(sts(sts_dev) if main else None, rank, world)
 
     def save_best(folder: Path) -> None:
-        atomic_replace_dir(lambda tmp: _save_towers(towers, tmp, False), folder)
+        atomic_replace_dir(lambda tmp: save_towers(towers, tmp, False), folder)
 
     say(f"training ({'supervised' if data.supervised else 'unsupervised'} SimCSE): {len(examples)} examples, batch "
         f"{cfg.batching.batch_size} (chunks of {cfg.batching.chunk_size}), {data.num_negatives} hard negative(s) "
@@ -468,7 +468,7 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     # 4. best checkpoint, WiSE-FT interpolation chosen on dev -------------------------------------
     with timer("interpolate"):
         if result.best_step is not None and run.file("best").is_dir():
-            _load_towers(towers, run.file("best"), False)
+            load_towers(towers, run.file("best"), False)
             summary["dev"]["best_step"] = result.best_step
             summary["dev"]["best"] = next((h for h in result.history if h["step"] == result.best_step), {})
         if base_state is not None:
@@ -491,7 +491,7 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
             summary["dev"]["interpolation"] = {"alphas": alphas, "scores": scores, "metric": select,
                                                "chosen_alpha": chosen}
             say(f"chosen a={chosen} on dev")
-        atomic_replace_dir(lambda tmp: _save_towers(towers, tmp, False), run.file("model"))
+        atomic_replace_dir(lambda tmp: save_towers(towers, tmp, False), run.file("model"))
 
     # 5. after: STS-B test -------------------------------------------------------------------------
     with timer("after"):
@@ -503,6 +503,6 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     summary["phases"] = dict(timer.seconds)
     summary["wall_seconds"] = round(timer.total(), 2)
     summary["test_split"] = "STS-B test"
-    summary["versions"] = _versions()
+    summary["versions"] = versions()
     run.write_json("metrics.json", summary)
     return summary

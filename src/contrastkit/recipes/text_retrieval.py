@@ -27,165 +27,40 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import losses as losses_module
 from ..data import load_sts
 from ..evaluation import evaluate_retrieval, evaluate_sts, paired_bootstrap
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype, cpu_has_fast_bf16, resolve_precision
 from ..negatives.mining import known_positives, mine_hard_negatives
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
-from ..training.config import ConfigError, RunConfig, config_to_dict, dump_config
+from ..training.config import ConfigError, RunConfig, dump_config
 from ..training.interpolation import choose_alpha, interpolate_into, snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
+from .common import (ExampleBatches, RandomBatchSampler, broadcast, build_objective, build_optimizer,
+                     init_distributed, load_towers, save_towers, seed_everything, versions)
 from .retrieval_task import RetrievalTask, build_retrieval_task
 from .text_steps import Guide, RetrievalStep, fill_negatives
 
-__all__ = ["run_text_retrieval", "build_objective", "init_distributed"]
+__all__ = ["run_text_retrieval", "Encoders", "evaluate_test"]
 
 HEADLINE = ("ndcg@10", "mrr@10", "recall@100")
 
 
 # -- set-up ------------------------------------------------------------------------------
 
-def init_distributed() -> Tuple[int, int, torch.device]:
-    """(rank, world, device): initialise torch.distributed under torchrun (gloo on CPU,
-    NCCL on CUDA), else (0, 1, cuda-if-available-else-cpu)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _broadcast(obj: Any, rank: int, world: int) -> Any:
-    """rank 0's ``obj`` on every process."""
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def build_objective(cfg: RunConfig) -> nn.Module:
-    """The ``objective`` section as a ``contrastkit.losses`` module (name, temperature,
-    learn_temperature, options); unknown names list the available ones."""
-    name = cfg.objective.name
-    available = sorted(n for n in getattr(losses_module, "__all__", dir(losses_module))
-                       if isinstance(getattr(losses_module, n, None), type)
-                       and issubclass(getattr(losses_module, n), nn.Module))
-    cls = getattr(losses_module, name, None) if name in available else None
-    if cls is None:
-        raise ConfigError(f"objective.name: {name!r} is not a loss of contrastkit.losses; allowed values: "
-                          + ", ".join(available))
-    kwargs = dict(cfg.objective.options)
-    kwargs["temperature"] = cfg.objective.temperature
-    if cfg.objective.learn_temperature:
-        kwargs["learn_temperature"] = True
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"objective.options: {name} does not take these arguments ({err})") from None
-
-
-def _no_decay(name: str) -> bool:
-    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or name.endswith("norm.weight")
-
-
-def build_optimizer(modules: Dict[str, nn.Module], cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights."""
-    decay, plain, seen = [], [], set()
-    for mname, module in modules.items():
-        for pname, p in module.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (plain if _no_decay(pname) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr)
-
-
-class _ExampleBatches:
-    """A batch sampler of example indices presented as batches of examples (the loop's
-    resumable batch source)."""
-
-    def __init__(self, sampler, examples):
-        self.sampler, self.examples = sampler, examples
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        for idx in self.sampler:
-            yield [self.examples[i] for i in idx]
-
-    def state_dict(self):
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state):
-        self.sampler.load_state_dict(state)
-
-
-class _RandomBatchSampler:
-    """Seeded shuffled batches (no duplicate filtering), resumable."""
-
-    def __init__(self, n: int, batch_size: int, *, seed: int = 0) -> None:
-        self.n, self.batch_size, self.seed, self.epoch, self.position = n, batch_size, seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
-        while self.position < len(self):
-            b = order[self.position * self.batch_size:(self.position + 1) * self.batch_size].tolist()
-            self.position += 1
-            yield b
-        self.position = 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state):
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
 
 # -- evaluation helpers ----------------------------------------------------------------------
 
-class _Encoders:
+class Encoders:
     """Query / document encoding with the run's precision and lengths."""
 
     def __init__(self, towers: Dict[str, TextEncoder], cfg: RunConfig, precision: str) -> None:
@@ -269,7 +144,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                                   trust_remote_code=cfg.model.trust_remote_code).to(device)
         doc_tower = copy.deepcopy(query_tower) if cfg.model.separate_towers else query_tower
         towers = {"query": query_tower, "document": doc_tower}
-        encoders = _Encoders(towers, cfg, precision)
+        encoders = Encoders(towers, cfg, precision)
         sts = load_sts("test") if cfg.data.sts else None
     summary["task"] = task.description
     summary["notes"] = task.notes
@@ -287,7 +162,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
             query_emb = {q: q_rows[i] for i, q in enumerate(needed_q)}
             query_emb_rows = q_rows
             if task.test_qrels:
-                before = before_scores = _evaluate_test(task, encoders, corpus_emb, ks)
+                before = before_scores = evaluate_test(task, encoders, corpus_emb, ks)
                 summary["before"] = _metrics(before)
                 run.log({"phase": "before", "split": "test", **summary["before"]})
                 say("before (test): " + "  ".join(f"{m} {summary['before'][m]:.4f}" for m in HEADLINE))
@@ -295,7 +170,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                 summary["sts"] = {"split": "test", "before": evaluate_sts(lambda t: encoders.queries(t), sts)}
                 say(f"before (STS-B test): spearman {summary['sts']['before']['spearman']:.4f}")
     if world > 1:  # every process builds the same false-negative guide
-        corpus_emb, query_emb_rows = _broadcast((corpus_emb, query_emb_rows), rank, world)
+        corpus_emb, query_emb_rows = broadcast((corpus_emb, query_emb_rows), rank, world)
     dev_rows = _dev_corpus(task, corpus_emb, query_emb, cfg.train.dev_corpus_size, cfg.train.seed) \
         if main and task.dev_qrels else []
     dev_ids = [task.corpus_ids[j] for j in dev_rows]
@@ -340,7 +215,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
             if h > 0:
                 examples = fill_negatives(examples, h, task.corpus_ids, task.corpus_texts, known_ids,
                                           seed=cfg.train.seed)
-        examples = _broadcast(examples, rank, world)
+        examples = broadcast(examples, rank, world)
 
     # 5. train --------------------------------------------------------------------------------------
     objective = build_objective(cfg).to(device)
@@ -373,8 +248,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
         teacher = torch.stack([query_emb[e.query_id] for e in examples])
         sampler = B3BatchSampler(examples, cfg.batching.batch_size, query_embeddings=teacher, seed=cfg.train.seed)
     else:
-        sampler = _RandomBatchSampler(len(examples), cfg.batching.batch_size, seed=cfg.train.seed)
-    batches = _ExampleBatches(sampler, examples)
+        sampler = RandomBatchSampler(len(examples), cfg.batching.batch_size, seed=cfg.train.seed)
+    batches = ExampleBatches(sampler, examples)
     steps_per_epoch = max(1, len(batches))
     total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
     trainable = {"query": query_tower}
@@ -388,10 +263,10 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     base_states = {k: snapshot(t.model) for k, t in towers.items()} if cfg.interpolation.enabled else {}
 
     def evaluate(step: int) -> Dict[str, float]:
-        return _broadcast(dev_eval() if main else None, rank, world)
+        return broadcast(dev_eval() if main else None, rank, world)
 
     def save_best(folder: Path) -> None:
-        atomic_replace_dir(lambda tmp: _save_towers(towers, tmp, cfg.model.separate_towers), folder)
+        atomic_replace_dir(lambda tmp: save_towers(towers, tmp, cfg.model.separate_towers), folder)
 
     say(f"training: {len(examples)} examples, batch {cfg.batching.batch_size} (chunks of {cfg.batching.chunk_size}), "
         f"{h} hard negative(s) each, {total} steps ({steps_per_epoch} per epoch), objective {cfg.objective.name} "
@@ -418,7 +293,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     # 6. interpolate (WiSE-FT) --------------------------------------------------------------------------
     with timer("interpolate"):
         if result.best_step is not None and run.file("best").is_dir():
-            _load_towers(towers, run.file("best"), cfg.model.separate_towers)
+            load_towers(towers, run.file("best"), cfg.model.separate_towers)
             summary["dev"]["best_step"] = result.best_step
             summary["dev"]["best"] = next((h for h in result.history if h["step"] == result.best_step), {})
         if cfg.interpolation.enabled and dev_queries:
@@ -444,13 +319,13 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                                                "metric": select, "chosen_alpha": chosen,
                                                "tolerance": cfg.interpolation.tolerance}
             say(f"chosen a={chosen} on dev")
-        atomic_replace_dir(lambda tmp: _save_towers(towers, tmp, cfg.model.separate_towers), run.file("model"))
+        atomic_replace_dir(lambda tmp: save_towers(towers, tmp, cfg.model.separate_towers), run.file("model"))
 
     # 7. after -------------------------------------------------------------------------------------------
     with timer("after"):
         if task.test_qrels:
             corpus_after = encoders.documents(task.corpus_texts, progress="encode corpus (final)")
-            after = _evaluate_test(task, encoders, corpus_after, ks)
+            after = evaluate_test(task, encoders, corpus_after, ks)
             summary["after"] = _metrics(after)
             run.log({"phase": "after", "split": "test", **summary["after"]})
             if list(after.query_ids) != list(before_scores.query_ids):
@@ -469,12 +344,12 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     summary["phases"] = dict(timer.seconds)
     summary["wall_seconds"] = round(timer.total(), 2)
     summary["test_split"] = cfg.data.test_split if not task.test_is_held_out_from_train_file else "held-out share"
-    summary["versions"] = _versions()
+    summary["versions"] = versions()
     run.write_json("metrics.json", summary)
     return summary
 
 
-def _evaluate_test(task: RetrievalTask, encoders: _Encoders, corpus_emb: Tensor, ks):
+def evaluate_test(task: RetrievalTask, encoders: Encoders, corpus_emb: Tensor, ks):
     """Test metrics of the current query tower against ``corpus_emb`` (whole corpus)."""
     queries = {q: task.queries[q] for q in task.test_qrels}
     return evaluate_retrieval(lambda t: encoders.queries(t), None, queries,
@@ -482,36 +357,3 @@ def _evaluate_test(task: RetrievalTask, encoders: _Encoders, corpus_emb: Tensor,
                               corpus_embeddings=corpus_emb, corpus_ids=task.corpus_ids)
 
 
-def _save_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:
-    if separate:
-        towers["query"].save(str(folder / "query"))
-        towers["document"].save(str(folder / "document"))
-    else:
-        towers["query"].save(str(folder))
-
-
-def _load_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:
-    from safetensors.torch import load_file
-
-    for name, tower in towers.items():
-        sub = folder / name if separate else folder
-        state = load_file(str(sub / "model.safetensors"))
-        missing, unexpected = tower.model.load_state_dict(state, strict=False)
-        bad = [k for k in missing if not k.endswith("position_ids")]
-        if bad or unexpected:
-            raise ValueError(f"{sub} does not match the model: missing {bad[:3]}, unexpected {list(unexpected)[:3]}")
-        if not separate:
-            break
-
-
-def _versions() -> Dict[str, str]:
-    from .. import __version__
-
-    out = {"contrastkit": __version__, "torch": torch.__version__}
-    try:
-        import transformers
-
-        out["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out

@@ -168,7 +168,8 @@ class InterpolationConfig:
 class EvaluationConfig:
     ks: List[int] = field(default_factory=lambda: [1, 10, 100], metadata={"help": "cut-offs of nDCG / MRR / Recall / MAP / precision"})
     bootstrap_resamples: int = field(default=10000, metadata={**_range(100), "help": "resamples of the paired bootstrap interval"})
-    select_metric: str = field(default="ndcg@10", metadata={"help": "dev metric for checkpoints and interpolation"})
+    select_metric: str = field(default="ndcg@10", metadata={"help": "dev metric for checkpoints and interpolation "
+                               "(ndcg@k, mrr@k, recall@k, map@k; spearman / pearson for simcse)"})
 
 
 @dataclass
@@ -375,8 +376,9 @@ def _check_cross_fields(cfg: RunConfig) -> None:
                           f"{cfg.interpolation.alphas}")
     metric = cfg.evaluation.select_metric
     name, _, k = metric.partition("@")
-    if name not in ("ndcg", "mrr", "recall", "map") or not k.isdigit():
-        raise ConfigError(f"evaluation.select_metric: {metric!r}; allowed: ndcg@k, mrr@k, recall@k, map@k")
+    if metric not in ("spearman", "pearson") and (name not in ("ndcg", "mrr", "recall", "map") or not k.isdigit()):
+        raise ConfigError(f"evaluation.select_metric: {metric!r}; allowed: ndcg@k, mrr@k, recall@k, map@k (retrieval), "
+                          "spearman, pearson (STS recipes)")
 
 
 def dump_config(cfg: RunConfig, path: Union[str, Path]) -> None:

@@ -1,0 +1,185 @@
+"""What every recipe shares: processes, seeds, the objective and optimizer from the
+config, resumable example batches, saving / loading the towers, versions.
+
+Example::
+
+    from contrastkit.recipes.common import RandomBatchSampler
+    sampler = RandomBatchSampler(10, 4, seed=0)
+    assert len(sampler) == 2 and sum(len(b) for b in sampler) == 8
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import losses as losses_module
+from ..models import TextEncoder
+from ..training.config import ConfigError, RunConfig
+
+__all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "build_optimizer",
+           "ExampleBatches", "RandomBatchSampler", "save_towers", "load_towers", "versions"]
+
+
+def init_distributed() -> Tuple[int, int, torch.device]:
+    """(rank, world, device): initialise torch.distributed under torchrun (gloo on CPU,
+    NCCL on CUDA), else (0, 1, cuda-if-available-else-cpu)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def broadcast(obj: Any, rank: int, world: int) -> Any:
+    """rank 0's ``obj`` on every process."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def build_objective(cfg: RunConfig) -> nn.Module:
+    """The ``objective`` section as a ``contrastkit.losses`` module (name, temperature,
+    learn_temperature, options); unknown names list the available ones."""
+    name = cfg.objective.name
+    available = sorted(n for n in getattr(losses_module, "__all__", dir(losses_module))
+                       if isinstance(getattr(losses_module, n, None), type)
+                       and issubclass(getattr(losses_module, n), nn.Module))
+    cls = getattr(losses_module, name, None) if name in available else None
+    if cls is None:
+        raise ConfigError(f"objective.name: {name!r} is not a loss of contrastkit.losses; allowed values: "
+                          + ", ".join(available))
+    kwargs = dict(cfg.objective.options)
+    kwargs["temperature"] = cfg.objective.temperature
+    if cfg.objective.learn_temperature:
+        kwargs["learn_temperature"] = True
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"objective.options: {name} does not take these arguments ({err})") from None
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or name.endswith("norm.weight")
+
+
+def build_optimizer(modules: Dict[str, nn.Module], cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights."""
+    decay, plain, seen = [], [], set()
+    for mname, module in modules.items():
+        for pname, p in module.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (plain if _no_decay(pname) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr)
+
+
+class ExampleBatches:
+    """A batch sampler of example indices presented as batches of examples (the loop's
+    resumable batch source)."""
+
+    def __init__(self, sampler, examples):
+        self.sampler, self.examples = sampler, examples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for idx in self.sampler:
+            yield [self.examples[i] for i in idx]
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state)
+
+
+class RandomBatchSampler:
+    """Seeded shuffled batches (no duplicate filtering), resumable."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0) -> None:
+        self.n, self.batch_size, self.seed, self.epoch, self.position = n, batch_size, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+        while self.position < len(self):
+            b = order[self.position * self.batch_size:(self.position + 1) * self.batch_size].tolist()
+            self.position += 1
+            yield b
+        self.position = 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+def save_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:
+    if separate:
+        towers["query"].save(str(folder / "query"))
+        towers["document"].save(str(folder / "document"))
+    else:
+        towers["query"].save(str(folder))
+
+
+def load_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:
+    from safetensors.torch import load_file
+
+    for name, tower in towers.items():
+        sub = folder / name if separate else folder
+        state = load_file(str(sub / "model.safetensors"))
+        missing, unexpected = tower.model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.endswith("position_ids")]
+        if bad or unexpected:
+            raise ValueError(f"{sub} does not match the model: missing {bad[:3]}, unexpected {list(unexpected)[:3]}")
+        if not separate:
+            break
+
+
+def versions() -> Dict[str, str]:
+    from .. import __version__
+
+    out = {"contrastkit": __version__, "torch": torch.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
