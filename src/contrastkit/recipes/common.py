@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from ..models import TextEncoder
 from ..training.config import ConfigError, RunConfig
 
 __all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "build_optimizer",
-           "ExampleBatches", "RandomBatchSampler", "save_towers", "load_towers", "versions"]
+           "ExampleBatches", "RandomBatchSampler", "save_towers", "load_towers", "versions", "best_then_interpolate"]
 
 
 def init_distributed() -> Tuple[int, int, torch.device]:
@@ -183,3 +183,42 @@ def versions() -> Dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return out
+
+
+def best_then_interpolate(*, towers: Dict[str, TextEncoder], base_states: Optional[Dict[str, Dict[str, Any]]],
+                          result, run, dev: Dict[str, Any], select: str, alphas: Sequence[float], tolerance: float,
+                          evaluate: Callable[[], Dict[str, float]], separate: bool = False,
+                          say: Callable[[str], None] = print) -> None:
+    """Load the best checkpoint by the dev metric (``run/best``), then, when ``base_states``
+    is given, WiSE-FT: evaluate ``(1 - a) base + a best`` on dev for each ``a`` and keep
+    the smallest ``a`` within ``tolerance`` of the best dev score
+    (:func:`contrastkit.training.interpolation.choose_alpha`). Records ``best_step``,
+    ``best`` and ``interpolation`` in ``dev`` and logs each ``a`` to metrics.jsonl."""
+    from ..training.interpolation import choose_alpha, interpolate_into, snapshot
+
+    if result.best_step is not None and run.file("best").is_dir():
+        load_towers(towers, run.file("best"), separate)
+        dev["best_step"] = result.best_step
+        dev["best"] = next((h for h in result.history if h["step"] == result.best_step), {})
+    if base_states is None:
+        return
+    tuned = {k: snapshot(t.model) for k, t in towers.items()}
+    scores = []
+    for a in alphas:
+        if a == 1.0 and dev.get("best"):
+            s = dev["best"][select]
+        elif a == 0.0 and dev.get("before"):
+            s = dev["before"][select]
+        else:
+            for k, t in towers.items():
+                interpolate_into(t.model, base_states[k], tuned[k], a)
+            s = evaluate()[select]
+        scores.append(float(s))
+        run.log({"phase": "interpolation", "alpha": a, select: float(s)})
+        say(f"interpolation a={a:.2f}: dev {select} {s:.4f}")
+    chosen = list(alphas)[choose_alpha(alphas, scores, tolerance=tolerance)]
+    for k, t in towers.items():
+        interpolate_into(t.model, base_states[k], tuned[k], chosen)
+    dev["interpolation"] = {"alphas": list(alphas), "scores": scores, "metric": select, "chosen_alpha": chosen,
+                            "tolerance": tolerance}
+    say(f"chosen a={chosen} on dev")

@@ -72,12 +72,12 @@ from ..models import TextEncoder
 from ..models.precision import autocast_dtype, resolve_precision
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
 from ..training.config import ConfigError, DataConfig, RunConfig, dump_config
-from ..training.interpolation import interpolate_into, snapshot
+from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
-from .common import (ExampleBatches, RandomBatchSampler, broadcast, build_objective, build_optimizer,
-                     init_distributed, load_towers, save_towers, seed_everything, versions)
+from .common import (ExampleBatches, RandomBatchSampler, best_then_interpolate, broadcast, build_objective,
+                     build_optimizer, init_distributed, save_towers, seed_everything, versions)
 from .retrieval_task import is_beir_folder, text_id
 from .text_steps import RetrievalStep
 
@@ -467,30 +467,10 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
 
     # 4. best checkpoint, WiSE-FT interpolation chosen on dev -------------------------------------
     with timer("interpolate"):
-        if result.best_step is not None and run.file("best").is_dir():
-            load_towers(towers, run.file("best"), False)
-            summary["dev"]["best_step"] = result.best_step
-            summary["dev"]["best"] = next((h for h in result.history if h["step"] == result.best_step), {})
-        if base_state is not None:
-            tuned = snapshot(encoder.model)
-            alphas, scores = list(cfg.interpolation.alphas), []
-            for a in alphas:
-                if a == 1.0 and summary["dev"].get("best"):
-                    s = summary["dev"]["best"][select]
-                elif a == 0.0:
-                    s = summary["dev"]["before"][select]
-                else:
-                    interpolate_into(encoder.model, base_state, tuned, a)
-                    s = sts(sts_dev)[select]
-                scores.append(float(s))
-                run.log({"phase": "interpolation", "alpha": a, select: float(s)})
-                say(f"interpolation a={a:.2f}: dev {select} {s:.4f}")
-            best_i = max(range(len(scores)), key=lambda i: (scores[i], -alphas[i]))
-            chosen = alphas[best_i]
-            interpolate_into(encoder.model, base_state, tuned, chosen)
-            summary["dev"]["interpolation"] = {"alphas": alphas, "scores": scores, "metric": select,
-                                               "chosen_alpha": chosen}
-            say(f"chosen a={chosen} on dev")
+        best_then_interpolate(towers=towers, base_states=None if base_state is None else {"query": base_state},
+                              result=result, run=run, dev=summary["dev"], select=select,
+                              alphas=cfg.interpolation.alphas, tolerance=cfg.interpolation.tolerance,
+                              evaluate=lambda: sts(sts_dev), say=say)
         atomic_replace_dir(lambda tmp: save_towers(towers, tmp, False), run.file("model"))
 
     # 5. after: STS-B test -------------------------------------------------------------------------

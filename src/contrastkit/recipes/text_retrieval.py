@@ -41,12 +41,12 @@ from ..models.precision import autocast_dtype, cpu_has_fast_bf16, resolve_precis
 from ..negatives.mining import known_positives, mine_hard_negatives
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
 from ..training.config import ConfigError, RunConfig, dump_config
-from ..training.interpolation import choose_alpha, interpolate_into, snapshot
+from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
-from .common import (ExampleBatches, RandomBatchSampler, broadcast, build_objective, build_optimizer,
-                     init_distributed, load_towers, save_towers, seed_everything, versions)
+from .common import (ExampleBatches, RandomBatchSampler, best_then_interpolate, broadcast, build_objective,
+                     build_optimizer, init_distributed, save_towers, seed_everything, versions)
 from .retrieval_task import RetrievalTask, build_retrieval_task
 from .text_steps import Guide, RetrievalStep, fill_negatives
 
@@ -292,33 +292,11 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
 
     # 6. interpolate (WiSE-FT) --------------------------------------------------------------------------
     with timer("interpolate"):
-        if result.best_step is not None and run.file("best").is_dir():
-            load_towers(towers, run.file("best"), cfg.model.separate_towers)
-            summary["dev"]["best_step"] = result.best_step
-            summary["dev"]["best"] = next((h for h in result.history if h["step"] == result.best_step), {})
-        if cfg.interpolation.enabled and dev_queries:
-            tuned = {k: snapshot(t.model) for k, t in towers.items()}
-            scores = []
-            for a in cfg.interpolation.alphas:
-                if a == 1.0 and summary["dev"].get("best"):
-                    s = summary["dev"]["best"][select]
-                elif a == 0.0:
-                    s = summary["dev"]["before"][select]
-                else:
-                    for k, t in towers.items():
-                        interpolate_into(t.model, base_states[k], tuned[k], a)
-                    s = dev_eval()[select]
-                scores.append(float(s))
-                run.log({"phase": "interpolation", "alpha": a, select: float(s)})
-                say(f"interpolation a={a:.2f}: dev {select} {s:.4f}")
-            best_i = choose_alpha(cfg.interpolation.alphas, scores, tolerance=cfg.interpolation.tolerance)
-            chosen = cfg.interpolation.alphas[best_i]
-            for k, t in towers.items():
-                interpolate_into(t.model, base_states[k], tuned[k], chosen)
-            summary["dev"]["interpolation"] = {"alphas": list(cfg.interpolation.alphas), "scores": scores,
-                                               "metric": select, "chosen_alpha": chosen,
-                                               "tolerance": cfg.interpolation.tolerance}
-            say(f"chosen a={chosen} on dev")
+        if "dev" in summary:
+            best_then_interpolate(towers=towers, base_states=base_states if cfg.interpolation.enabled else None,
+                                  result=result, run=run, dev=summary["dev"], select=select,
+                                  alphas=cfg.interpolation.alphas, tolerance=cfg.interpolation.tolerance,
+                                  evaluate=dev_eval, separate=cfg.model.separate_towers, say=say)
         atomic_replace_dir(lambda tmp: save_towers(towers, tmp, cfg.model.separate_towers), run.file("model"))
 
     # 7. after -------------------------------------------------------------------------------------------
