@@ -94,3 +94,14 @@ def grads_of(loss: Tensor, inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
 def rng() -> torch.Generator:
     """A seeded CPU generator so that non-hypothesis tests are reproducible."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy machine's
+    oversubscription (restored after the test). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

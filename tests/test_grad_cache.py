@@ -25,14 +25,7 @@ from contrastkit.scale import GradCache
 from conftest import assert_rel_close
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's
-    oversubscription (restored after each test)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(dropout: float = 0.1, seed: int = 0, dtype=torch.float64) -> TextEncoder:

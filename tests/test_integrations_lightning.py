@@ -20,12 +20,7 @@ from contrastkit.models import TextEncoder
 from conftest import assert_rel_close
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_encoder() -> TextEncoder:

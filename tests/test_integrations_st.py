@@ -30,14 +30,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling, Transfor
 from conftest import assert_rel_close
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's
-    oversubscription (restored after each test)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ANCHORS = ["what is a cell", "how do plants grow", "who wrote hamlet", "why is the sky blue",
            "what causes rain", "how fast is light", "where do birds go in winter"]

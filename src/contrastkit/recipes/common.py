@@ -24,7 +24,7 @@ from ..models import TextEncoder
 from ..training.config import ConfigError, RunConfig
 
 __all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "build_optimizer",
-           "ExampleBatches", "RandomBatchSampler", "save_towers", "load_towers", "versions", "best_then_interpolate"]
+           "ExampleBatches", "RandomBatchSampler", "save_towers", "load_towers", "versions", "best_then_interpolate", "start_run"]
 
 
 def init_distributed() -> Tuple[int, int, torch.device]:
@@ -222,3 +222,17 @@ def best_then_interpolate(*, towers: Dict[str, TextEncoder], base_states: Option
     dev["interpolation"] = {"alphas": list(alphas), "scores": scores, "metric": select, "chosen_alpha": chosen,
                             "tolerance": tolerance}
     say(f"chosen a={chosen} on dev")
+
+
+def start_run(cfg: RunConfig, echo: Callable[[str], None] = print):
+    """What every recipe does first: processes (torchrun), the device (``train.device``),
+    seeds, and the resolved precision. Returns ``(rank, world, device, say, precision)``,
+    ``say`` printing on the main process only."""
+    from ..models.precision import resolve_precision
+
+    rank, world, device = init_distributed()
+    if cfg.train.device != "auto":
+        device = torch.device(cfg.train.device)
+    say = echo if rank == 0 else (lambda *_: None)
+    seed_everything(cfg.train.seed)
+    return rank, world, device, say, resolve_precision(cfg.train.precision, device)

@@ -69,7 +69,7 @@ from torch import nn
 from ..data import BadRecords, Example, data_dir, load_corpus, load_sts, read_examples
 from ..evaluation import evaluate_sts
 from ..models import TextEncoder
-from ..models.precision import autocast_dtype, resolve_precision
+from ..models.precision import autocast_dtype
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
 from ..training.config import ConfigError, DataConfig, RunConfig, dump_config
 from ..training.interpolation import snapshot
@@ -77,7 +77,7 @@ from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
 from .common import (ExampleBatches, RandomBatchSampler, best_then_interpolate, broadcast, build_objective,
-                     build_optimizer, init_distributed, save_towers, seed_everything, versions)
+                     build_optimizer, save_towers, start_run, versions)
 from .retrieval_task import is_beir_folder, text_id
 from .text_steps import RetrievalStep
 
@@ -350,13 +350,8 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     """
     if cfg.model.separate_towers:
         raise ConfigError("model.separate_towers: SimCSE trains one shared encoder; set it to false")
-    rank, world, device = init_distributed()
-    if cfg.train.device != "auto":
-        device = torch.device(cfg.train.device)
+    rank, world, device, say, precision = start_run(cfg, echo)
     main = rank == 0
-    say = echo if main else (lambda *_: None)
-    seed_everything(cfg.train.seed)
-    precision = resolve_precision(cfg.train.precision, device)
     say(f"device {device}, precision {precision}; {world} process(es)")
     timer = PhaseTimer(on_phase=lambda name, s: run.log({"phase": "timing", "name": name, "seconds": round(s, 3)}))
     if main:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..data import load_sts
 from ..evaluation import evaluate_retrieval, evaluate_sts, paired_bootstrap
 from ..models import TextEncoder
-from ..models.precision import autocast_dtype, cpu_has_fast_bf16, resolve_precision
+from ..models.precision import autocast_dtype, cpu_has_fast_bf16
 from ..negatives.mining import known_positives, mine_hard_negatives
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
 from ..training.config import ConfigError, RunConfig, dump_config
@@ -46,7 +46,7 @@ from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
 from .common import (ExampleBatches, RandomBatchSampler, best_then_interpolate, broadcast, build_objective,
-                     build_optimizer, init_distributed, save_towers, seed_everything, versions)
+                     build_optimizer, save_towers, start_run, versions)
 from .retrieval_task import RetrievalTask, build_retrieval_task
 from .text_steps import Guide, RetrievalStep, fill_negatives
 
@@ -116,13 +116,8 @@ def _metrics(scores) -> Dict[str, float]:
 
 def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the main job (see the module doc); returns the ``metrics.json`` summary."""
-    rank, world, device = init_distributed()
-    if cfg.train.device != "auto":
-        device = torch.device(cfg.train.device)
+    rank, world, device, say, precision = start_run(cfg, echo)
     main = rank == 0
-    say = echo if main else (lambda *_: None)
-    seed_everything(cfg.train.seed)
-    precision = resolve_precision(cfg.train.precision, device)
     why = ("AMX / AVX512-BF16 CPU" if device.type == "cpu" and cpu_has_fast_bf16() else device.type) \
         if precision == "bf16" else ("asked" if cfg.train.precision == "fp32" else "no fast bfloat16 on this device")
     say(f"device {device}, precision {precision} ({why}); {world} process(es)")
