@@ -77,6 +77,16 @@ def test_wraps_a_model_from_a_config():
         enc.tokenize(["x"])
 
 
+def test_half_precision_checkpoint_loads_as_float32_unless_asked(tmp_path):
+    # transformers 5 keeps a float16 checkpoint in float16; training needs float32 master weights
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16)
+    transformers.BertModel(cfg).half().save_pretrained(tmp_path)
+    assert {p.dtype for p in TextEncoder(str(tmp_path)).parameters()} == {torch.float32}
+    asked = TextEncoder(str(tmp_path), dtype=torch.float16)
+    assert {p.dtype for p in asked.parameters()} == {torch.float16}
+
+
 def test_last_token_pooling_right_and_left_padding():
     h = torch.arange(2 * 4 * 3, dtype=torch.float64).reshape(2, 4, 3)
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])

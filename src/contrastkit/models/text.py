@@ -124,6 +124,10 @@ class TextEncoder(nn.Module):
         model, tokenizer: pass an already built ``transformers`` model (e.g. a tiny
             ``BertModel(config)`` in tests) and optionally its tokenizer instead of a path.
         local_files_only: forwarded to ``from_pretrained`` (default: True for local folders).
+        model_kwargs: forwarded to ``from_pretrained``. Without ``dtype`` / ``torch_dtype``
+            the weights are loaded in float32 whatever the checkpoint stores (transformers 5
+            would keep a float16 / bfloat16 checkpoint in half precision, and AdamW on half
+            weights loses small updates); autocast gives the fast bf16 compute instead.
 
     Example::
 
@@ -162,6 +166,8 @@ class TextEncoder(nn.Module):
             local = os.path.isdir(path) if local_files_only is None else bool(local_files_only)
             model = AutoModel.from_pretrained(path, local_files_only=local, trust_remote_code=bool(trust_remote_code),
                                               **model_kwargs)
+            if not ({"dtype", "torch_dtype"} & set(model_kwargs)):
+                model = model.float()  # float32 master weights (see model_kwargs above)
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local,
                                                           trust_remote_code=bool(trust_remote_code))
