@@ -23,7 +23,8 @@ def _args(data, model, out, *extra):
             "--chunk-size", "3", "--lr", "1e-3", "--precision", "fp32",
             "--set", "model.query_max_length=16", "--set", "model.document_max_length=32",
             "--set", "train.dev_corpus_size=20", "--set", "train.eval_every=2", "--set", "data.dev_fraction=0.25",
-            "--set", "negatives.rank_window=[0, 10]", "--set", "evaluation.bootstrap_resamples=200", *extra]
+            "--set", "negatives.rank_window=[0, 10]", "--set", "negatives.sampling=random",
+            "--set", "evaluation.bootstrap_resamples=200", *extra]
 
 
 def test_default_config_is_the_documented_main_job():
@@ -33,6 +34,15 @@ def test_default_config_is_the_documented_main_job():
     assert (cfg.data.source, cfg.model.name, cfg.objective.name) == ("scifact", "all-MiniLM-L6-v2",
                                                                       "MultipleNegativesRanking")
     assert cfg.interpolation.enabled and cfg.negatives.mine and cfg.data.sts
+
+
+def test_an_epoch_without_a_full_batch_is_an_error_not_a_hang(tiny, tmp_path):
+    # the tiny random model's top-ranked negatives are a few hub documents shared by most
+    # queries, so no-duplicate batches of 8 cannot be filled: the loop must say so
+    data, model = tiny
+    with pytest.raises(RuntimeError, match="epoch 0 gave no batch.*batching.batch_size"):
+        main(_args(data, model, tmp_path / "run", "--max-steps", "4", "--set", "negatives.sampling=top",
+                   "--set", "data.sts=false"))
 
 
 def test_train_writes_the_run_folder(tiny, tmp_path, capsys):

@@ -110,15 +110,15 @@ class ObjectiveConfig:
 class NegativesConfig:
     mine: bool = field(default=True, metadata={"help": "mine hard negatives from the corpus with the base model"})
     num_negatives: int = field(default=1, metadata={**_range(0), "help": "hard negatives per (query, positive), extra candidate columns"})
-    rank_window: Tuple[int, int] = field(default=(3, 30), metadata={"help": "0-based ranks [start, stop) sampled, "
+    rank_window: Tuple[int, int] = field(default=(0, 30), metadata={"help": "0-based ranks [start, stop) sampled, "
                                          "after removing known positives"})
-    sampling: str = field(default="random", metadata=_choice("top", "random"))
-    relative_margin: Optional[float] = field(default=0.95, metadata={**_range(0.0, 1.0, open_lo=True),
+    sampling: str = field(default="top", metadata=_choice("top", "random"))
+    relative_margin: Optional[float] = field(default=None, metadata={**_range(0.0, 1.0, open_lo=True),
                                              "help": "drop candidates scoring above margin x the positive's score"})
     absolute_margin: Optional[float] = field(default=None, metadata={**_range(0.0), "help": "drop candidates scoring above positive - margin"})
     mask_duplicates: bool = field(default=True, metadata={"help": "mask in-batch candidates that are another "
                                   "known positive of the anchor"})
-    guide_mask: bool = field(default=True, metadata={"help": "GISTEmbed: mask candidates the frozen base model "
+    guide_mask: bool = field(default=False, metadata={"help": "GISTEmbed: mask candidates the frozen base model "
                              "scores above the positive minus guide_margin"})
     guide_margin: float = field(default=0.0, metadata={**_range(0.0), "help": "GISTEmbed margin of the guide mask"})
 
@@ -133,7 +133,7 @@ class BatchingConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: float = field(default=2.0, metadata={**_range(0.0, None, open_lo=True), "help": "passes over the training examples (fractions allowed)"})
+    epochs: float = field(default=3.0, metadata={**_range(0.0, None, open_lo=True), "help": "passes over the training examples (fractions allowed)"})
     max_steps: Optional[int] = field(default=None, metadata={**_range(1), "help": "stop after this many steps"})
     lr: float = field(default=3e-5, metadata={**_range(0.0, None, open_lo=True), "help": "AdamW peak learning rate"})
     weight_decay: float = field(default=0.01, metadata={**_range(0.0), "help": "AdamW weight decay (not on biases / norms)"})

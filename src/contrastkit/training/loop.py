@@ -232,7 +232,7 @@ class Trainer:
             while self.step < self.total_steps:
                 if not restored:
                     self.batches.set_epoch(self.epoch)
-                restored = False
+                whole_epoch, restored, stepped = not restored, False, self.step
                 for batch in self.batches:
                     for m in self.modules.values():
                         m.train()
@@ -270,6 +270,12 @@ class Trainer:
                         break
                 else:
                     # the epoch ended without reaching total_steps
+                    if whole_epoch and self.step == stepped:
+                        raise RuntimeError(
+                            f"epoch {self.epoch} gave no batch: the batch sampler formed no full batch "
+                            f"from the training examples (with batching.sampler=no_duplicates, examples whose "
+                            f"texts repeat across examples cannot share a batch, and incomplete batches are "
+                            f"dropped); lower batching.batch_size or use batching.sampler=random")
                     self.epoch += 1
                     if self.eval_every is None and self.step < self.total_steps:
                         self._dev()
