@@ -98,6 +98,15 @@ def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     # results made with other settings are never mixed in: refused before anything runs
     assert main(_argv(data, model, results, "--only", "ours", "--set", "optim.lr=2e-3")) == 2
     assert "ours/seed0.json was made with other settings" in capsys.readouterr().err
+    # ... nor are results made under other defaults (same --set, another contrastkit version)
+    done = results / "ours" / "seed0.json"
+    original = done.read_text()
+    record = json.loads(original)
+    record["config"]["optim"]["epochs"] += 1.0
+    done.write_text(json.dumps(record))
+    assert main(argv) == 2
+    assert "other defaults" in capsys.readouterr().err
+    done.write_text(original)
 
     # --table-from prints the summary of what is there without running
     (results / "summary.md").unlink()

@@ -19,8 +19,9 @@ bundled all-MiniLM-L6-v2), the same precision and the same number of steps:
     evaluate_retrieval`` on the test qrels over the whole corpus, ``evaluate_sts`` on STS-B
     test, same encoder settings), so the numbers are comparable.
 the ablations of ours (first seed only; the table says so)
-    ``no-mining-filter`` (``negatives.relative_margin=null``), ``no-loss-masks``
-    (``negatives.guide_mask=false negatives.mask_duplicates=false``), ``no-interpolation``
+    ``mining-filter`` (``negatives.relative_margin=0.95``), ``guide-mask``
+    (``negatives.guide_mask=true``), ``no-duplicate-mask`` (``negatives.mask_duplicates=false``),
+    ``two-epochs`` (``optim.epochs=2``), ``no-interpolation``
     (``interpolation.enabled=false``), ``batch-128`` (``batching.batch_size=128``),
     ``no-negatives`` (``negatives.num_negatives=0``).
 
@@ -76,10 +77,12 @@ class Configuration:
 CONFIGURATIONS: Dict[str, Configuration] = {c.name: c for c in (
     Configuration("ours", "ours", (), True, "contrastkit train, default config"),
     Configuration("peer", "peer", (), True, "sentence-transformers: mine_hard_negatives + MNRL trainer"),
-    Configuration("no-mining-filter", "ours", ("negatives.relative_margin=null",), False,
-                  "ours, mining filter off"),
-    Configuration("no-loss-masks", "ours", ("negatives.guide_mask=false", "negatives.mask_duplicates=false"), False,
-                  "ours, in-loss false-negative masks off"),
+    Configuration("mining-filter", "ours", ("negatives.relative_margin=0.95",), False,
+                  "ours + NV-Retriever 95% relative-margin filter"),
+    Configuration("guide-mask", "ours", ("negatives.guide_mask=true",), False, "ours + GISTEmbed guide mask"),
+    Configuration("no-duplicate-mask", "ours", ("negatives.mask_duplicates=false",), False,
+                  "ours, duplicate-positive mask off"),
+    Configuration("two-epochs", "ours", ("optim.epochs=2",), False, "ours, 2 epochs instead of 3"),
     Configuration("no-interpolation", "ours", ("interpolation.enabled=false",), False, "ours, WiSE-FT off"),
     Configuration("batch-128", "ours", ("batching.batch_size=128",), False, "ours, cached batch 128"),
     Configuration("no-negatives", "ours", ("negatives.num_negatives=0",), False, "ours, no mined negatives"),
@@ -342,22 +345,28 @@ def _overrides(c: Configuration, seed: int, common: Sequence[str]) -> List[str]:
     return [*common, *c.overrides, f"train.seed={seed}"]
 
 
+def _resolved(overrides: Sequence[str]) -> Dict[str, Any]:
+    """The whole config of ``overrides`` (defaults included, output section aside): what a
+    result was made with, so that a change of a default is caught like a change of --set."""
+    from ..training.config import config_to_dict, load_config
+
+    cfg = config_to_dict(load_config(overrides=list(overrides)))
+    cfg.pop("output", None)
+    return cfg
+
+
 def _same_run(run_dir: Path, overrides: Sequence[str]) -> bool:
     """True when ``run_dir/config.yaml`` is the config of ``overrides`` (output section aside)."""
     import yaml
-
-    from ..training.config import config_to_dict, load_config
 
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return False
-    wanted = config_to_dict(load_config(overrides=list(overrides)))
     if not isinstance(saved, dict):
         return False
     saved.pop("output", None)
-    wanted.pop("output", None)
-    return saved == wanted
+    return saved == _resolved(overrides)
 
 
 def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> Tuple[bool, str]:
@@ -371,14 +380,15 @@ def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> T
     if c.kind == "ours" and (run_dir / "metrics.json").is_file() and _same_run(run_dir, overrides):
         # the run finished but the benchmark stopped before writing its record
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        record = {**_ours_record(metrics, seed, run_dir), "name": c.name, "overrides": overrides}
+        record = {**_ours_record(metrics, seed, run_dir), "name": c.name, "overrides": overrides,
+                  "config": _resolved(overrides)}
         _atomic_write_json(result_file, record)
         return False, "result taken from its finished run folder"
     partial = folder / f"_seed{seed}.worker.json"   # the peer worker's record (not a result file yet)
     if c.kind == "peer" and partial.is_file():
         record = json.loads(partial.read_text(encoding="utf-8"))
         if record.get("overrides") == overrides:   # the worker finished but the benchmark stopped after it
-            _atomic_write_json(result_file, {**record, "name": c.name})
+            _atomic_write_json(result_file, {**record, "name": c.name, "config": _resolved(overrides)})
             partial.unlink()
             return False, "result taken from its finished worker"
     if c.kind == "ours":
@@ -404,7 +414,8 @@ def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> T
         record = _ours_record(metrics, seed, run_dir)
     else:
         record = json.loads(partial.read_text(encoding="utf-8"))
-    record.update({"name": c.name, "overrides": overrides, "process_seconds": round(seconds, 2)})
+    record.update({"name": c.name, "overrides": overrides, "config": _resolved(overrides),
+                   "process_seconds": round(seconds, 2)})
     _atomic_write_json(result_file, record)
     if c.kind == "peer":
         partial.unlink()
@@ -646,14 +657,16 @@ def run(args) -> int:
         done = results / c.name / f"seed{seed}.json"
         if done.is_file():
             try:
-                saved = json.loads(done.read_text(encoding="utf-8")).get("overrides")
+                saved_record = json.loads(done.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 print(f"contrastkit bench train: {done}:{err.lineno}: not valid JSON ({err.msg}); delete it to rerun "
                       "that configuration", file=sys.stderr)
                 return 2
-            wanted = _overrides(c, seed, common)
-            if saved != wanted:
-                print(f"contrastkit bench train: {done} was made with other settings ({saved}, now {wanted}); use "
+            wanted, saved = _overrides(c, seed, common), saved_record.get("overrides")
+            if saved != wanted or saved_record.get("config") != _resolved(wanted):
+                what = (f"{saved}, now {wanted}" if saved != wanted else
+                        "the same --set, but other defaults (an older contrastkit, or a changed config default)")
+                print(f"contrastkit bench train: {done} was made with other settings ({what}); use "
                       "another --results folder or delete that file to rerun it", file=sys.stderr)
                 return 2
     results.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,6 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    @torch.no_grad()
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, precision: str = "fp32",
                sort_by_length: bool = True, progress: Optional[str] = None, max_length: Optional[int] = None) -> Tensor:
         """Float32 embeddings of ``texts`` without gradients, in the input order.
@@ -223,6 +222,13 @@ class TextEncoder(nn.Module):
             progress: a description shows a tqdm bar (texts/s and ETA); None: silent.
             max_length: truncation for this call (default: the encoder's ``max_length``).
         """
+        with torch.inference_mode():  # a few % faster than no_grad; the result is cloned out of it
+            out = self._encode(texts, batch_size=batch_size, precision=precision, sort_by_length=sort_by_length,
+                               progress=progress, max_length=max_length)
+        return out.clone()
+
+    def _encode(self, texts: Sequence[str], *, batch_size: int, precision: str, sort_by_length: bool,
+                progress: Optional[str], max_length: Optional[int]) -> Tensor:
         texts = list(texts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size!r}")

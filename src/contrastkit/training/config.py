@@ -159,7 +159,7 @@ class TrainLoopConfig:
 @dataclass
 class InterpolationConfig:
     enabled: bool = field(default=True, metadata={"help": "WiSE-FT: (1-a) base + a tuned, a chosen on dev"})
-    alphas: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 1.0], metadata={"help": "candidate weights of the tuned model; 1.0 = no interpolation"})
+    alphas: List[float] = field(default_factory=lambda: [0.7, 0.85, 1.0], metadata={"help": "candidate weights of the tuned model; 1.0 = no interpolation"})
     tolerance: float = field(default=0.002, metadata={**_range(0.0), "help": "the smallest alpha whose dev score is "
                              "within this of the best is chosen (less forgetting when the rest buys nothing on dev)"})
 
