@@ -10,8 +10,9 @@ Phases (each timed, logged to ``metrics.jsonl`` and summed in ``metrics.json``):
    and the false-negative guide.
 3. ``before``: test nDCG@10 / MRR@10 / Recall@100 (and every metric@k) and STS-B test
    Spearman of the base model.
-4. ``mine``: hard negatives from a rank window with a relative-margin false-negative
-   filter (:func:`contrastkit.negatives.mining.mine_hard_negatives`).
+4. ``mine``: hard negatives from a rank window (default: the top-ranked non-positive),
+   optionally with a relative / absolute margin false-negative filter
+   (:func:`contrastkit.negatives.mining.mine_hard_negatives`).
 5. ``train``: gradient-cached steps of the tiled objective (default MNRL with the mined
    negatives as extra columns), false negatives masked in the loss, AdamW with warm-up and
    decay, dev evaluation, best checkpoint by dev nDCG@10, atomic checkpoints, ``--resume``.
