@@ -77,6 +77,9 @@ def test_pages_have_blocks():
     assert len(BLOCKS) >= 18, [b.page for b in BLOCKS]
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _run_torchrun(block: Block, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(block.code, encoding="utf-8")
@@ -85,6 +88,12 @@ def _run_torchrun(block: Block, tmp_path: Path) -> None:
         "--standalone", "--nproc-per-node", "2", str(script)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
+        # torch's gloo backend sometimes aborts at interpreter exit, after the example has run
+        # and printed ("terminate called without an active exception" from a worker thread
+        # destroyed while joinable; seen about once in ten full-suite runs under load): run it
+        # once more; a second failure, or any other failure, fails the test
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{block.page}#{block.number} under torchrun:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
