@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from contrastkit.data import Example
 from contrastkit.negatives import B3BatchSampler, NoDuplicatesBatchSampler
+from contrastkit.negatives.samplers import RandomBatchSampler
 
 
 def colliding_examples(n=60, seed=0):
@@ -63,7 +64,7 @@ def test_no_duplicates_deterministic_and_epochs():
     assert list(NoDuplicatesBatchSampler(ex, 6, seed=8)) != e0
 
 
-@pytest.mark.parametrize("make", ["nodup", "b3"])
+@pytest.mark.parametrize("make", ["nodup", "b3", "random"])
 def test_resume_sees_the_same_batches(make):
     ex = colliding_examples(64, seed=2)
     emb = F.normalize(torch.randn(64, 6, generator=torch.Generator().manual_seed(0)), dim=1)
@@ -71,6 +72,8 @@ def test_resume_sees_the_same_batches(make):
     def build():
         if make == "nodup":
             return NoDuplicatesBatchSampler(ex, 5, seed=11)
+        if make == "random":
+            return RandomBatchSampler(len(ex), 5, seed=11)
         return B3BatchSampler(ex, 8, query_embeddings=emb, cluster_size=4, rank_window=(1, 5), seed=11)
 
     full = build()

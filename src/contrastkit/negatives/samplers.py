@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-__all__ = ["NoDuplicatesBatchSampler", "B3BatchSampler"]
+__all__ = ["RandomBatchSampler", "NoDuplicatesBatchSampler", "B3BatchSampler"]
 
 
 def _texts(example) -> Tuple[str, ...]:
@@ -131,6 +131,29 @@ class _EpochBatchSampler(Sampler):
         if position > n:
             raise ValueError(f"sampler state position {position} is past the {n} batches of epoch {epoch}")
         self._start = self._position = position
+
+
+class RandomBatchSampler(_EpochBatchSampler):
+    """Seeded shuffled batches of ``batch_size`` indices, no duplicate filtering; the last
+    incomplete batch is dropped. Resumable like every sampler here (``state_dict`` /
+    ``load_state_dict``, ``set_epoch``).
+
+    Example::
+
+        s = RandomBatchSampler(10, 4, seed=0)
+        assert len(s) == 2 and sum(len(b) for b in s) == 8
+    """
+
+    kind = "random"
+
+    def __init__(self, num_examples: int, batch_size: int, *, seed: int = 0) -> None:
+        super().__init__(num_examples, batch_size, seed, drop_last=True)
+
+    def _make_batches(self, epoch: int) -> List[List[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + int(epoch))
+        order = torch.randperm(self.num_examples, generator=g).tolist()
+        bs = self.batch_size
+        return [order[i:i + bs] for i in range(0, self.num_examples - bs + 1, bs)]
 
 
 class NoDuplicatesBatchSampler(_EpochBatchSampler):

@@ -1,11 +1,10 @@
 """What every recipe shares: processes, seeds, the objective and optimizer from the
-config, resumable example batches, saving / loading the towers, versions.
+config, example batches over a resumable sampler, saving / loading the towers, versions.
 
 Example::
 
-    from contrastkit.recipes.common import RandomBatchSampler
-    sampler = RandomBatchSampler(10, 4, seed=0)
-    assert len(sampler) == 2 and sum(len(b) for b in sampler) == 8
+    from contrastkit.recipes.common import seed_everything
+    seed_everything(0)
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from ..models import TextEncoder
 from ..training.config import ConfigError, RunConfig
 
 __all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "build_optimizer",
-           "ExampleBatches", "RandomBatchSampler", "save_towers", "load_towers", "versions", "best_then_interpolate", "start_run"]
+           "ExampleBatches", "save_towers", "load_towers", "versions", "best_then_interpolate", "start_run"]
 
 
 def init_distributed() -> Tuple[int, int, torch.device]:
@@ -122,33 +121,6 @@ class ExampleBatches:
     def load_state_dict(self, state):
         self.sampler.load_state_dict(state)
 
-
-class RandomBatchSampler:
-    """Seeded shuffled batches (no duplicate filtering), resumable."""
-
-    def __init__(self, n: int, batch_size: int, *, seed: int = 0) -> None:
-        self.n, self.batch_size, self.seed, self.epoch, self.position = n, batch_size, seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
-        while self.position < len(self):
-            b = order[self.position * self.batch_size:(self.position + 1) * self.batch_size].tolist()
-            self.position += 1
-            yield b
-        self.position = 0
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state):
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 def save_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:
     if separate:

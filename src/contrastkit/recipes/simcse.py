@@ -70,13 +70,13 @@ from ..data import BadRecords, Example, data_dir, load_corpus, load_sts, read_ex
 from ..evaluation import evaluate_sts
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype
-from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
+from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
 from ..training.config import ConfigError, DataConfig, RunConfig, dump_config
 from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
-from .common import (ExampleBatches, RandomBatchSampler, best_then_interpolate, broadcast, build_objective,
+from .common import (ExampleBatches, best_then_interpolate, broadcast, build_objective,
                      build_optimizer, save_towers, start_run, versions)
 from .retrieval_task import is_beir_folder, text_id
 from .text_steps import RetrievalStep

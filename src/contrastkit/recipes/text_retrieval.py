@@ -40,13 +40,13 @@ from ..evaluation import evaluate_retrieval, evaluate_sts, paired_bootstrap
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype, cpu_has_fast_bf16
 from ..negatives.mining import known_positives, mine_hard_negatives
-from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler
+from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
 from ..training.config import ConfigError, RunConfig, dump_config
 from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
-from .common import (ExampleBatches, RandomBatchSampler, best_then_interpolate, broadcast, build_objective,
+from .common import (ExampleBatches, best_then_interpolate, broadcast, build_objective,
                      build_optimizer, save_towers, start_run, versions)
 from .retrieval_task import RetrievalTask, build_retrieval_task
 from .text_steps import Guide, RetrievalStep, fill_negatives
