@@ -107,6 +107,21 @@ def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     assert main(argv) == 2
     assert "other defaults" in capsys.readouterr().err
     done.write_text(original)
+    # the peer's results stay valid when only a field the peer never reads changed (ours'
+    # interpolation grid), and are refused when one it reads changed
+    peer_done = results / "peer" / "seed0.json"
+    peer_original = peer_done.read_text()
+    record = json.loads(peer_original)
+    record["config"]["interpolation"]["alphas"] = [0.5, 1.0]
+    record["config"]["train"]["dev_corpus_size"] += 1
+    peer_done.write_text(json.dumps(record))
+    assert main(argv) == 0
+    assert "peer seed 0: done before, skipped" in capsys.readouterr().err
+    record["config"]["optim"]["lr"] *= 2
+    peer_done.write_text(json.dumps(record))
+    assert main(argv) == 2
+    assert "peer/seed0.json was made with other settings" in capsys.readouterr().err
+    peer_done.write_text(peer_original)
 
     # --table-from prints the summary of what is there without running
     (results / "summary.md").unlink()

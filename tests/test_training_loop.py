@@ -155,3 +155,81 @@ def test_choose_alpha_prefers_the_base_within_tolerance():
     torch.testing.assert_close(model.weight, 0.75 * base.weight + 0.25 * tuned.weight)
     with pytest.raises(ValueError, match="alpha"):
         interpolate_into(model, snapshot(base), snapshot(tuned), 1.5)
+
+
+class _Run:
+    """The run-folder surface best_then_interpolate uses: log records, no best/ folder."""
+
+    def __init__(self, tmp_path):
+        self.records, self.root = [], tmp_path
+
+    def log(self, record):
+        self.records.append(record)
+
+    def file(self, name):
+        return self.root / name
+
+
+def _walk(tmp_path, curve, alphas, *, before, best, stop_early=True, tolerance=0.002):
+    """best_then_interpolate on a one-weight 'tower' whose dev score is curve(a), a read
+    back from the interpolated weight (base 0, tuned 1); returns (dev, evaluated a's, warning)."""
+    from types import SimpleNamespace
+
+    from contrastkit.recipes.common import best_then_interpolate
+    from contrastkit.training.interpolation import snapshot
+
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    base = snapshot(model)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    towers = {"query": SimpleNamespace(model=model)}
+    evaluated = []
+
+    def evaluate():
+        a = float(model.weight.item())
+        evaluated.append(round(a, 6))
+        return {"ndcg@10": curve(a)}
+
+    dev = {"before": {"ndcg@10": before}, "best": {"ndcg@10": best}}
+    result = SimpleNamespace(best_step=None, history=[])
+    warning = best_then_interpolate(towers=towers, base_states={"query": base}, result=result, run=_Run(tmp_path),
+                                    dev=dev, select="ndcg@10", alphas=alphas, tolerance=tolerance,
+                                    evaluate=evaluate, stop_early=stop_early, say=lambda *_: None)
+    return dev, evaluated, warning, float(model.weight.item())
+
+
+def test_interpolation_walk_stops_early_and_reuses_known_scores(tmp_path):
+    # a rising curve: 0.85 is already more than the tolerance below a = 1, so 0.7 is skipped;
+    # a = 1 and a = 0 are the known best-checkpoint and base scores (never re-evaluated)
+    curve = lambda a: 0.70 + 0.1 * a  # noqa: E731
+    dev, evaluated, warning, weight = _walk(tmp_path, curve, [0.0, 0.7, 0.85, 1.0], before=0.70, best=0.80)
+    assert evaluated == [0.85]
+    interp = dev["interpolation"]
+    assert interp["alphas"] == [0.0, 0.85, 1.0] and interp["skipped"] == [0.7]
+    assert interp["scores"] == [0.70, pytest.approx(0.785), 0.80]
+    assert interp["chosen_alpha"] == 1.0 and weight == 1.0 and warning is None
+    # without stopping early every weight is evaluated, and the choice is the same
+    dev2, evaluated2, _, _ = _walk(tmp_path, curve, [0.0, 0.7, 0.85, 1.0], before=0.70, best=0.80, stop_early=False)
+    assert evaluated2 == [0.85, 0.7] and dev2["interpolation"]["chosen_alpha"] == 1.0
+
+
+def test_interpolation_walk_finds_an_interior_peak(tmp_path):
+    # a peak at 0.7: walking down from 1, scores rise, so the walk goes on and picks 0.7
+    curve = lambda a: 0.80 - (a - 0.7) ** 2  # noqa: E731
+    dev, evaluated, warning, weight = _walk(tmp_path, curve, [0.0, 0.5, 0.7, 0.85, 1.0], before=curve(0.0),
+                                            best=curve(1.0), tolerance=0.0)
+    assert evaluated == [0.85, 0.7, 0.5]          # 0.5 is below 0.7's score: the walk stops there
+    assert dev["interpolation"]["chosen_alpha"] == 0.7 and weight == pytest.approx(0.7)
+    assert warning is None
+
+
+def test_interpolation_keeps_the_base_and_warns_when_tuning_did_not_help(tmp_path):
+    curve = lambda a: 0.7225 - 0.002 * a  # noqa: E731
+    dev, _, warning, weight = _walk(tmp_path, curve, [0.0, 0.7, 0.85, 1.0], before=0.7225, best=0.7218)
+    assert dev["interpolation"]["chosen_alpha"] == 0.0 and weight == 0.0
+    assert "did not improve the dev score" in warning and "base model (a = 0" in warning
+    # a grid without 0: the tuned model is kept, and the warning says how to keep the base
+    _, _, warning, weight = _walk(tmp_path, curve, [0.85, 1.0], before=0.7225, best=0.7218)
+    assert weight > 0 and "put 0.0 in interpolation.alphas" in warning

@@ -355,6 +355,28 @@ def _resolved(overrides: Sequence[str]) -> Dict[str, Any]:
     return cfg
 
 
+# config fields the peer recipe never reads (ours' dev evaluation, checkpoints and
+# interpolation): a change to one of them leaves the peer's results valid
+PEER_IGNORES = ("interpolation", "train.dev_document_max_length", "train.dev_corpus_size", "train.eval_every",
+                "train.checkpoint_every", "evaluation.select_metric")
+
+
+def _compared(config: Any, kind: str) -> Any:
+    """The part of a resolved config that decides a result of this kind: all of it for
+    ours, all but :data:`PEER_IGNORES` for the peer."""
+    if kind != "peer" or not isinstance(config, dict):
+        return config
+    out = json.loads(json.dumps(config))
+    for path in PEER_IGNORES:
+        *parents, last = path.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
 def _same_run(run_dir: Path, overrides: Sequence[str]) -> bool:
     """True when ``run_dir/config.yaml`` is the config of ``overrides`` (output section aside)."""
     import yaml
@@ -663,7 +685,8 @@ def run(args) -> int:
                       "that configuration", file=sys.stderr)
                 return 2
             wanted, saved = _overrides(c, seed, common), saved_record.get("overrides")
-            if saved != wanted or saved_record.get("config") != _resolved(wanted):
+            if saved != wanted or _compared(saved_record.get("config"), c.kind) != _compared(_resolved(wanted),
+                                                                                               c.kind):
                 what = (f"{saved}, now {wanted}" if saved != wanted else
                         "the same --set, but other defaults (an older contrastkit, or a changed config default)")
                 print(f"contrastkit bench train: {done} was made with other settings ({what}); use "

@@ -147,6 +147,8 @@ def _print_summary(s) -> None:
     interp = s.get("dev", {}).get("interpolation")
     if interp:
         rows.append(f"  interpolation a = {interp['chosen_alpha']} (chosen on dev)")
+    for w in s.get("warnings", []):
+        rows.append(f"  WARNING: {w}")
     rows.append(f"  wall time {s.get('wall_seconds', 0):.0f} s: " + ", ".join(
         f"{k} {v:.0f}s" for k, v in s.get("phases", {}).items()))
     print("summary (test split: " + str(s.get("test_split")) + ")\n" + "\n".join(rows))

@@ -821,6 +821,9 @@ class _Page:
         if isinstance(run_notes, list) and run_notes:
             notes = ('<div class="notes" id="run-notes"><strong>Notes from the run</strong><ul>' +
                      "".join(f"<li>{_e(n)}</li>" for n in run_notes) + "</ul></div>")
+        run_warnings = s.get("warnings")
+        if isinstance(run_warnings, list):  # the run's own warnings (e.g. no gain on dev) come first
+            self.warnings[:0] = [str(w) for w in run_warnings if str(w) not in self.warnings]
         warn = ""
         if self.warnings:
             warn = ('<div class="warn" id="warnings"><strong>Check these</strong><ul>' +

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -159,41 +159,84 @@ def versions() -> Dict[str, str]:
 
 def best_then_interpolate(*, towers: Dict[str, TextEncoder], base_states: Optional[Dict[str, Dict[str, Any]]],
                           result, run, dev: Dict[str, Any], select: str, alphas: Sequence[float], tolerance: float,
-                          evaluate: Callable[[], Dict[str, float]], separate: bool = False,
+                          evaluate: Callable[[], Dict[str, float]], separate: bool = False, stop_early: bool = True,
                           say: Callable[[str], None] = print) -> None:
     """Load the best checkpoint by the dev metric (``run/best``), then, when ``base_states``
-    is given, WiSE-FT: evaluate ``(1 - a) base + a best`` on dev for each ``a`` and keep
-    the smallest ``a`` within ``tolerance`` of the best dev score
-    (:func:`contrastkit.training.interpolation.choose_alpha`). Records ``best_step``,
-    ``best`` and ``interpolation`` in ``dev`` and logs each ``a`` to metrics.jsonl."""
+    is given, WiSE-FT: score ``(1 - a) base + a best`` on dev for each ``a`` and keep the
+    smallest ``a`` within ``tolerance`` of the best dev score
+    (:func:`contrastkit.training.interpolation.choose_alpha`); ``a = 0`` is the base model.
+
+    The weights are walked from the tuned model (``a = 1``) toward the base. ``a = 1`` and
+    ``a = 0`` cost nothing (the best checkpoint's and the base model's dev scores are
+    known). With ``stop_early`` the other weights stop being evaluated once one scores
+    more than ``tolerance`` below the best so far: along the interpolation path the dev
+    score is unimodal in practice (WiSE-FT, Wortsman et al. 2022, Fig. 1), so no smaller
+    ``a`` could be chosen. Records ``best_step``, ``best`` and ``interpolation`` (the
+    evaluated ``alphas`` and ``scores`` in ascending ``a``, ``skipped``, ``chosen_alpha``)
+    in ``dev``, logs each ``a`` to metrics.jsonl, and returns a warning (also printed)
+    when dev shows no gain over the base model, else None."""
     from ..training.interpolation import choose_alpha, interpolate_into, snapshot
 
     if result.best_step is not None and run.file("best").is_dir():
         load_towers(towers, run.file("best"), separate)
         dev["best_step"] = result.best_step
         dev["best"] = next((h for h in result.history if h["step"] == result.best_step), {})
+    base_score = dev.get("before", {}).get(select)
+    tuned_score = dev.get("best", {}).get(select)
     if base_states is None:
-        return
+        return _no_gain_warning(base_score, tuned_score, None, select, say)
     tuned = {k: snapshot(t.model) for k, t in towers.items()}
-    scores = []
-    for a in alphas:
-        if a == 1.0 and dev.get("best"):
-            s = dev["best"][select]
-        elif a == 0.0 and dev.get("before"):
-            s = dev["before"][select]
+    scored: Dict[float, float] = {}
+    skipped: List[float] = []
+    stopped = False
+    for a in sorted({float(x) for x in alphas}, reverse=True):
+        if a == 1.0 and tuned_score is not None:
+            s = tuned_score
+        elif a == 0.0 and base_score is not None:
+            s = base_score
+        elif stopped:
+            skipped.append(a)
+            continue
         else:
             for k, t in towers.items():
                 interpolate_into(t.model, base_states[k], tuned[k], a)
             s = evaluate()[select]
-        scores.append(float(s))
-        run.log({"phase": "interpolation", "alpha": a, select: float(s)})
+        s = float(s)
+        if stop_early and scored and s < max(scored.values()) - tolerance:
+            stopped = True
+        scored[a] = s
+        run.log({"phase": "interpolation", "alpha": a, select: s})
         say(f"interpolation a={a:.2f}: dev {select} {s:.4f}")
-    chosen = list(alphas)[choose_alpha(alphas, scores, tolerance=tolerance)]
+    if skipped:
+        say(f"interpolation: a = {', '.join(f'{a:g}' for a in sorted(skipped))} not evaluated (the dev score "
+            f"had fallen more than {tolerance:g} below the best toward the base)")
+    evaluated = sorted(scored)
+    scores = [scored[a] for a in evaluated]
+    chosen = evaluated[choose_alpha(evaluated, scores, tolerance=tolerance)]
     for k, t in towers.items():
         interpolate_into(t.model, base_states[k], tuned[k], chosen)
-    dev["interpolation"] = {"alphas": list(alphas), "scores": scores, "metric": select, "chosen_alpha": chosen,
-                            "tolerance": tolerance}
-    say(f"chosen a={chosen} on dev")
+    dev["interpolation"] = {"alphas": evaluated, "scores": scores, "skipped": sorted(skipped), "metric": select,
+                            "chosen_alpha": chosen, "tolerance": tolerance}
+    say(f"chosen a={chosen:g} on dev")
+    return _no_gain_warning(base_score, tuned_score, chosen, select, say)
+
+
+def _no_gain_warning(base: Optional[float], tuned: Optional[float], chosen: Optional[float], select: str,
+                     say: Callable[[str], None]) -> Optional[str]:
+    """The warning of a run whose fine-tuning did not help on dev (None when it did)."""
+    if base is None or tuned is None:
+        return None
+    if chosen == 0.0:
+        msg = (f"fine-tuning did not improve the dev score (best checkpoint {select} {tuned:.4f}, base model "
+               f"{base:.4f}): the saved model is the base model (a = 0 chosen on dev)")
+    elif tuned <= base:
+        msg = (f"fine-tuning did not improve the dev score (best checkpoint {select} {tuned:.4f}, base model "
+               f"{base:.4f}) and the saved model is fine-tuned; keep the base model, or put 0.0 in "
+               "interpolation.alphas to let dev choose it")
+    else:
+        return None
+    say("warning: " + msg)
+    return msg
 
 
 def start_run(cfg: RunConfig, echo: Callable[[str], None] = print):

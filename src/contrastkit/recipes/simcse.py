@@ -462,10 +462,13 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
 
     # 4. best checkpoint, WiSE-FT interpolation chosen on dev -------------------------------------
     with timer("interpolate"):
-        best_then_interpolate(towers=towers, base_states=None if base_state is None else {"query": base_state},
-                              result=result, run=run, dev=summary["dev"], select=select,
-                              alphas=cfg.interpolation.alphas, tolerance=cfg.interpolation.tolerance,
-                              evaluate=lambda: sts(sts_dev), say=say)
+        warning = best_then_interpolate(
+            towers=towers, base_states=None if base_state is None else {"query": base_state}, result=result,
+            run=run, dev=summary["dev"], select=select, alphas=cfg.interpolation.alphas,
+            tolerance=cfg.interpolation.tolerance, stop_early=cfg.interpolation.stop_early,
+            evaluate=lambda: sts(sts_dev), say=say)
+        if warning:
+            summary.setdefault("warnings", []).append(warning)
         atomic_replace_dir(lambda tmp: save_towers(towers, tmp, False), run.file("model"))
 
     # 5. after: STS-B test -------------------------------------------------------------------------

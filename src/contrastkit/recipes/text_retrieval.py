@@ -72,10 +72,13 @@ class Encoders:
                                            precision=self.precision, max_length=self.cfg.model.query_max_length,
                                            progress=progress)
 
-    def documents(self, texts: Sequence[str], progress: Optional[str] = None) -> Tensor:
+    def documents(self, texts: Sequence[str], progress: Optional[str] = None,
+                  max_length: Optional[int] = None) -> Tensor:
+        """Document embeddings, cut at ``max_length`` tokens (default ``model.document_max_length``)."""
         return self.towers["document"].encode(list(texts), batch_size=self.cfg.train.encode_batch_size,
                                               precision=self.precision,
-                                              max_length=self.cfg.model.document_max_length, progress=progress)
+                                              max_length=max_length or self.cfg.model.document_max_length,
+                                              progress=progress)
 
 
 def _dev_corpus(task: RetrievalTask, corpus_emb: Tensor, query_emb: Dict[str, Tensor], size: int,
@@ -173,18 +176,25 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     dev_texts = {d: task.corpus_texts[j] for d, j in zip(dev_ids, dev_rows)}
     dev_queries = {q: task.queries[q] for q in task.dev_qrels}
 
+    # the dev documents are cut at the training length by default: the checkpoint and WiSE-FT
+    # choices compare models with one consistent measure at half the cost of 256 tokens
+    train_doc_len = cfg.model.train_document_max_length or cfg.model.document_max_length
+    dev_doc_len = cfg.train.dev_document_max_length or train_doc_len
+
     def dev_eval(corpus_rows: Optional[Tensor] = None) -> Dict[str, float]:
-        emb = corpus_rows if corpus_rows is not None else encoders.documents([dev_texts[d] for d in dev_ids])
+        emb = corpus_rows if corpus_rows is not None else \
+            encoders.documents([dev_texts[d] for d in dev_ids], max_length=dev_doc_len)
         scores = evaluate_retrieval(lambda t: encoders.queries(t), None, dev_queries, dev_texts, task.dev_qrels,
                                     ks=ks, corpus_embeddings=emb, corpus_ids=dev_ids)
         return _metrics(scores)
 
     select = cfg.evaluation.select_metric
     if main and dev_queries:
-        summary["dev"] = {"before": dev_eval(corpus_emb[dev_rows]), "corpus_size": len(dev_ids),
-                          "queries": len(dev_queries)}
+        reuse = corpus_emb[dev_rows] if dev_doc_len == cfg.model.document_max_length else None
+        summary["dev"] = {"before": dev_eval(reuse), "corpus_size": len(dev_ids), "queries": len(dev_queries),
+                          "document_max_length": dev_doc_len}
         run.log({"phase": "dev", "step": 0, "epoch": 0, **summary["dev"]["before"]})
-        say(f"dev ({len(dev_queries)} queries x {len(dev_ids)} documents), base: {select} "
+        say(f"dev ({len(dev_queries)} queries x {len(dev_ids)} documents at {dev_doc_len} tokens), base: {select} "
             f"{summary['dev']['before'][select]:.4f}")
 
     # 4. mine ---------------------------------------------------------------------------------------
@@ -224,7 +234,6 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     if cfg.negatives.guide_mask and corpus_emb is not None:
         guide = Guide(query_index={q: i for i, q in enumerate(needed_q)}, query_embeddings=query_emb_rows,
                       doc_index=task.corpus_index(), doc_embeddings=corpus_emb, margin=cfg.negatives.guide_margin)
-    train_doc_len = cfg.model.train_document_max_length or cfg.model.document_max_length
     step_fn = RetrievalStep(query_encoder=query_tower, doc_encoder=doc_tower if cfg.model.separate_towers else None,
                             objective=loss_module, query_max_length=cfg.model.query_max_length,
                             doc_max_length=train_doc_len, chunk_size=cfg.batching.chunk_size,
@@ -289,10 +298,13 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     # 6. interpolate (WiSE-FT) --------------------------------------------------------------------------
     with timer("interpolate"):
         if "dev" in summary:
-            best_then_interpolate(towers=towers, base_states=base_states if cfg.interpolation.enabled else None,
-                                  result=result, run=run, dev=summary["dev"], select=select,
-                                  alphas=cfg.interpolation.alphas, tolerance=cfg.interpolation.tolerance,
-                                  evaluate=dev_eval, separate=cfg.model.separate_towers, say=say)
+            warning = best_then_interpolate(
+                towers=towers, base_states=base_states if cfg.interpolation.enabled else None, result=result,
+                run=run, dev=summary["dev"], select=select, alphas=cfg.interpolation.alphas,
+                tolerance=cfg.interpolation.tolerance, stop_early=cfg.interpolation.stop_early, evaluate=dev_eval,
+                separate=cfg.model.separate_towers, say=say)
+            if warning:
+                summary.setdefault("warnings", []).append(warning)
         atomic_replace_dir(lambda tmp: save_towers(towers, tmp, cfg.model.separate_towers), run.file("model"))
 
     # 7. after -------------------------------------------------------------------------------------------

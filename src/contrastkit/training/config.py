@@ -149,6 +149,9 @@ class TrainLoopConfig:
     device: str = field(default="auto", metadata={"help": "auto: cuda when available, else cpu"})
     eval_every: Optional[int] = field(default=None, metadata={**_range(1), "help": "dev evaluation every n steps "
                                       "(null: once per epoch and at the end)"})
+    dev_document_max_length: Optional[int] = field(default=None, metadata={**_range(1), "help": "document length "
+                                                   "in dev evaluations (null: the training document length, "
+                                                   "model.train_document_max_length; half the cost of 256)"})
     dev_corpus_size: int = field(default=500, metadata={**_range(1), "help": "documents the dev evaluation ranks: "
                                  "the dev positives plus the base model's top candidates"})
     checkpoint_every: Optional[int] = field(default=None, metadata={**_range(1), "help": "also checkpoint every n "
@@ -159,9 +162,13 @@ class TrainLoopConfig:
 @dataclass
 class InterpolationConfig:
     enabled: bool = field(default=True, metadata={"help": "WiSE-FT: (1-a) base + a tuned, a chosen on dev"})
-    alphas: List[float] = field(default_factory=lambda: [0.7, 0.85, 1.0], metadata={"help": "candidate weights of the tuned model; 1.0 = no interpolation"})
+    alphas: List[float] = field(default_factory=lambda: [0.0, 0.7, 0.85, 1.0], metadata={"help": "candidate weights of "
+                                "the tuned model; 1.0 = no interpolation, 0.0 = the base model (kept when tuning "
+                                "buys nothing on dev)"})
     tolerance: float = field(default=0.002, metadata={**_range(0.0), "help": "the smallest alpha whose dev score is "
                              "within this of the best is chosen (less forgetting when the rest buys nothing on dev)"})
+    stop_early: bool = field(default=True, metadata={"help": "walking from 1.0 toward the base, stop evaluating "
+                             "weights once one scores more than tolerance below the best (saves dev evaluations)"})
 
 
 @dataclass
