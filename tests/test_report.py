@@ -299,6 +299,15 @@ def test_inconsistent_numbers_are_warned(tmp_path):
     assert "difference.ndcg@10.mean_diff" in text and "per_query.json: the mean of before" in text
 
 
+def test_the_runs_own_warnings_are_shown(tmp_path):
+    run = make_run(tmp_path)
+    s = json.loads((run / "metrics.json").read_text())
+    s["warnings"] = ["fine-tuning did not improve the dev score (...): the saved model is the base model"]
+    (run / "metrics.json").write_text(json.dumps(s))
+    page = render_report(read_run(run))
+    assert 'id="warnings"' in page and "the saved model is the base model" in _text(page)
+
+
 def test_text_is_escaped(tmp_path):
     evil = '<script>alert("x")</script><img src="http://example.com/t.png">'
     run = make_run(tmp_path, model=evil, config_text=f"model: '{evil}'\n")

@@ -132,7 +132,7 @@ def test_config_errors_name_the_field(override, message):
 
 
 def test_config_yaml_roundtrip_and_file_line_errors(tmp_path):
-    cfg = load_config(overrides=["optim.epochs=2", "negatives.rank_window=[2, 9]"])
+    cfg = load_config(overrides=["optim.epochs=3", "negatives.rank_window=[2, 9]"])
     dump_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg and again.negatives.rank_window == (2, 9)

@@ -21,7 +21,7 @@ bundled all-MiniLM-L6-v2), the same precision and the same number of steps:
 the ablations of ours (first seed only; the table says so)
     ``mining-filter`` (``negatives.relative_margin=0.95``), ``guide-mask``
     (``negatives.guide_mask=true``), ``no-duplicate-mask`` (``negatives.mask_duplicates=false``),
-    ``two-epochs`` (``optim.epochs=2``), ``no-interpolation``
+    ``three-epochs`` (``optim.epochs=3``), ``no-interpolation``
     (``interpolation.enabled=false``), ``batch-128`` (``batching.batch_size=128``),
     ``no-negatives`` (``negatives.num_negatives=0``).
 
@@ -82,7 +82,7 @@ CONFIGURATIONS: Dict[str, Configuration] = {c.name: c for c in (
     Configuration("guide-mask", "ours", ("negatives.guide_mask=true",), False, "ours + GISTEmbed guide mask"),
     Configuration("no-duplicate-mask", "ours", ("negatives.mask_duplicates=false",), False,
                   "ours, duplicate-positive mask off"),
-    Configuration("two-epochs", "ours", ("optim.epochs=2",), False, "ours, 2 epochs instead of 3"),
+    Configuration("three-epochs", "ours", ("optim.epochs=3",), False, "ours, 3 epochs instead of 2"),
     Configuration("no-interpolation", "ours", ("interpolation.enabled=false",), False, "ours, WiSE-FT off"),
     Configuration("batch-128", "ours", ("batching.batch_size=128",), False, "ours, cached batch 128"),
     Configuration("no-negatives", "ours", ("negatives.num_negatives=0",), False, "ours, no mined negatives"),

@@ -133,7 +133,7 @@ class BatchingConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: float = field(default=3.0, metadata={**_range(0.0, None, open_lo=True), "help": "passes over the training examples (fractions allowed)"})
+    epochs: float = field(default=2.0, metadata={**_range(0.0, None, open_lo=True), "help": "passes over the training examples (fractions allowed)"})
     max_steps: Optional[int] = field(default=None, metadata={**_range(1), "help": "stop after this many steps"})
     lr: float = field(default=3e-5, metadata={**_range(0.0, None, open_lo=True), "help": "AdamW peak learning rate"})
     weight_decay: float = field(default=0.01, metadata={**_range(0.0), "help": "AdamW weight decay (not on biases / norms)"})
