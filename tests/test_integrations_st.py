@@ -114,6 +114,17 @@ def test_equals_sentence_transformers_mnrl_without_dropout(tiny_model_dir, colum
         compare(loss, g, ref_loss, ref_grads, rtol=1e-9)
 
 
+def _cached_mnrl_rtol() -> float:
+    """sentence-transformers before 6.2 back-propagates its cached gradients through a
+    float32 surrogate (``torch.dot(reps.float(), grad.float())`` in
+    ``base/losses/gradcache.py``; 6.0.1 checked: 2.5e-8 relative on float64 models), 6.2
+    keeps float64. Ours is float64 throughout; the peer's rounding sets the tolerance."""
+    import sentence_transformers
+    from packaging.version import Version
+
+    return 1e-9 if Version(sentence_transformers.__version__) >= Version("6.2") else 1e-6
+
+
 @pytest.mark.parametrize("keep_last", [True, False])
 def test_equals_cached_mnrl_with_dropout(tiny_model_dir, keep_last):
     """Dropout on: ST's CachedMNRL and ours draw the same masks on the same mini-batches
@@ -123,7 +134,7 @@ def test_equals_cached_mnrl_with_dropout(tiny_model_dir, keep_last):
     cols = [ANCHORS, POSITIVES, NEGATIVES]
     ref_loss, ref_grads = run(CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=3), model, cols)
     loss, g = run(CachedLoss(model, chunk_size=3, keep_last=keep_last), model, cols)
-    compare(loss, g, ref_loss, ref_grads, rtol=1e-9)
+    compare(loss, g, ref_loss, ref_grads, rtol=_cached_mnrl_rtol())
     loss_other, _ = run(CachedLoss(model, chunk_size=3), model, cols, seed=4)
     assert abs(float(loss_other) - float(ref_loss)) > 1e-6
 
