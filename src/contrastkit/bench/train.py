@@ -45,6 +45,7 @@ not counting interpreter start-up; the whole subprocess is kept as ``process_sec
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -366,7 +367,7 @@ def _compared(config: Any, kind: str) -> Any:
     ours, all but :data:`PEER_IGNORES` for the peer."""
     if kind != "peer" or not isinstance(config, dict):
         return config
-    out = json.loads(json.dumps(config))
+    out = copy.deepcopy(config)
     for path in PEER_IGNORES:
         *parents, last = path.split(".")
         node = out

@@ -160,7 +160,7 @@ def versions() -> Dict[str, str]:
 def best_then_interpolate(*, towers: Dict[str, TextEncoder], base_states: Optional[Dict[str, Dict[str, Any]]],
                           result, run, dev: Dict[str, Any], select: str, alphas: Sequence[float], tolerance: float,
                           evaluate: Callable[[], Dict[str, float]], separate: bool = False, stop_early: bool = True,
-                          say: Callable[[str], None] = print) -> None:
+                          say: Callable[[str], None] = print) -> Optional[str]:
     """Load the best checkpoint by the dev metric (``run/best``), then, when ``base_states``
     is given, WiSE-FT: score ``(1 - a) base + a best`` on dev for each ``a`` and keep the
     smallest ``a`` within ``tolerance`` of the best dev score
