@@ -7,4 +7,5 @@ BENCHMARKS = {
     "loss": "contrastkit.bench.loss",
     "step": "contrastkit.bench.step",
     "train": "contrastkit.bench.train",
+    "dev": "contrastkit.bench.dev",
 }

@@ -3,7 +3,7 @@
     contrastkit train [--config run.yaml] [flags]        fine-tune a text embedding model (the main job)
     contrastkit mine ...                                 mine hard negatives from a corpus
     contrastkit eval MODEL --data DIR                    retrieval / STS evaluation
-    contrastkit bench loss|step|train                    side-by-side benchmarks
+    contrastkit bench loss|step|train|dev                side-by-side benchmarks, dev sweeps
 
 Each subcommand lives in its own module ``contrastkit.cli.<name>`` with
 ``add_arguments(parser)`` and ``run(args) -> int``; ``bench`` takes its
