@@ -63,7 +63,15 @@ def test_bench_dev_sweeps_on_dev_only_with_one_corpus_encode(tiny, tmp_path, cap
             interp = m["dev"]["interpolation"]
             assert r["dev"]["chosen"] == interp["scores"][interp["alphas"].index(interp["chosen_alpha"])]
     assert "optim.lr=3e-3" in recs["hot"][0]["overrides"]
+    # the forgetting guard on STS-B dev: the kept model's Spearman, recomputed here from model/
+    from contrastkit.training.config import load_config
+    r = recs["hot"][1]
+    cfg = load_config(overrides=[*r["overrides"], "train.seed=1"])
+    assert r["sts_dev"]["kept"] == pytest.approx(bench_dev.sts_dev_spearman(str(results / "hot" / "seed1" / "model"), cfg))
+    assert r["sts_dev"]["base"] == pytest.approx(bench_dev.sts_dev_spearman(str(model), cfg))
+    assert r["sts_dev"]["kept"] != r["sts_dev"]["base"]
     # the summary: reference first, paired difference over both seeds
+    assert "STS-B dev change" in out
     assert "| ref |" in out and "| hot |" in out and (results / "summary.png").is_file()
     diffs = [recs["hot"][i]["dev"]["chosen"] - recs["ref"][i]["dev"]["chosen"] for i in range(2)]
     assert f"{sum(diffs) / 2:+.4f}" in out

@@ -8,7 +8,10 @@ encode of the corpus by the base model (:func:`contrastkit.recipes.text_retrieva
 ``embedding_cache``), so a run costs its training and dev evaluations only. The score of a
 run is the dev ``select_metric`` (default nDCG@10) of the model the job keeps: the best
 checkpoint, after the WiSE-FT choice when interpolation is on (``dev.chosen``), and of the
-best checkpoint before it (``dev.trained``).
+best checkpoint before it (``dev.trained``). The forgetting guard is measured on dev too: STS-B
+**dev** Spearman of the kept model (``model/`` of the run, with the run's query length and
+precision) next to the base model's, so a setting that buys retrieval with general-domain
+quality shows it before any test number exists (``--no-sts`` skips it).
 
 Results: ``<results>/<name>/seed<k>.json`` (resumable: an existing file is skipped; the run
 folder next to it) and ``summary.md`` / ``summary.png``: per configuration the mean, min..max
@@ -41,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results/bench_dev", help="results folder (default results/bench_dev)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="a config override for every configuration (repeatable)")
+    p.add_argument("--no-sts", action="store_true", help="skip the STS-B dev Spearman of each kept model")
     p.add_argument("--table-from", default=None, metavar="DIR", help="print the summary of DIR; run nothing")
 
 
@@ -71,8 +75,26 @@ def _record(name: str, seed: int, overrides: List[str], summary: Dict[str, Any],
             "train_seconds": summary["phases"].get("train"), "steps": summary["train"]["steps"]}
 
 
+def sts_dev_spearman(model: str, cfg) -> float:
+    """STS-B dev Spearman of the model in folder (or name) ``model`` as the run encodes
+    queries (``model.query_max_length``, the run's precision and device)."""
+    import torch
+
+    from ..data import load_sts
+    from ..evaluation import evaluate_sts
+    from ..models import TextEncoder
+    from ..models.precision import resolve_precision
+
+    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    enc = TextEncoder(model, pooling=cfg.model.pooling, normalize=cfg.model.normalize,
+                      max_length=cfg.model.query_max_length, trust_remote_code=cfg.model.trust_remote_code).to(device)
+    precision = resolve_precision(cfg.train.precision, device)
+    return float(evaluate_sts(lambda t: enc.encode(t, batch_size=cfg.train.encode_batch_size, precision=precision),
+                              load_sts("dev"))["spearman"])
+
+
 def run_sweep(configs: Sequence[Tuple[str, List[str]]], seeds: Sequence[int], results: str,
-              common: Sequence[str] = (), echo=print) -> Dict[str, List[Dict[str, Any]]]:
+              common: Sequence[str] = (), echo=print, sts: bool = True) -> Dict[str, List[Dict[str, Any]]]:
     """Run every (configuration, seed) not yet in ``results`` (see the module doc); returns
     the records by configuration name."""
     from ..recipes.text_retrieval import run_text_retrieval
@@ -86,6 +108,7 @@ def run_sweep(configs: Sequence[Tuple[str, List[str]]], seeds: Sequence[int], re
             ov = [*common, *overrides, *DEV_ONLY, f"train.seed={seed}"]
             plans.append((name, seed, overrides, load_config(overrides=ov)))
     cache: Dict[tuple, Any] = {}
+    base_sts: Dict[str, float] = {}
     t0 = time.perf_counter()
     for name, seed, overrides, cfg in plans:
         done = out / name / f"seed{seed}.json"
@@ -99,9 +122,15 @@ def run_sweep(configs: Sequence[Tuple[str, List[str]]], seeds: Sequence[int], re
         run = RunFolder.create(out / name / f"seed{seed}", overwrite=True)
         summary = run_text_retrieval(cfg, run, echo=lambda m: None, embedding_cache=cache)
         rec = _record(name, seed, [*common, *overrides], summary, cfg.evaluation.select_metric)
+        if sts:
+            if cfg.model.name not in base_sts:
+                base_sts[cfg.model.name] = sts_dev_spearman(cfg.model.name, cfg)
+            kept = run.file("model") / ("query" if cfg.model.separate_towers else "")
+            rec["sts_dev"] = {"base": base_sts[cfg.model.name], "kept": sts_dev_spearman(str(kept), cfg)}
         done.write_text(json.dumps(rec, indent=1), encoding="utf-8")
         echo(f"  [{time.perf_counter() - t0:6.0f} s] {name} seed {seed}: dev {rec['metric']} "
-             f"{rec['dev']['chosen']:.4f} (trained {rec['dev']['trained']:.4f}, a={rec['dev']['chosen_alpha']})")
+             f"{rec['dev']['chosen']:.4f} (trained {rec['dev']['trained']:.4f}, a={rec['dev']['chosen_alpha']})"
+             + (f", STS-B dev {rec['sts_dev']['kept']:.4f} (base {rec['sts_dev']['base']:.4f})" if sts else ""))
     return load_results(results)
 
 
@@ -129,6 +158,8 @@ def summarize(results: Dict[str, List[Dict[str, Any]]], reference: Optional[str]
                "metric": recs[0]["metric"], "chosen": _stats([r["dev"]["chosen"] for r in recs]),
                "trained": _stats([r["dev"]["trained"] for r in recs]),
                "alphas": [r["dev"]["chosen_alpha"] for r in recs], "points": [r["dev"]["chosen"] for r in recs]}
+        sts = [r["sts_dev"]["kept"] - r["sts_dev"]["base"] for r in recs if "sts_dev" in r]
+        row["sts_dev_change"] = _stats(sts) if sts else None
         paired = [r["dev"]["chosen"] - ref[r["seed"]] for r in recs if r["seed"] in ref]
         row["diff"] = _stats(paired) if paired and name != reference else None
         rows.append(row)
@@ -146,15 +177,18 @@ def write_summary(folder: str, reference: Optional[str] = None) -> str:
              f"Dev {metric} (dev split carved from the training queries; no test numbers are computed). "
              "chosen: the model the job keeps (best checkpoint, then the WiSE-FT choice); trained: the best "
              f"checkpoint before interpolation; Δ: mean paired difference of chosen to `{reference}` over seeds "
-             "(min..max).", "",
-             "| configuration | overrides | seeds | chosen mean | min..max | std | trained mean | a chosen | Δ vs ref |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(min..max); STS-B dev: mean change of the kept model's Spearman from the base model's (the "
+             "forgetting guard, on dev).", "",
+             "| configuration | overrides | seeds | chosen mean | min..max | std | trained mean | a chosen | Δ vs ref "
+             "| STS-B dev change |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, t, d = r["chosen"], r["trained"], r["diff"]
         lines.append(f"| {r['name']} | {' '.join(r['overrides']) or '-'} | {','.join(map(str, r['seeds']))} | "
                      f"{c['mean']:.4f} | {c['min']:.4f}..{c['max']:.4f} | {c['std']:.4f} | {t['mean']:.4f} | "
                      f"{','.join(str(a) for a in r['alphas'])} | "
-                     + (f"{d['mean']:+.4f} ({d['min']:+.4f}..{d['max']:+.4f})" if d else "-") + " |")
+                     + (f"{d['mean']:+.4f} ({d['min']:+.4f}..{d['max']:+.4f})" if d else "-") + " | "
+                     + (f"{r['sts_dev_change']['mean']:+.4f}" if r["sts_dev_change"] else "-") + " |")
     text = "\n".join(lines) + "\n"
     Path(folder, "summary.md").write_text(text, encoding="utf-8")
     _figure(rows, Path(folder, "summary.png"), metric)
@@ -191,7 +225,7 @@ def run(args) -> int:
     try:
         configs = _parse_configs(args.configs)
         run_sweep(configs, args.seeds, args.results, args.overrides,
-                  echo=lambda m: print(m, file=sys.stderr, flush=True))
+                  echo=lambda m: print(m, file=sys.stderr, flush=True), sts=not args.no_sts)
     except (ValueError, ConfigError) as err:
         print(f"contrastkit bench dev: {err}", file=sys.stderr)
         return 2
