@@ -36,6 +36,19 @@ def test_default_config_is_the_documented_main_job():
     assert cfg.interpolation.enabled and cfg.negatives.mine and cfg.data.sts
 
 
+def test_recipe_defaults_apply_under_what_the_user_wrote(tmp_path):
+    from contrastkit.training.config import dump_config, load_config
+
+    assert load_config().optim.lr == 1.2e-4                                 # the main job's, chosen on dev
+    assert load_config(overrides=["recipe=simcse"]).optim.lr == 3e-5        # SimCSE's paper value
+    assert load_config(overrides=["recipe=simcse", "optim.lr=1e-3"]).optim.lr == 1e-3
+    assert load_config(values={"recipe": "simcse", "optim": {"epochs": 1.0}}).optim.lr == 3e-5
+    cfg = load_config(overrides=["recipe=simcse"])
+    dump_config(cfg, tmp_path / "c.yaml")                                   # the resolved value is recorded
+    assert load_config(tmp_path / "c.yaml").optim.lr == 3e-5
+    assert load_config(overrides=["recipe=simcse"]).optim.lr == 3e-5        # the table is not mutated
+
+
 def test_an_epoch_without_a_full_batch_is_an_error_not_a_hang(tiny, tmp_path):
     # the tiny random model's top-ranked negatives are a few hub documents shared by most
     # queries, so no-duplicate batches of 8 cannot be filled: the loop must say so
