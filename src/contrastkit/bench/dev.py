@@ -19,7 +19,7 @@ and std over seeds and the mean paired difference to the reference over the seed
 Dev has few queries (SciFact: 81), so read differences against their spread over seeds.
 
     contrastkit bench dev --config base --config lr5e-5 optim.lr=5e-5 --seeds 0 1 2
-    contrastkit bench dev --table-from results/bench_dev
+    contrastkit bench dev --table-from results/bench_dev --reference base
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a config override for every configuration (repeatable)")
     p.add_argument("--no-sts", action="store_true", help="skip the STS-B dev Spearman of each kept model")
     p.add_argument("--table-from", default=None, metavar="DIR", help="print the summary of DIR; run nothing")
+    p.add_argument("--reference", default=None, metavar="NAME",
+                   help="with --table-from: the configuration the differences are to (default: the first by name)")
 
 
 def _parse_configs(configs: Sequence[Sequence[str]]) -> List[Tuple[str, List[str]]]:
@@ -196,29 +198,16 @@ def write_summary(folder: str, reference: Optional[str] = None) -> str:
 
 
 def _figure(rows: List[Dict[str, Any]], path: Path, metric: str) -> None:
-    import matplotlib
+    from .plots import seed_scatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1), 3.4))
-    for i, r in enumerate(rows):
-        ax.scatter([i] * len(r["points"]), r["points"], color="tab:blue", s=22, zorder=3)
-        ax.hlines(r["chosen"]["mean"], i - 0.3, i + 0.3, color="tab:blue", lw=2)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel(f"dev {metric}")
-    ax.set_title("contrastkit bench dev: points = seeds, bar = mean")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    seed_scatter([r["name"] for r in rows], [r["points"] for r in rows], [r["chosen"]["mean"] for r in rows],
+                 ylabel=f"dev {metric}", title="contrastkit bench dev: points = seeds, bar = mean", path=path)
 
 
 def run(args) -> int:
     """``contrastkit bench dev``; 0 on success, 2 for bad arguments."""
     if args.table_from:
-        print(write_summary(args.table_from))
+        print(write_summary(args.table_from, args.reference))
         return 0
     from ..training.config import ConfigError
 

@@ -625,26 +625,12 @@ def write_summary(folder: str) -> str:
 
 
 def _figure(rows: List[Dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from .plots import seed_scatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 1), 3.6))
-    for i, r in enumerate(rows):
-        pts = r["points"]
-        offsets = [(j - (len(pts) - 1) / 2) * 0.08 for j in range(len(pts))]
-        color = "tab:gray" if r["name"] == "base" else ("tab:orange" if r["name"] == "peer" else "tab:blue")
-        ax.scatter([i + o for o in offsets], pts, color=color, s=22, zorder=3)
-        ax.hlines(r["ndcg"]["mean"], i - 0.3, i + 0.3, color=color, lw=2)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel("test nDCG@10")
-    ax.set_title("contrastkit bench train: points = seeds, bar = mean")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    colors = ["tab:gray" if r["name"] == "base" else ("tab:orange" if r["name"] == "peer" else "tab:blue") for r in rows]
+    seed_scatter([r["name"] for r in rows], [r["points"] for r in rows], [r["ndcg"]["mean"] for r in rows],
+                 ylabel="test nDCG@10", title="contrastkit bench train: points = seeds, bar = mean", path=path,
+                 colors=colors)
 
 
 # -- the command -------------------------------------------------------------------------------------------

@@ -1,0 +1,33 @@
+"""Figures shared by the benchmarks (matplotlib, Agg backend: files, never windows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["seed_scatter"]
+
+
+def seed_scatter(labels: Sequence[str], points: Sequence[Sequence[float]], means: Sequence[float], *,
+                 ylabel: str, title: str, path: Path, colors: Optional[Sequence[str]] = None) -> None:
+    """One column per configuration: a dot per seed (spread sideways so equal values stay
+    visible) and a bar at the mean; written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels) + 1), 3.6))
+    for i, (pts, mean) in enumerate(zip(points, means)):
+        color = colors[i] if colors else "tab:blue"
+        offsets = [(j - (len(pts) - 1) / 2) * 0.08 for j in range(len(pts))]
+        ax.scatter([i + o for o in offsets], list(pts), color=color, s=22, zorder=3)
+        ax.hlines(mean, i - 0.3, i + 0.3, color=color, lw=2)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(list(labels), rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
