@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .train import seed_stats
 
 __all__ = ["add_arguments", "run", "run_sweep", "summarize", "write_summary"]
 
@@ -144,11 +145,6 @@ def load_results(folder: str) -> Dict[str, List[Dict[str, Any]]]:
     return out
 
 
-def _stats(values: List[float]) -> Dict[str, float]:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-
 def summarize(results: Dict[str, List[Dict[str, Any]]], reference: Optional[str] = None) -> List[Dict[str, Any]]:
     """One row per configuration: stats of the chosen and trained dev scores over seeds and
     the mean paired difference (chosen) to ``reference`` over the seeds both have."""
@@ -157,13 +153,13 @@ def summarize(results: Dict[str, List[Dict[str, Any]]], reference: Optional[str]
     for name, recs in results.items():
         recs = sorted(recs, key=lambda r: r["seed"])
         row = {"name": name, "seeds": [r["seed"] for r in recs], "overrides": recs[0]["overrides"],
-               "metric": recs[0]["metric"], "chosen": _stats([r["dev"]["chosen"] for r in recs]),
-               "trained": _stats([r["dev"]["trained"] for r in recs]),
+               "metric": recs[0]["metric"], "chosen": seed_stats([r["dev"]["chosen"] for r in recs]),
+               "trained": seed_stats([r["dev"]["trained"] for r in recs]),
                "alphas": [r["dev"]["chosen_alpha"] for r in recs], "points": [r["dev"]["chosen"] for r in recs]}
         sts = [r["sts_dev"]["kept"] - r["sts_dev"]["base"] for r in recs if "sts_dev" in r]
-        row["sts_dev_change"] = _stats(sts) if sts else None
+        row["sts_dev_change"] = seed_stats(sts) if sts else None
         paired = [r["dev"]["chosen"] - ref[r["seed"]] for r in recs if r["seed"] in ref]
-        row["diff"] = _stats(paired) if paired and name != reference else None
+        row["diff"] = seed_stats(paired) if paired and name != reference else None
         rows.append(row)
     return rows
 

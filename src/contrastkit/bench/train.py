@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["CONFIGURATIONS", "Configuration", "add_arguments", "run", "run_peer", "load_results", "summarize",
+__all__ = ["CONFIGURATIONS", "Configuration", "add_arguments", "run", "run_peer", "load_results", "seed_stats", "summarize",
            "write_summary"]
 
 HEADLINE = ("ndcg@10", "mrr@10", "recall@100")
@@ -489,7 +489,8 @@ def load_results(folder: str) -> Dict[str, List[Dict[str, Any]]]:
     return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
 
 
-def _stats(values: List[float]) -> Dict[str, float]:
+def seed_stats(values: List[float]) -> Dict[str, float]:
+    """n, mean, min, max and sample std (0 for one value) of a metric over seeds."""
     return {"n": len(values), "mean": statistics.fmean(values), "min": min(values), "max": max(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
@@ -538,7 +539,7 @@ def summarize(results: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
         b = before[0]
         sts_b = next((r["sts"]["before"]["spearman"] for recs in results.values() for r in recs
                       if r.get("sts", {}).get("before")), None)
-        rows.append({"name": "base", "seeds": [], "ndcg": _stats([b["ndcg@10"]]), "sts": sts_b, "wall": None,
+        rows.append({"name": "base", "seeds": [], "ndcg": seed_stats([b["ndcg@10"]]), "sts": sts_b, "wall": None,
                      "points": [b["ndcg@10"]], "note": "base model, before training"})
     for name, recs in results.items():
         ok = [r for r in recs if "after" in r]
@@ -548,7 +549,7 @@ def summarize(results: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
         sts = [r["sts"]["after"]["spearman"] for r in ok if r.get("sts", {}).get("after")]
         walls = [float(r["wall_seconds"]) for r in ok if r.get("wall_seconds") is not None]
         rows.append({"name": name, "seeds": [r.get("seed") for r in ok],
-                     "ndcg": _stats([r["after"]["ndcg@10"] for r in ok]),
+                     "ndcg": seed_stats([r["after"]["ndcg@10"] for r in ok]),
                      "sts": statistics.fmean(sts) if sts else None,
                      "wall": statistics.fmean(walls) if walls else None,
                      "points": [r["after"]["ndcg@10"] for r in ok],

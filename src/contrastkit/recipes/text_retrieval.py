@@ -118,16 +118,17 @@ def _metrics(scores) -> Dict[str, float]:
 
 # -- the job ---------------------------------------------------------------------------------
 
-def _corpus_key(cfg: RunConfig, precision: str, task: RetrievalTask) -> tuple:
-    """What the base model's corpus embeddings depend on (the key of ``embedding_cache``)."""
+def _corpus_key(cfg: RunConfig, device: torch.device, precision: str, task: RetrievalTask) -> tuple:
+    """What the base model's corpus embeddings depend on (the key of ``embedding_cache``);
+    the corpus texts, hashed, carry the document prefix."""
     import hashlib
 
     h = hashlib.sha1()
     for d, t in zip(task.corpus_ids, task.corpus_texts):
         h.update(f"{d}\x00{t}\x01".encode("utf-8", "surrogatepass"))
     m = cfg.model
-    return (m.name, m.pooling, m.normalize, m.document_max_length, m.trust_remote_code, cfg.data.document_prefix,
-            precision, cfg.train.encode_batch_size, h.hexdigest())
+    return (m.name, m.pooling, m.normalize, m.document_max_length, m.trust_remote_code, str(device), precision,
+            cfg.train.encode_batch_size, h.hexdigest())
 
 
 def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = print,
@@ -136,7 +137,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
 
     ``embedding_cache``: a dict shared by several runs in one process (``contrastkit bench
     dev``): the base model's corpus embeddings are looked up there under a key of everything
-    they depend on (model, pooling, normalisation, length, prefix, precision, corpus) and
+    they depend on (model, pooling, normalisation, length, device, precision, corpus texts) and
     stored after the first encode, so a sweep encodes the corpus once."""
     rank, world, device, say, precision = start_run(cfg, echo)
     main = rank == 0
@@ -173,13 +174,13 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     query_emb: Dict[str, Tensor] = {}
     if main:
         with timer("encode_corpus"):
-            key = _corpus_key(cfg, precision, task)
-            if embedding_cache is not None and key in embedding_cache:
+            key = _corpus_key(cfg, device, precision, task) if embedding_cache is not None else None
+            if key is not None and key in embedding_cache:
                 corpus_emb = embedding_cache[key]
                 say("corpus embeddings of the base model: reused from this process's cache")
             else:
                 corpus_emb = encoders.documents(task.corpus_texts, progress="encode corpus (base)")
-                if embedding_cache is not None:
+                if key is not None:
                     embedding_cache[key] = corpus_emb
         with timer("before"):
             q_rows = encoders.queries([task.queries[q] for q in needed_q], progress="encode queries (base)")
