@@ -181,3 +181,96 @@ def test_pairs_file_and_corpus_only_runs(tiny, tmp_path, capsys):
     assert main(_args(data, model, out, "--max-steps", "2", "--format", "corpus", "--set", "data.sts=false")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert "after" in m and "mining" not in m and any("independent crops" in n for n in m["notes"])
+
+
+def test_negative_pool_gives_each_epoch_its_own_set_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    # negatives.pool_size=2: 2 x num_negatives are mined per example; epoch e trains on
+    # set e mod 2; 8 steps span several epochs and the kill after step 5 lands mid-epoch
+    from safetensors.torch import load_file
+
+    import contrastkit.training.loop as loop
+    from contrastkit.recipes.common import ExampleBatches
+
+    data, model = tiny
+    common = ["--max-steps", "8", "--no-interpolation", "--set", "data.sts=false", "--set", "train.eval_every=100",
+              "--set", "train.checkpoint_every=1", "--set", "negatives.pool_size=2",
+              "--set", "negatives.num_negatives=1"]
+    seen = []  # (epoch, {query id: negative ids}) of every batch handed to training
+    original_iter = ExampleBatches.__iter__
+
+    def spy(self):
+        for batch in original_iter(self):
+            seen.append((self.epoch, {e.query_id: e.negative_ids for e in batch}))
+            yield batch
+
+    monkeypatch.setattr(ExampleBatches, "__iter__", spy)
+    assert main(_args(data, model, tmp_path / "full", *common)) == 0
+    m = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert m["mining"]["num_negatives"] == 2 and m["train"]["steps"] == 8    # the pool was mined
+    by_epoch = {}
+    for epoch, ids in seen[:8]:
+        by_epoch.setdefault(epoch, {}).update(ids)
+    assert {0, 1, 2} <= set(by_epoch)
+    assert all(len(ids) == 1 for ep in by_epoch.values() for ids in ep.values())
+    both = set(by_epoch[0]) & set(by_epoch[1])
+    assert len(both) >= 8
+    assert all(by_epoch[0][q] != by_epoch[1][q] for q in both)               # a fresh negative in epoch 1
+    assert all(by_epoch[2][q] == by_epoch[0][q] for q in set(by_epoch[2]) & set(by_epoch[0]))  # set 0 again
+    full_batches = seen[:8]
+
+    original_save = loop.Trainer.save
+
+    def save_then_die(self):
+        original_save(self)
+        if self.step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(loop.Trainer, "save", save_then_die)
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(data, model, tmp_path / "part", *common))
+    monkeypatch.setattr(loop.Trainer, "save", original_save)
+    assert main(_args(data, model, tmp_path / "part", *common, "--resume")) == 0
+    assert seen[:5] + seen[-3:] == full_batches                             # the same batches and negatives
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_example_batches_rotate_a_pool_of_negatives():
+    from contrastkit.data import Example
+    from contrastkit.recipes.common import ExampleBatches
+
+    class Fixed:
+        def __init__(self):
+            self.epoch = None
+
+        def set_epoch(self, e):
+            self.epoch = e
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            return iter([[0, 1]])
+
+    ex = [Example("q", "p", negatives=("a", "b", "c", "d"), negative_ids=("1", "2", "3", "4")),
+          Example("r", "s", negatives=("e", "f"), negative_ids=("5", "6"))]
+    batches = ExampleBatches(Fixed(), ex, num_negatives=2)
+    got = []
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        got.append([(e.negatives, e.negative_ids) for e in next(iter(batches))])
+    assert got[0] == [(("a", "b"), ("1", "2")), (("e", "f"), ("5", "6"))]
+    assert got[1] == [(("c", "d"), ("3", "4")), (("e", "f"), ("5", "6"))]   # a pool of one set stays
+    assert got[2] == got[0]
+    with pytest.raises(ValueError, match="example 'q' holds 3 negatives.*multiple of num_negatives=2"):
+        ExampleBatches(Fixed(), [Example("q", "p", negatives=("a", "b", "c"))], num_negatives=2)
+
+
+def test_negative_pool_size_must_be_positive():
+    from contrastkit.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="negatives.pool_size"):
+        load_config(overrides=["negatives.pool_size=0"])

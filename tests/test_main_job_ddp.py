@@ -1,6 +1,7 @@
 """The main job's training step under many processes: the same global batch on 1 and 2
 gloo processes (DistributedLoss, false-negative masks in global coordinates, gradient
-averaging) gives the same weights after a few steps (float64 tiny model, no dropout)."""
+averaging, a pool of negative sets) gives the same weights after a few steps (float64 tiny
+model, no dropout)."""
 
 import os
 import tempfile
@@ -22,8 +23,9 @@ def _examples():
     for i in range(2 * BATCH):
         t = topics[i % len(topics)]
         out.append(Example(query=f"what about {t} {i}", positive=f"{t} measured in study {i}",
-                           negatives=(f"unrelated note {i} on {topics[(i + 3) % len(topics)]}",),
-                           query_id=f"q{i}", positive_id=f"d{i}", negative_ids=(f"n{i}",)))
+                           negatives=(f"unrelated note {i} on {topics[(i + 3) % len(topics)]}",
+                                      f"another note {i} on {topics[(i + 5) % len(topics)]}"),
+                           query_id=f"q{i}", positive_id=f"d{i}", negative_ids=(f"n{i}", f"m{i}")))
     return out
 
 
@@ -59,7 +61,8 @@ def _train(rank: int, world: int, model_dir: str):
     opt = torch.optim.SGD(enc.parameters(), lr=0.5)
     assert step.masks(examples[:BATCH]), "the test must exercise the masks"
     for s in range(STEPS):
-        batch = examples[(s % 2) * BATCH:(s % 2 + 1) * BATCH]
+        # a pool of two negative sets (negatives.pool_size=2): step s trains on set s mod 2
+        batch = [e.negative_set(1, s) for e in examples[(s % 2) * BATCH:(s % 2 + 1) * BATCH]]
         step(batch)
         if world > 1:
             for p in enc.parameters():

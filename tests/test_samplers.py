@@ -163,3 +163,21 @@ def test_b3_targets_drop_last_and_errors():
         B3BatchSampler(list(range(30)), 8, query_embeddings=emb, target_embeddings=emb[:, :3])
     with pytest.raises(ValueError, match="rank_window"):
         B3BatchSampler(list(range(30)), 8, query_embeddings=emb, rank_window=(4, 4))
+
+
+def test_no_duplicates_compares_the_negative_set_of_the_epoch():
+    # every example's set 0 negative is the same text "hub"; their set 1 negatives differ:
+    # epoch 0 (set 0) cannot put two examples together, epoch 1 (set 1) batches them all
+    from contrastkit.data import Example
+
+    ex = [Example(f"q{i}", f"d{i}", negatives=("hub", f"n{i}")) for i in range(8)]
+    s = NoDuplicatesBatchSampler(ex, 4, seed=0, drop_last=True, num_negatives=1)
+    s.set_epoch(0)
+    assert list(s) == []
+    s.set_epoch(1)
+    assert sorted(i for b in s for i in b) == list(range(8))
+    s.set_epoch(2)
+    assert list(s) == []
+    whole = NoDuplicatesBatchSampler(ex, 4, seed=0, drop_last=True)  # all texts: never together
+    whole.set_epoch(1)
+    assert list(whole) == []

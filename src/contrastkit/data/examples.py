@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Hashable, List, Optional, Sequence, Tuple, TypeVar, Union
@@ -50,6 +51,28 @@ class Example:
     def texts(self) -> Tuple[str, ...]:
         """All texts of the record: ``(query, positive, *negatives)``."""
         return (self.query, self.positive, *self.negatives)
+
+    def negative_set(self, num_negatives: int, epoch: int) -> "Example":
+        """The record as trained on in ``epoch`` when its negatives are a pool of sets of
+        ``num_negatives`` (``negatives.pool_size``): set ``g = epoch mod (len(negatives) //
+        num_negatives)``, i.e. negatives (and ids) ``[g*h, (g+1)*h)``. A record holding
+        exactly ``num_negatives`` is returned as it is.
+
+        Example::
+
+            e = Example("q", "p", negatives=("a", "b", "c", "d"))
+            assert e.negative_set(2, 1).negatives == ("c", "d")
+            assert e.negative_set(2, 2).negatives == ("a", "b")
+        """
+        h, n = int(num_negatives), len(self.negatives)
+        if h < 1 or n < h or n % h:
+            raise ValueError(f"example {self.source or self.query_id or self.query[:40]!r} holds {n} negatives: "
+                             f"a pool needs a positive multiple of num_negatives={num_negatives}")
+        if n == h:
+            return self
+        g = int(epoch) % (n // h)
+        ids = self.negative_ids[g * h:(g + 1) * h] if self.negative_ids else ()
+        return dataclasses.replace(self, negatives=self.negatives[g * h:(g + 1) * h], negative_ids=ids)
 
 
 @dataclass

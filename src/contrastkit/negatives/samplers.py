@@ -173,6 +173,9 @@ class NoDuplicatesBatchSampler(_EpochBatchSampler):
         examples: :class:`~contrastkit.data.Example` s (or tuples of texts).
         batch_size: examples per batch.
         seed, drop_last: as above.
+        num_negatives: examples holding a pool of negative sets are compared, in epoch e,
+            by the texts of :meth:`Example.negative_set` ``(num_negatives, e)``: the set
+            trained on then (None: all their texts).
 
     Example::
 
@@ -184,15 +187,22 @@ class NoDuplicatesBatchSampler(_EpochBatchSampler):
 
     kind = "no_duplicates"
 
-    def __init__(self, examples: Sequence, batch_size: int, *, seed: int = 0, drop_last: bool = False) -> None:
+    def __init__(self, examples: Sequence, batch_size: int, *, seed: int = 0, drop_last: bool = False,
+                 num_negatives: Optional[int] = None) -> None:
         super().__init__(len(examples), batch_size, seed, drop_last)
-        # texts -> small ints once, so the per-batch work is on int sets
-        vocab: Dict[str, int] = {}
-        self._keys = [frozenset(vocab.setdefault(t, len(vocab)) for t in _texts(e)) for e in examples]
+        # texts -> small ints, so the per-batch work is on int sets: once, or per epoch when
+        # the examples hold pools of negative sets (the epoch decides which set is trained on)
+        self._examples, self._num_negatives = examples, (int(num_negatives) if num_negatives else None)
+        self._keys = None if self._num_negatives else self._text_keys(examples)
         h = hashlib.sha1()
         for e in examples:
             h.update("\x00".join(_texts(e)).encode("utf-8", "surrogatepass") + b"\x01")
         self._hash = h.hexdigest()[:16]
+
+    @staticmethod
+    def _text_keys(examples: Sequence) -> List[frozenset]:
+        vocab: Dict[str, int] = {}
+        return [frozenset(vocab.setdefault(t, len(vocab)) for t in _texts(e)) for e in examples]
 
     def _fingerprint(self) -> str:
         return self._hash
@@ -202,11 +212,13 @@ class NoDuplicatesBatchSampler(_EpochBatchSampler):
         remaining = dict.fromkeys(order)
         out: List[List[int]] = []
         bs = self.batch_size
+        epoch_keys = self._keys if self._keys is not None else self._text_keys(
+            [e.negative_set(self._num_negatives, epoch) for e in self._examples])
         while remaining:
             batch: List[int] = []
             seen: set = set()
             for idx in remaining:
-                keys = self._keys[idx]
+                keys = epoch_keys[idx]
                 if keys & seen:
                     continue
                 batch.append(idx)

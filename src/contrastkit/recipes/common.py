@@ -100,20 +100,30 @@ def build_optimizer(modules: Dict[str, nn.Module], cfg: RunConfig) -> torch.opti
 
 class ExampleBatches:
     """A batch sampler of example indices presented as batches of examples (the loop's
-    resumable batch source)."""
+    resumable batch source). With ``num_negatives``, each example is presented in epoch e
+    as :meth:`Example.negative_set` ``(num_negatives, e)`` (a pool of negative sets, one per
+    epoch in turn; the set depends on the epoch only, so a resumed run sees what an
+    uninterrupted one does)."""
 
-    def __init__(self, sampler, examples):
+    def __init__(self, sampler, examples, *, num_negatives: Optional[int] = None):
         self.sampler, self.examples = sampler, examples
+        self.num_negatives = None if num_negatives is None else int(num_negatives)
+        self.epoch = 0
+        if self.num_negatives:
+            for e in examples:
+                e.negative_set(self.num_negatives, 0)  # raises, naming the record, on an uneven pool
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
+        h = self.num_negatives
         for idx in self.sampler:
-            yield [self.examples[i] for i in idx]
+            yield [self.examples[i].negative_set(h, self.epoch) if h else self.examples[i] for i in idx]
 
     def state_dict(self):
         return self.sampler.state_dict()

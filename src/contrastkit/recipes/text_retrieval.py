@@ -227,13 +227,14 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     examples = list(task.train_examples)
     known_ids = {q: {d for d, s in docs.items() if s > 0} for q, docs in {**task.train_qrels, **task.dev_qrels}.items()}
     h = cfg.negatives.num_negatives
+    pool = h * cfg.negatives.pool_size  # negatives held per example: pool_size sets, one per epoch in turn
     with timer("mine"):
         if main:
             have_ids = all(e.query_id in query_emb and e.positive_id is not None for e in examples)
             if cfg.negatives.mine and h > 0 and have_ids:
                 positives = known_positives(examples, corpus_ids=task.corpus_ids)
                 q = torch.stack([query_emb[e.query_id] for e in examples])
-                mined = mine_hard_negatives(q, corpus_emb, positives, num_negatives=h,
+                mined = mine_hard_negatives(q, corpus_emb, positives, num_negatives=pool,
                                             rank_window=tuple(cfg.negatives.rank_window),
                                             sampling=cfg.negatives.sampling,
                                             relative_margin=cfg.negatives.relative_margin,
@@ -245,7 +246,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                 say("note: mining skipped (the training pairs have no query / document ids in the corpus); "
                     "negatives are drawn at random")
             if h > 0:
-                examples = fill_negatives(examples, h, task.corpus_ids, task.corpus_texts, known_ids,
+                examples = fill_negatives(examples, pool, task.corpus_ids, task.corpus_texts, known_ids,
                                           seed=cfg.train.seed)
         examples = broadcast(examples, rank, world)
 
@@ -272,7 +273,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
         raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} is larger than the {len(examples)} "
                           "training examples")
     if cfg.batching.sampler == "no_duplicates":
-        sampler = NoDuplicatesBatchSampler(examples, cfg.batching.batch_size, seed=cfg.train.seed, drop_last=True)
+        sampler = NoDuplicatesBatchSampler(examples, cfg.batching.batch_size, seed=cfg.train.seed, drop_last=True,
+                                           num_negatives=h or None)
     elif cfg.batching.sampler == "b3":
         if corpus_emb is None and world > 1:
             raise ConfigError("batching.sampler: b3 is not available with several processes yet")
@@ -280,7 +282,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
         sampler = B3BatchSampler(examples, cfg.batching.batch_size, query_embeddings=teacher, seed=cfg.train.seed)
     else:
         sampler = RandomBatchSampler(len(examples), cfg.batching.batch_size, seed=cfg.train.seed)
-    batches = ExampleBatches(sampler, examples)
+    batches = ExampleBatches(sampler, examples, num_negatives=h or None)
     steps_per_epoch = max(1, len(batches))
     total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
     trainable = {"query": query_tower}

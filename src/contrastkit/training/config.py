@@ -122,6 +122,9 @@ class NegativesConfig:
     rank_window: Tuple[int, int] = field(default=(0, 30), metadata={"help": "0-based ranks [start, stop) sampled, "
                                          "after removing known positives"})
     sampling: str = field(default="top", metadata=_choice("top", "random"))
+    pool_size: int = field(default=1, metadata={**_range(1), "help": (
+        "sets of num_negatives mined per example; epoch e trains on set e mod pool_size, so each "
+        "epoch sees fresh negatives (1: the same negatives every epoch)")})
     relative_margin: Optional[float] = field(default=None, metadata={**_range(0.0, 1.0, open_lo=True),
                                              "help": "drop candidates scoring above margin x the positive's score"})
     absolute_margin: Optional[float] = field(default=None, metadata={**_range(0.0), "help": "drop candidates scoring above positive - margin"})
