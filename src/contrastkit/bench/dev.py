@@ -81,14 +81,12 @@ def _record(name: str, seed: int, overrides: List[str], summary: Dict[str, Any],
 def sts_dev_spearman(model: str, cfg) -> float:
     """STS-B dev Spearman of the model in folder (or name) ``model`` as the run encodes
     queries (``model.query_max_length``, the run's precision and device)."""
-    import torch
-
     from ..data import load_sts
     from ..evaluation import evaluate_sts
     from ..models import TextEncoder
-    from ..models.precision import resolve_precision
+    from ..models.precision import resolve_device, resolve_precision
 
-    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.train.device)
     enc = TextEncoder(model, pooling=cfg.model.pooling, normalize=cfg.model.normalize,
                       max_length=cfg.model.query_max_length, trust_remote_code=cfg.model.trust_remote_code).to(device)
     precision = resolve_precision(cfg.train.precision, device)

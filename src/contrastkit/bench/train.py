@@ -178,12 +178,10 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
     """
     import logging
 
-    import torch
-
     from ..data import load_sts
     from ..evaluation import evaluate_sts
     from ..models import TextEncoder
-    from ..models.precision import autocast, resolve_precision
+    from ..models.precision import autocast, resolve_device, resolve_precision
     from ..recipes.retrieval_task import build_retrieval_task
     from ..recipes.text_retrieval import Encoders, evaluate_test
     from ..training.config import load_config
@@ -191,7 +189,7 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
 
     cfg = load_config(overrides=list(overrides))
     seed = cfg.train.seed
-    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

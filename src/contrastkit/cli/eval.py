@@ -102,12 +102,11 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..data import load_beir
     from ..data.sts import load_sts
     from ..evaluation import evaluate_retrieval, evaluate_sts
     from ..models import TextEncoder
+    from ..models.precision import resolve_device
 
     retrieval = str(args.data).lower() != "none"
     if not retrieval and not args.sts:
@@ -124,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     timings: Dict[str, float] = {}
     result: Dict[str, object] = {"model": args.model}
     t0 = time.perf_counter()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         kw = {"normalize": True, "max_length": args.max_length}
         if args.pooling is not None:
@@ -146,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             ds = load_beir(args.data)
             qrels = ds.load_qrels(args.split)
             timings["load_data"] = time.perf_counter() - t
-            ids, texts = list(ds.corpus), None
+            ids = list(ds.corpus)
             t = time.perf_counter()
             c_emb = _encoder_fn(encoder, args, "corpus")([ds.document(d) for d in ids])
             timings["encode_corpus"] = time.perf_counter() - t
@@ -161,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             result["retrieval"] = {"data": str(ds.folder), "split": args.split, "corpus_size": len(ids),
                                    "method": args.method, "ignore_identical_ids": bool(args.ignore_identical_ids),
                                    **scores.to_dict()}
-            del c_emb, texts
+            del c_emb
         if args.sts:
             t = time.perf_counter()
             sts = load_sts(args.sts_split)

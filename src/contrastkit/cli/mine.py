@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import TextEncoder
+    from ..models.precision import resolve_device
     from ..negatives import known_positives, mine_hard_negatives
 
     out = Path(args.output)
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(examples)} pairs, {len(set(e.query for e in examples))} distinct queries, "
           f"corpus of {len(texts)} documents ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     encoder = TextEncoder(args.model, normalize=True, max_length=args.max_length).to(device)
     queries = list(dict.fromkeys(e.query for e in examples))
     row_of = {q: i for i, q in enumerate(queries)}

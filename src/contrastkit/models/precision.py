@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-__all__ = ["PRECISIONS", "cpu_has_fast_bf16", "resolve_precision", "autocast", "autocast_dtype"]
+__all__ = ["PRECISIONS", "cpu_has_fast_bf16", "resolve_device", "resolve_precision", "autocast", "autocast_dtype"]
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -40,6 +40,19 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_device(device: Optional[str] = None) -> str:
+    """``device`` as given, or, for None / ``"auto"``, ``"cuda"`` where a GPU is visible and
+    ``"cpu"`` otherwise (the meaning of ``train.device: auto`` and of an omitted ``--device``).
+
+    Example::
+
+        assert resolve_device("cpu") == "cpu" and resolve_device() in ("cpu", "cuda")
+    """
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
 
 
 def resolve_precision(precision: str, device: Union[str, torch.device]) -> str:
