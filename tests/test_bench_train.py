@@ -36,11 +36,21 @@ def _argv(data, model, results, *extra):
 def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     data, model = tiny
     results = tmp_path / "bench"
-    argv = _argv(data, model, results, "--only", "ours", "peer", "no-interpolation")
+    argv = _argv(data, model, results, "--only", "ours", "peer", "no-interpolation", "peer-report")
     assert main(argv) == 0
     out = capsys.readouterr()
     files = {p.relative_to(results).as_posix() for p in results.rglob("seed*.json")}
-    assert files == {"ours/seed0.json", "peer/seed0.json", "no-interpolation/seed0.json"}
+    assert files == {"ours/seed0.json", "peer/seed0.json", "no-interpolation/seed0.json", "peer-report/seed0.json"}
+    # the peer producing ours' evidence: same training (same weights, same after numbers), plus
+    # a before phase whose numbers are ours' before numbers by sentence-transformers' evaluators
+    report = json.loads((results / "peer-report" / "seed0.json").read_text())
+    ours_before = json.loads((results / "ours" / "seed0" / "metrics.json").read_text())["before"]
+    assert set(report["phases"]) == {"load", "before", "mine", "train", "after"}
+    assert report["after"]["ndcg@10"] == pytest.approx(
+        json.loads((results / "peer" / "seed0.json").read_text())["after"]["ndcg@10"], abs=1e-6)
+    assert report["evidence"]["before"]["test"]["test_cosine_ndcg@10"] == pytest.approx(ours_before["ndcg@10"],
+                                                                                        abs=1e-4)
+    assert 0.0 <= report["evidence"]["dev_before"]["dev_cosine_ndcg@10"] <= 1.0
     recs = {name: json.loads((results / name / "seed0.json").read_text())
             for name in ("ours", "peer", "no-interpolation")}
     for name, r in recs.items():
@@ -81,7 +91,7 @@ def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     time.sleep(0.01)
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert err.count("done before, skipped") == 3 and "running" not in err
+    assert err.count("done before, skipped") == 4 and "running" not in err
     assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
 
     # a run that finished before the benchmark wrote its result file gives it without rerunning

@@ -18,6 +18,12 @@ bundled all-MiniLM-L6-v2), the same precision and the same number of steps:
     saves is evaluated by the very functions ours uses (``contrastkit.evaluation.
     evaluate_retrieval`` on the test qrels over the whole corpus, ``evaluate_sts`` on STS-B
     test, same encoder settings), so the numbers are comparable.
+``peer-report`` (first seed only)
+    the peer recipe producing what ours' report holds besides the after numbers, with
+    sentence-transformers' own evaluators as its documented optional steps do: the base model
+    on test and STS-B before training, a dev evaluator on the base model and at the end of each
+    epoch (:func:`run_peer` ``evidence``). Same training, so the same after numbers; it
+    measures what the evidence costs the peer recipe, to compare with ours like for like.
 the ablations of ours (first seed only; the table says so)
     ``mining-filter`` (``negatives.relative_margin=0.95``), ``guide-mask``
     (``negatives.guide_mask=true``), ``no-duplicate-mask`` (``negatives.mask_duplicates=false``),
@@ -73,11 +79,14 @@ class Configuration:
     overrides: Tuple[str, ...] = ()
     all_seeds: bool = True
     description: str = ""
+    evidence: bool = False  # peer only: also produce ours' report (see run_peer's ``evidence``)
 
 
 CONFIGURATIONS: Dict[str, Configuration] = {c.name: c for c in (
     Configuration("ours", "ours", (), True, "contrastkit train, default config"),
     Configuration("peer", "peer", (), True, "sentence-transformers: mine_hard_negatives + MNRL trainer"),
+    Configuration("peer-report", "peer", (), False, "the peer recipe producing ours' report: base model on test "
+                  "and STS-B before training, dev evaluator before and each epoch", evidence=True),
     Configuration("mining-filter", "ours", ("negatives.relative_margin=0.95",), False,
                   "ours + NV-Retriever 95% relative-margin filter"),
     Configuration("guide-mask", "ours", ("negatives.guide_mask=true",), False, "ours + GISTEmbed guide mask"),
@@ -154,7 +163,58 @@ def _st_model(cfg, device: str):
     return SentenceTransformer(modules=modules, device=device)
 
 
-def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = None) -> Dict[str, Any]:
+def _st_before(cfg, task, model, sts, precision: str, device: str) -> Dict[str, Any]:
+    """The base model on the test qrels (whole corpus) and STS-B test, by sentence-transformers'
+    evaluators, as a user of that library produces a before number."""
+    from sentence_transformers.sentence_transformer.evaluation import (EmbeddingSimilarityEvaluator,
+                                                                       InformationRetrievalEvaluator)
+
+    from ..models.precision import autocast
+
+    out: Dict[str, Any] = {}
+    model.max_seq_length = cfg.model.document_max_length
+    bs = cfg.train.encode_batch_size
+    with autocast(precision, device):
+        if task.test_qrels:
+            relevant = {q: {d for d, r in docs.items() if r > 0} for q, docs in task.test_qrels.items()}
+            ir = InformationRetrievalEvaluator({q: task.queries[q] for q in relevant},
+                                               dict(zip(task.corpus_ids, task.corpus_texts)), relevant,
+                                               batch_size=bs, name="test", write_csv=False)
+            out["test"] = ir(model)
+        if sts is not None:
+            ev = EmbeddingSimilarityEvaluator(sts.sentences1, sts.sentences2, sts.scores, batch_size=bs,
+                                              name="sts-test", write_csv=False)
+            out["sts"] = ev(model)
+    return out
+
+
+def _st_dev_evaluator(cfg, task, seed: int, precision: str, device: str):
+    """sentence-transformers' ``InformationRetrievalEvaluator`` on ours' dev queries: their
+    positives plus seeded random documents up to ``train.dev_corpus_size``; it runs under
+    the run's autocast (the trainer calls evaluators without one), as ours' dev evaluation does."""
+    import random
+
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    from ..models.precision import autocast
+
+    class AutocastEvaluator(InformationRetrievalEvaluator):
+        def __call__(self, *args, **kwargs):
+            with autocast(precision, device):
+                return super().__call__(*args, **kwargs)
+
+    relevant = {q: {d for d, r in docs.items() if r > 0} for q, docs in task.dev_qrels.items()}
+    keep = {d for docs in relevant.values() for d in docs}
+    others = [d for d in task.corpus_ids if d not in keep]
+    random.Random(seed).shuffle(others)
+    keep |= set(others[:max(0, cfg.train.dev_corpus_size - len(keep))])
+    text = dict(zip(task.corpus_ids, task.corpus_texts))
+    return AutocastEvaluator({q: task.queries[q] for q in relevant}, {d: text[d] for d in sorted(keep)},
+                             relevant, batch_size=cfg.train.encode_batch_size, name="dev", write_csv=False)
+
+
+def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = None,
+             evidence: bool = False) -> Dict[str, Any]:
     """Fine-tune with sentence-transformers' documented recipe on the task of ``load_config(
     overrides=overrides)`` and evaluate with contrastkit's evaluation; returns the result record.
 
@@ -170,6 +230,16 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
     ``steps`` (default: what ours takes, :func:`_ours_step_count`) is the number of
     optimiser steps. Evaluation is ``contrastkit.recipes.text_retrieval``'s own: test
     nDCG@10 / MRR@10 / Recall@100 over the whole corpus, STS-B test Spearman.
+
+    ``evidence``: the recipe also produces what ours' report holds besides the after numbers,
+    with sentence-transformers' own evaluators, as its documented optional steps do ("Create
+    an evaluator & evaluate the base model", ``eval_strategy``): phase ``before``: the base
+    model on the test qrels over the whole corpus (``InformationRetrievalEvaluator`` at
+    ``document_max_length``) and on STS-B test (``EmbeddingSimilarityEvaluator``); during
+    ``train``: a dev ``InformationRetrievalEvaluator`` (ours' dev queries; their positives
+    plus random documents up to ``train.dev_corpus_size``, at the training length) on the
+    base model and at the end of each epoch. The trained weights are the same; only time is
+    added, so the cost of ours' evidence is compared like for like.
 
     Example (not run here: minutes of training)::
 
@@ -212,6 +282,16 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
                                    "positive": [e.positive for e in task.train_examples]})
     total = int(steps) if steps else _ours_step_count(cfg, task)
     h = cfg.negatives.num_negatives
+    evidence_record: Dict[str, Any] = {}
+    train_len = max(cfg.model.query_max_length, cfg.model.train_document_max_length or cfg.model.document_max_length)
+    dev_evaluator = None
+    if evidence:
+        with timer("before"):
+            evidence_record["before"] = _st_before(cfg, task, model, sts, precision, device)
+        dev_evaluator = _st_dev_evaluator(cfg, task, seed, precision, device)
+        with timer("train"):  # the documented "evaluate the base model" on dev, at the training length
+            model.max_seq_length = train_len
+            evidence_record["dev_before"] = dev_evaluator(model)
     mining: Dict[str, Any] = {}
     with timer("mine"):
         train_set = pairs
@@ -224,8 +304,7 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
                       "settings": "documented defaults: range_min=0, range_max=None, no margin, sampling top"}
 
     with timer("train"):
-        model.max_seq_length = max(cfg.model.query_max_length,
-                                   cfg.model.train_document_max_length or cfg.model.document_max_length)
+        model.max_seq_length = train_len
         loss = MultipleNegativesRankingLoss(model, scale=1.0 / cfg.objective.temperature)
         args = SentenceTransformerTrainingArguments(
             output_dir=str(out / "trainer"), max_steps=total, num_train_epochs=cfg.optim.epochs,
@@ -234,9 +313,10 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
             lr_scheduler_type={"constant": "constant_with_warmup"}.get(cfg.optim.schedule, cfg.optim.schedule),
             max_grad_norm=cfg.optim.max_grad_norm or 0.0,
             bf16=precision == "bf16", batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, data_seed=seed,
-            dataloader_drop_last=True, save_strategy="no", eval_strategy="no", logging_steps=max(1, total // 10),
-            report_to="none", disable_tqdm=True, use_cpu=device == "cpu")
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_set, loss=loss)
+            dataloader_drop_last=True, save_strategy="no", eval_strategy="epoch" if evidence else "no",
+            logging_steps=max(1, total // 10), report_to="none", disable_tqdm=True, use_cpu=device == "cpu")
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_set, loss=loss,
+                                             evaluator=dev_evaluator)
         result = trainer.train()
         if int(result.global_step) != total:
             raise RuntimeError(
@@ -244,6 +324,9 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
                 f"NoDuplicatesBatchSampler could not fill batches of {cfg.batching.batch_size} from "
                 f"{len(train_set)} rows (too many repeated texts); lower batching.batch_size")
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        if evidence:
+            evidence_record["dev"] = [{k: v for k, v in r.items() if k.endswith("ndcg@10") or k in ("epoch", "step")}
+                                      for r in trainer.state.log_history if any(k.endswith("ndcg@10") for k in r)]
         model.save(str(out / "model"))
 
     with timer("after"):
@@ -266,6 +349,8 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
                   "loss_last": losses[-1] if losses else None},
         "mining": mining, "task": task.description,
     }
+    if evidence:
+        record["evidence"] = evidence_record
     if scores is not None:
         record["after"] = {k: float(v) for k, v in scores.to_dict().items()}
         record["per_query"] = {"metric": "ndcg@10", "query_ids": list(scores.query_ids),
@@ -418,7 +503,7 @@ def _run_one(c: Configuration, seed: int, common: List[str], results: Path) -> T
             cmd += ["--set", o]
     else:
         spec = {"overrides": overrides, "output": str(run_dir), "result": str(partial),
-                "steps": _peer_steps(results, seed, overrides)}
+                "steps": _peer_steps(results, seed, overrides), "evidence": c.evidence}
         cmd = [sys.executable, "-m", "contrastkit.bench.train", "--peer-worker", json.dumps(spec)]
     log = folder / f"seed{seed}.log"
     t0 = time.perf_counter()
@@ -458,7 +543,7 @@ def _peer_steps(results: Path, seed: int, overrides: Sequence[str]) -> Optional[
 
 def _peer_worker(spec_json: str) -> int:
     spec = json.loads(spec_json)
-    record = run_peer(spec["overrides"], spec["output"], steps=spec.get("steps"))
+    record = run_peer(spec["overrides"], spec["output"], steps=spec.get("steps"), evidence=bool(spec.get("evidence")))
     record["steps_source"] = "ours' result at this seed" if spec.get("steps") else "ours' step count (computed)"
     record["overrides"] = list(spec["overrides"])
     _atomic_write_json(Path(spec["result"]), record)
