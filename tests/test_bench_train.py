@@ -41,8 +41,9 @@ def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     out = capsys.readouterr()
     files = {p.relative_to(results).as_posix() for p in results.rglob("seed*.json")}
     assert files == {"ours/seed0.json", "peer/seed0.json", "no-interpolation/seed0.json", "peer-report/seed0.json"}
-    # the peer producing ours' evidence: same training (same weights, same after numbers), plus
-    # a before phase whose numbers are ours' before numbers by sentence-transformers' evaluators
+    # the peer producing ours' evidence: the same training (2 steps, no epoch end, so no dev
+    # evaluation mid-training moves the random stream: the same after numbers), plus a before
+    # phase whose numbers are ours' before numbers by sentence-transformers' evaluators
     report = json.loads((results / "peer-report" / "seed0.json").read_text())
     ours_before = json.loads((results / "ours" / "seed0" / "metrics.json").read_text())["before"]
     assert set(report["phases"]) == {"load", "before", "mine", "train", "after"}
@@ -73,6 +74,7 @@ def test_bench_train_runs_resumes_and_summarizes(tiny, tmp_path, capsys):
     # summary: markdown table with every configuration, the base row, ratios to the peer
     table = (results / "summary.md").read_text()
     assert (results / "summary.png").stat().st_size > 1000
+    assert (results / "summary_time.png").stat().st_size > 1000
     main_table = table.split("Mean seconds per phase")[0]
     rows = {line.split("|")[1].strip(): line for line in main_table.splitlines() if line.startswith("| ")}
     assert {"base", "ours", "peer", "no-interpolation"} <= set(rows)

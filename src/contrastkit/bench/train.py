@@ -22,7 +22,8 @@ bundled all-MiniLM-L6-v2), the same precision and the same number of steps:
     the peer recipe producing what ours' report holds besides the after numbers, with
     sentence-transformers' own evaluators as its documented optional steps do: the base model
     on test and STS-B before training, a dev evaluator on the base model and at the end of each
-    epoch (:func:`run_peer` ``evidence``). Same training, so the same after numbers; it
+    epoch (:func:`run_peer` ``evidence``). Same recipe and settings (the evaluator calls move
+    the random stream, so its after numbers differ from the peer's by seed noise); it
     measures what the evidence costs the peer recipe, to compare with ours like for like.
 the ablations of ours (first seed only; the table says so)
     ``mining-filter`` (``negatives.relative_margin=0.95``), ``guide-mask``
@@ -36,7 +37,8 @@ seed<k>.json`` (the run folder or the peer's model next to it in ``<name>/seed<k
 process output in ``seed<k>.log``). A configuration whose result file exists is skipped,
 so an interrupted benchmark continues where it stopped. The summary (test nDCG@10 mean,
 min..max and std over seeds, STS-B Spearman, pipeline wall time, ratios to the peer) is
-printed and written to ``<results>/summary.md`` with a figure ``summary.png``.
+printed and written to ``<results>/summary.md`` with figures ``summary.png`` (quality) and
+``summary_time.png`` (mean seconds per phase).
 
 Wall time is the same for both sides: the in-process phase timer of the pipeline (load,
 with the import of the modelling library, mining, training, evaluation; for ours also its
@@ -238,8 +240,9 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
     ``document_max_length``) and on STS-B test (``EmbeddingSimilarityEvaluator``); during
     ``train``: a dev ``InformationRetrievalEvaluator`` (ours' dev queries; their positives
     plus random documents up to ``train.dev_corpus_size``, at the training length) on the
-    base model and at the end of each epoch. The trained weights are the same; only time is
-    added, so the cost of ours' evidence is compared like for like.
+    base model and at the end of each epoch. The recipe and its settings are unchanged (the
+    evaluator calls move the random stream, so the weights are not bit-identical to the plain
+    peer's); what it adds is the time of that evidence, to compare with ours' like for like.
 
     Example (not run here: minutes of training)::
 
@@ -671,26 +674,34 @@ def summary_markdown(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _phases_markdown(results: Dict[str, List[Dict[str, Any]]]) -> str:
-    names = []
+def phase_means(results: Dict[str, List[Dict[str, Any]]]) -> Tuple[List[str], Dict[str, Dict[str, float]]]:
+    """(phase names in first-seen order, {configuration: {phase: mean seconds over its seeds}})."""
+    names: List[str] = []
     for recs in results.values():
         for r in recs:
             for k in r.get("phases", {}):
                 if k not in names:
                     names.append(k)
-    lines = ["| configuration | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    means = {}
     for name, recs in results.items():
-        cells = []
-        for k in names:
-            vals = [r["phases"][k] for r in recs if k in r.get("phases", {})]
-            cells.append(f"{statistics.fmean(vals):.0f}" if vals else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        vals = {k: [r["phases"][k] for r in recs if k in r.get("phases", {})] for k in names}
+        means[name] = {k: statistics.fmean(v) for k, v in vals.items() if v}
+    return names, means
+
+
+def _phases_markdown(results: Dict[str, List[Dict[str, Any]]]) -> str:
+    names, means = phase_means(results)
+    lines = ["| configuration | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for name, m in means.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.0f}" if k in m else "-" for k in names) + " |")
     return "\n".join(lines)
 
 
 def write_summary(folder: str) -> str:
-    """Read the results in ``folder``, write ``summary.md`` and ``summary.png`` there and return
-    the markdown text."""
+    """Read the results in ``folder``, write ``summary.md``, ``summary.png`` (test nDCG@10 per
+    seed) and ``summary_time.png`` (mean seconds per phase) there and return the markdown text."""
+    from .plots import phase_bars
+
     results = load_results(folder)
     rows = summarize(results)
     if not rows:
@@ -705,13 +716,22 @@ def write_summary(folder: str) -> str:
             + summary_markdown(rows) + "\n\nMean seconds per phase:\n\n" + _phases_markdown(results) + "\n")
     Path(folder, "summary.md").write_text(text, encoding="utf-8")
     _figure(rows, Path(folder, "summary.png"))
+    names, means = phase_means(results)
+    phase_bars(list(means), [[means[c].get(k, 0.0) for k in names] for c in means], names,
+               title="contrastkit bench train: mean wall seconds per phase", path=Path(folder, "summary_time.png"))
     return text
 
 
 def _figure(rows: List[Dict[str, Any]], path: Path) -> None:
     from .plots import seed_scatter
 
-    colors = ["tab:gray" if r["name"] == "base" else ("tab:orange" if r["name"] == "peer" else "tab:blue") for r in rows]
+    def color(name: str) -> str:
+        if name == "base":
+            return "tab:gray"
+        c = CONFIGURATIONS.get(name)
+        return "tab:orange" if c is not None and c.kind == "peer" else "tab:blue"
+
+    colors = [color(r["name"]) for r in rows]
     seed_scatter([r["name"] for r in rows], [r["points"] for r in rows], [r["ndcg"]["mean"] for r in rows],
                  ylabel="test nDCG@10", title="contrastkit bench train: points = seeds, bar = mean", path=path,
                  colors=colors)

@@ -302,7 +302,10 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
         atomic_replace_dir(lambda tmp: save_towers(towers, tmp, cfg.model.separate_towers), folder)
 
     say(f"training: {len(examples)} examples, batch {cfg.batching.batch_size} (chunks of {cfg.batching.chunk_size}), "
-        f"{h} hard negative(s) each, {total} steps ({steps_per_epoch} per epoch), objective {cfg.objective.name} "
+        f"{h} hard negative(s) each"
+        + (f" (set e mod {cfg.negatives.pool_size} of the mined pool in epoch e)" if h and cfg.negatives.pool_size > 1
+           else "")
+        + f", {total} steps ({steps_per_epoch} per epoch), objective {cfg.objective.name} "
         f"at temperature {cfg.objective.temperature}, training documents cut at {train_doc_len} tokens")
     trainer = Trainer(modules=trainable, step_fn=step_fn, batches=batches, optimizer=optimizer, scheduler=schedule,
                       total_steps=total, evaluate=evaluate if dev_queries or not main else None,
