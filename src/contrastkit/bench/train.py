@@ -165,6 +165,13 @@ def _st_model(cfg, device: str):
     return SentenceTransformer(modules=modules, device=device)
 
 
+def _ir_inputs(task, qrels) -> Tuple[Dict[str, str], Dict[str, set]]:
+    """(query id -> text, query id -> relevant document ids) of ``qrels`` (the task's qrels
+    hold relevant judgements only), as sentence-transformers' ``InformationRetrievalEvaluator``
+    takes them."""
+    return {q: task.queries[q] for q in qrels}, {q: set(docs) for q, docs in qrels.items()}
+
+
 def _st_before(cfg, task, model, sts, precision: str, device: str) -> Dict[str, Any]:
     """The base model on the test qrels (whole corpus) and STS-B test, by sentence-transformers'
     evaluators, as a user of that library produces a before number."""
@@ -178,9 +185,8 @@ def _st_before(cfg, task, model, sts, precision: str, device: str) -> Dict[str, 
     bs = cfg.train.encode_batch_size
     with autocast(precision, device):
         if task.test_qrels:
-            relevant = {q: {d for d, r in docs.items() if r > 0} for q, docs in task.test_qrels.items()}
-            ir = InformationRetrievalEvaluator({q: task.queries[q] for q in relevant},
-                                               dict(zip(task.corpus_ids, task.corpus_texts)), relevant,
+            queries, relevant = _ir_inputs(task, task.test_qrels)
+            ir = InformationRetrievalEvaluator(queries, dict(zip(task.corpus_ids, task.corpus_texts)), relevant,
                                                batch_size=bs, name="test", write_csv=False)
             out["test"] = ir(model)
         if sts is not None:
@@ -205,13 +211,13 @@ def _st_dev_evaluator(cfg, task, seed: int, precision: str, device: str):
             with autocast(precision, device):
                 return super().__call__(*args, **kwargs)
 
-    relevant = {q: {d for d, r in docs.items() if r > 0} for q, docs in task.dev_qrels.items()}
+    queries, relevant = _ir_inputs(task, task.dev_qrels)
     keep = {d for docs in relevant.values() for d in docs}
     others = [d for d in task.corpus_ids if d not in keep]
     random.Random(seed).shuffle(others)
     keep |= set(others[:max(0, cfg.train.dev_corpus_size - len(keep))])
     text = dict(zip(task.corpus_ids, task.corpus_texts))
-    return AutocastEvaluator({q: task.queries[q] for q in relevant}, {d: text[d] for d in sorted(keep)},
+    return AutocastEvaluator(queries, {d: text[d] for d in sorted(keep)},
                              relevant, batch_size=cfg.train.encode_batch_size, name="dev", write_csv=False)
 
 

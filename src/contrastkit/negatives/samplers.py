@@ -191,9 +191,11 @@ class NoDuplicatesBatchSampler(_EpochBatchSampler):
                  num_negatives: Optional[int] = None) -> None:
         super().__init__(len(examples), batch_size, seed, drop_last)
         # texts -> small ints, so the per-batch work is on int sets: once, or per epoch when
-        # the examples hold pools of negative sets (the epoch decides which set is trained on)
-        self._examples, self._num_negatives = examples, (int(num_negatives) if num_negatives else None)
-        self._keys = None if self._num_negatives else self._text_keys(examples)
+        # some example holds a pool of negative sets (the epoch decides which set is trained on)
+        pooled = bool(num_negatives) and any(len(getattr(e, "negatives", ())) > int(num_negatives)
+                                             for e in examples)
+        self._examples, self._num_negatives = examples, (int(num_negatives) if pooled else None)
+        self._keys = None if pooled else self._text_keys(examples)
         h = hashlib.sha1()
         for e in examples:
             h.update("\x00".join(_texts(e)).encode("utf-8", "surrogatepass") + b"\x01")
