@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -126,3 +128,41 @@ def test_save_loads_in_sentence_transformers_with_same_embeddings(tmp_path, mini
     again = TextEncoder(str(tmp_path / "model"), max_length=None)
     assert (again.pooling, again.normalize, again.max_length) == ("mean", True, minilm_encoder.max_length)
     torch.testing.assert_close(again.encode(texts), ours, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_gives_the_tokenizers_own_padding(minilm_encoder, side):
+    enc = copy.copy(minilm_encoder)
+    enc.tokenizer = copy.deepcopy(minilm_encoder.tokenizer)
+    enc.tokenizer.padding_side = side
+    texts = ["short", "a much longer sentence about proteins and cells", "mid length text"]
+    features = enc.tokenize(texts, padding=False)
+    assert [len(ids) for ids in features["input_ids"]] == [3, 10, 5]
+    ours = enc.pad(features)
+    theirs = enc.tokenize(texts)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    # any subset of rows, in any order
+    sub = enc.pad({k: [v[2], v[0]] for k, v in features.items()})
+    assert torch.equal(sub["input_ids"], enc.tokenize([texts[2], texts[0]])["input_ids"])
+    enc.tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="no padding token"):
+        enc.pad(features)
+
+
+def test_encode_batches_by_token_count_and_keeps_order(minilm_encoder):
+    # characters and tokens disagree: long words are few tokens, short ones many
+    texts = [("x" * (5 + i) if i % 2 else " ".join("ab" for _ in range(1 + i % 7))) for i in range(40)]
+    widths = []
+    hook = minilm_encoder.model.register_forward_hook(
+        lambda mod, args, kwargs, out: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        batched = minilm_encoder.encode(texts, batch_size=4)
+    finally:
+        hook.remove()
+    one_by_one = minilm_encoder.encode(texts, sort_by_length=False, batch_size=1)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    lengths = sorted((len(ids) for ids in minilm_encoder.tokenize(texts, padding=False)["input_ids"]), reverse=True)
+    fewest = sum(len(lengths[i:i + 4]) * lengths[i] for i in range(0, 40, 4))
+    assert sum(n * width for n, width in widths) == fewest  # 40 texts fit one block of 16 batches

@@ -86,9 +86,15 @@ class Configuration:
 
 CONFIGURATIONS: Dict[str, Configuration] = {c.name: c for c in (
     Configuration("ours", "ours", (), True, "contrastkit train, default config"),
-    Configuration("peer", "peer", (), True, "sentence-transformers: mine_hard_negatives + MNRL trainer"),
-    Configuration("peer-report", "peer", (), False, "the peer recipe producing ours' report: base model on test "
-                  "and STS-B before training, dev evaluator before and each epoch", evidence=True),
+    Configuration("peer", "peer", ("train.tune_malloc=false",), True,
+                  "sentence-transformers: mine_hard_negatives + MNRL trainer"),
+    Configuration("peer-report", "peer", ("train.tune_malloc=false",), False, "the peer recipe producing ours' "
+                  "report: base model on test and STS-B before training, dev evaluator before and each epoch",
+                  evidence=True),
+    Configuration("peer-malloc", "peer", (), False, "the peer recipe in a process with ours' allocator setting "
+                  "(train.tune_malloc)"),
+    Configuration("no-malloc-tuning", "ours", ("train.tune_malloc=false",), False,
+                  "ours, glibc allocator left at its defaults"),
     Configuration("mining-filter", "ours", ("negatives.relative_margin=0.95",), False,
                   "ours + NV-Retriever 95% relative-margin filter"),
     Configuration("guide-mask", "ours", ("negatives.guide_mask=true",), False, "ours + GISTEmbed guide mask"),
@@ -234,7 +240,9 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
     config: batch size, learning rate, weight decay, warm-up ``int(warmup_ratio x steps)``,
     schedule, gradient clipping, seed, precision (bf16 autocast: ``resolve_precision``),
     maximum lengths (training: ``max(query_max_length, train_document_max_length)``, one
-    length for both columns as sentence-transformers has; mining: ``document_max_length``).
+    length for both columns as sentence-transformers has; mining: ``document_max_length``),
+    and the process's host allocator (``train.tune_malloc``: the ``peer`` configuration sets
+    it false, as the documented recipe runs on glibc's defaults; ``peer-malloc`` keeps ours').
     ``steps`` (default: what ours takes, :func:`_ours_step_count`) is the number of
     optimiser steps. Evaluation is ``contrastkit.recipes.text_retrieval``'s own: test
     nDCG@10 / MRR@10 / Recall@100 over the whole corpus, STS-B test Spearman.
@@ -263,6 +271,7 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
     from ..models.precision import autocast, resolve_device, resolve_precision
     from ..recipes.retrieval_task import build_retrieval_task
     from ..recipes.text_retrieval import Encoders, evaluate_test
+    from ..training.allocator import tune_malloc_for
     from ..training.config import load_config
     from ..training.timing import PhaseTimer
 
@@ -270,6 +279,9 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
     seed = cfg.train.seed
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
+    note = tune_malloc_for(device, cfg.train.tune_malloc)
+    if note:
+        print(note, flush=True)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()

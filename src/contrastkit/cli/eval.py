@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32",
                    help="encoding precision (default fp32; auto: bf16 where the device runs it fast)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
+                   help="leave glibc's allocator as it is (default on CPU: keep freed memory in the process, "
+                        "contrastkit.training.allocator)")
     p.add_argument("--method", default="auto", choices=("auto", "exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"),
                    help="search method (default auto: exact below --faiss-threshold documents)")
     p.add_argument("--faiss-threshold", type=int, default=200_000, help="corpus size from which auto uses faiss IVF")
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_retrieval, evaluate_sts
     from ..models import TextEncoder
     from ..models.precision import resolve_device
+    from ..training.allocator import tune_malloc_for
 
     retrieval = str(args.data).lower() != "none"
     if not retrieval and not args.sts:
@@ -124,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
     result: Dict[str, object] = {"model": args.model}
     t0 = time.perf_counter()
     device = resolve_device(args.device)
+    note = tune_malloc_for(device, args.tune_malloc)
+    if note:
+        print(note, file=sys.stderr)
     try:
         kw = {"normalize": True, "max_length": args.max_length}
         if args.pooling is not None:

@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=256, help="token limit for queries and documents")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="encoding precision")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
+                   help="leave glibc's allocator as it is (default on CPU: keep freed memory in the process, "
+                        "contrastkit.training.allocator)")
     p.add_argument("--method", default="auto", help="search: auto, exact, faiss-flat, faiss-ivf, faiss-hnsw")
     p.add_argument("--faiss-threshold", type=int, default=200_000, help="corpus size from which auto uses faiss")
     p.add_argument("--query-prefix", default="", help="text put before every query (e5 / bge style)")
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..models import TextEncoder
     from ..models.precision import resolve_device
+    from ..training.allocator import tune_malloc_for
     from ..negatives import known_positives, mine_hard_negatives
 
     out = Path(args.output)
@@ -163,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
           f"corpus of {len(texts)} documents ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     device = resolve_device(args.device)
+    note = tune_malloc_for(device, args.tune_malloc)
+    if note:
+        print(note, file=sys.stderr)
     encoder = TextEncoder(args.model, normalize=True, max_length=args.max_length).to(device)
     queries = list(dict.fromkeys(e.query for e in examples))
     row_of = {q: i for i, q in enumerate(queries)}

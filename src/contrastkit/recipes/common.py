@@ -254,10 +254,14 @@ def start_run(cfg: RunConfig, echo: Callable[[str], None] = print):
     seeds, and the resolved precision. Returns ``(rank, world, device, say, precision)``,
     ``say`` printing on the main process only."""
     from ..models.precision import resolve_precision
+    from ..training.allocator import tune_malloc_for
 
     rank, world, device = init_distributed()
     if cfg.train.device != "auto":
         device = torch.device(cfg.train.device)
     say = echo if rank == 0 else (lambda *_: None)
+    note = tune_malloc_for(device, cfg.train.tune_malloc)
+    if note:
+        say(note)
     seed_everything(cfg.train.seed)
     return rank, world, device, say, resolve_precision(cfg.train.precision, device)
