@@ -239,7 +239,9 @@ class TextEncoder(nn.Module):
             precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 where the device
                 runs it fast, see :mod:`contrastkit.models.precision`).
             sort_by_length: batch texts of similar length together (much less padding;
-                the output order is the input order either way).
+                the output order is the input order either way): ordered by characters,
+                then by token counts within blocks of 16 batches, each batch padded to its
+                longest text (:meth:`pad`).
             progress: a description shows a tqdm bar (texts/s and ETA); None: silent.
             max_length: truncation for this call (default: the encoder's ``max_length``).
         """
@@ -261,7 +263,7 @@ class TextEncoder(nn.Module):
         if max_length is not None:
             self.max_length = int(max_length)
         # characters order the whole list cheaply; within blocks of 16 batches the texts are then
-        # ordered by their token counts, which pads 5% fewer tokens on SciFact than characters alone
+        # ordered by their token counts: 3.7% fewer padded tokens on SciFact than characters alone
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i])) if sort_by_length else list(range(len(texts)))
         block = batch_size * 16
         bar = None
