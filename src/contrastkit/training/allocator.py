@@ -11,8 +11,9 @@ guides do by preloading jemalloc or tcmalloc; on glibc the same effect comes fro
 - ``M_TRIM_THRESHOLD = 16 GiB``: the heap's free top is not handed back to the system;
 - ``M_TOP_PAD = 1 GiB``: the heap grows in large steps.
 
-Measured on this project's 2-core AMX CPU (``docs/benchmarks.md``, "Host memory allocator"):
-bfloat16 MiniLM corpus encoding about 10% faster. The cost: the process's resident memory
+Measured on this project's 2-core AMX CPU (``docs/benchmarks.md``, "Host allocator and
+token-count batches"): the default main job's first bfloat16 corpus encode 132 -> 120 s and
+the whole run 462 -> 441 s. The cost: the process's resident memory
 stays at its peak until it exits, which suits a training or evaluation run, not a
 long-lived server. :func:`tune_malloc` does nothing where it cannot help or where the user
 has already chosen: on anything but Linux with glibc, when a ``MALLOC_*`` environment

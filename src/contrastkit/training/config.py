@@ -173,7 +173,7 @@ class TrainLoopConfig:
     encode_batch_size: int = field(default=64, metadata={**_range(1), "help": "texts per pass when encoding for evaluation / mining"})
     tune_malloc: bool = field(default=True, metadata={"help": "on CPU runs under Linux / glibc, keep freed host "
                               "memory in the process instead of unmapping every large tensor (mallopt; the first corpus "
-                              "encode 12% faster here, docs/benchmarks.md; memory stays at its peak until the run "
+                              "encode 9% faster here, docs/benchmarks.md; memory stays at its peak until the run "
                               "ends; contrastkit.training.allocator)"})
 
 
