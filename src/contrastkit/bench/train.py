@@ -279,9 +279,7 @@ def run_peer(overrides: Sequence[str], output: str, *, steps: Optional[int] = No
     seed = cfg.train.seed
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    note = tune_malloc_for(device, cfg.train.tune_malloc)
-    if note:
-        print(note, flush=True)
+    tune_malloc_for(device, cfg.train.tune_malloc, say=lambda note: print(note, flush=True))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()

@@ -128,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
     result: Dict[str, object] = {"model": args.model}
     t0 = time.perf_counter()
     device = resolve_device(args.device)
-    note = tune_malloc_for(device, args.tune_malloc)
-    if note:
-        print(note, file=sys.stderr)
+    tune_malloc_for(device, args.tune_malloc, say=lambda note: print(note, file=sys.stderr))
     try:
         kw = {"normalize": True, "max_length": args.max_length}
         if args.pooling is not None:

@@ -167,9 +167,7 @@ def run(args: argparse.Namespace) -> int:
           f"corpus of {len(texts)} documents ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     device = resolve_device(args.device)
-    note = tune_malloc_for(device, args.tune_malloc)
-    if note:
-        print(note, file=sys.stderr)
+    tune_malloc_for(device, args.tune_malloc, say=lambda note: print(note, file=sys.stderr))
     encoder = TextEncoder(args.model, normalize=True, max_length=args.max_length).to(device)
     queries = list(dict.fromkeys(e.query for e in examples))
     row_of = {q: i for i, q in enumerate(queries)}

@@ -278,8 +278,7 @@ class TextEncoder(nn.Module):
                 rows = order[start:start + block]
                 features = self.tokenize([texts[j] for j in rows], padding=False)
                 lengths = [len(ids) for ids in features["input_ids"]]
-                inner = sorted(range(len(rows)), key=lambda k: -lengths[k]) if sort_by_length else range(len(rows))
-                inner = list(inner)
+                inner = sorted(range(len(rows)), key=lambda k: -lengths[k]) if sort_by_length else list(range(len(rows)))
                 for i in range(0, len(rows), batch_size):
                     picked = inner[i:i + batch_size]
                     batch = self.pad({k: [v[p] for p in picked] for k, v in features.items()})

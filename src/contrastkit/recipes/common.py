@@ -260,8 +260,6 @@ def start_run(cfg: RunConfig, echo: Callable[[str], None] = print):
     if cfg.train.device != "auto":
         device = torch.device(cfg.train.device)
     say = echo if rank == 0 else (lambda *_: None)
-    note = tune_malloc_for(device, cfg.train.tune_malloc)
-    if note:
-        say(note)
+    tune_malloc_for(device, cfg.train.tune_malloc, say=say)
     seed_everything(cfg.train.seed)
     return rank, world, device, say, resolve_precision(cfg.train.precision, device)

@@ -33,7 +33,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 __all__ = ["MALLOPT_SETTINGS", "tune_malloc", "tune_malloc_for", "malloc_tuning_blocker"]
 
@@ -92,12 +92,16 @@ def tune_malloc() -> str:
     return _done
 
 
-def tune_malloc_for(device, enabled: bool = True) -> Optional[str]:
+def tune_malloc_for(device, enabled: bool = True, say: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """:func:`tune_malloc` when ``enabled`` and ``device`` (a str or ``torch.device``) is the
-    CPU; None otherwise (a CUDA run's activations are not on the host). What the command-line
-    entry points call with their ``train.tune_malloc`` / ``--no-tune-malloc`` setting."""
+    CPU; None otherwise (a CUDA run's activations are not on the host). ``say``, when given,
+    receives the message. What the command-line entry points call with their
+    ``train.tune_malloc`` / ``--no-tune-malloc`` setting."""
     import torch
 
     if not enabled or torch.device(device).type != "cpu":
         return None
-    return tune_malloc()
+    note = tune_malloc()
+    if say is not None:
+        say(note)
+    return note
