@@ -30,7 +30,7 @@ def _run(fn, a, b, labels, tile):
 
 @pytest.mark.parametrize("name", _cases() if DEVICE != "cuda" or torch.cuda.is_available() else ["none"])
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("n, tile", [(96, 32), (300, (64, 128))])
+@pytest.mark.parametrize("n, tile", [(96, 32), (300, (64, 128)), (300, None)])  # None: the automatic tile
 def test_objective_on_cuda_matches_float64_reference(name, dtype, rtol, n, tile):
     from contrastkit.bench.loss_cases import CASES, make_inputs
 

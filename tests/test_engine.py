@@ -320,6 +320,24 @@ def test_choose_tile_overrides_and_auto():
     assert choose_tile(1, 1, 1, cpu) == (1, 1)
 
 
+def test_auto_tile_cuda_keeps_small_problems_whole_and_large_ones_bounded():
+    from contrastkit.engine.tiling import auto_tile
+
+    free = 80 << 30
+    # up to 2^24 logits: one tile on a GPU (launch-bound otherwise), 64 tiles on a CPU
+    assert auto_tile(4096, 4096, free, gpu=True) == (4096, 4096)
+    assert auto_tile(4096, 8192, free, gpu=True) == (2048, 8192)   # MNRL with a hard negative: 2 tiles
+    assert auto_tile(4096, 4096, free, gpu=False) == (128, 2048)
+    # large problems: 2^24 entries, 16,384 columns, as before
+    for n in (65536, 262144):
+        tr, tc = auto_tile(n, n, free, gpu=True)
+        assert (tr, tc) == (1024, 16384) and tr * tc == 1 << 24
+    # little free memory caps the tile whatever the device
+    tr, tc = auto_tile(65536, 65536, 96 << 20, gpu=True)
+    assert tr * tc <= (96 << 20) // (8 * 3 * 4)
+    assert auto_tile(1, 1, free, gpu=True) == (1, 1)
+
+
 # ----------------------------------------------------------------------------- memory bound
 
 def test_autograd_graph_saves_only_linear_state():
