@@ -372,3 +372,24 @@ def test_autograd_graph_saves_only_linear_state():
     assert max(saved) <= max(n, m) * d, f"a saved tensor has {max(saved)} elements (N*M = {n * m})"
     assert sum(saved) <= 32 * (n + m) * (d + 1), f"{sum(saved)} saved elements is not O((N + M) d)"
     assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all() and torch.isfinite(t.grad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 12), m=st.integers(1, 12), offset=st.integers(-14, 14),
+       tr=st.integers(1, 12), tc=st.integers(1, 12))
+def test_tile_diagonal_is_exactly_the_shifted_diagonal_inside_each_tile(n, m, offset, tr, tc):
+    from contrastkit.engine.masks import tile_diagonal
+
+    full = torch.zeros(n, m)
+    for r0 in range(0, n, tr):
+        for c0 in range(0, m, tc):
+            r1, c1 = min(n, r0 + tr), min(m, c0 + tc)
+            tile = full[r0:r1, c0:c1]                    # a view: fill_ writes through
+            cells = tile_diagonal(tile, offset, r0, r1, c0, c1)
+            if cells is not None:
+                cells.fill_(1.0)
+    want = torch.zeros(n, m)
+    for i in range(n):
+        if 0 <= i + offset < m:
+            want[i, i + offset] = 1.0
+    assert torch.equal(full, want)

@@ -18,19 +18,21 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["diagonal_cells", "TileMask", "DiagonalMask", "LabelMask", "DifferentLabelMask", "IndexMask"]
+__all__ = ["tile_diagonal", "TileMask", "DiagonalMask", "LabelMask", "DifferentLabelMask", "IndexMask"]
 
 
-def diagonal_cells(offset: int, r0: int, r1: int, c0: int, c1: int,
-                   device: torch.device) -> Optional[Tuple[Tensor, Tensor]]:
-    """Local (rows, cols) indices of the entries (i, i + offset) inside the tile rows
-    [r0, r1) x columns [c0, c1), or None when the tile holds none of them."""
+def tile_diagonal(x: Tensor, offset: int, r0: int, r1: int, c0: int, c1: int) -> Optional[Tensor]:
+    """The entries (i, i + offset) of the whole problem that fall inside tile ``x`` (rows
+    [r0, r1) x columns [c0, c1)), as a strided view of ``x`` (so ``.fill_`` writes them in
+    place with one kernel, no index tensors and no host synchronisation on CUDA), or None
+    when the tile holds none of them."""
     lo = max(r0, c0 - offset)
     hi = min(r1, c1 - offset)
     if hi <= lo:
         return None
-    rows = torch.arange(lo - r0, hi - r0, device=device)
-    return rows, rows + (r0 + offset - c0)
+    k = r0 + offset - c0                       # the tile-local diagonal: column = row + k
+    first = (lo - r0) - max(0, -k)             # index along x.diagonal(k) of row lo
+    return x.diagonal(k)[first:first + (hi - lo)]
 
 
 class TileMask:
@@ -63,9 +65,9 @@ class DiagonalMask(TileMask):
         return (r0 + self.offset) < c1 and (r1 - 1 + self.offset) >= c0
 
     def apply_(self, x, r0, r1, c0, c1):
-        cells = diagonal_cells(self.offset, r0, r1, c0, c1, x.device)
+        cells = tile_diagonal(x, self.offset, r0, r1, c0, c1)
         if cells is not None:
-            x[cells] = float("-inf")
+            cells.fill_(float("-inf"))
 
     def __repr__(self):
         return f"DiagonalMask(offset={self.offset})"

@@ -57,7 +57,7 @@ import math
 import torch
 from torch import Tensor
 
-from .masks import TileMask, diagonal_cells
+from .masks import TileMask, tile_diagonal
 from .tiles import NEG_INF, Limits, Scale, Tiles, accumulate_dtype, as_scale, check_problem, finite_or_zero, \
     lse, scale_grad
 from .tiling import TileSize, choose_tile
@@ -92,9 +92,9 @@ class TileWeights:
 def _zero_self(w: Tensor, offset: Optional[int], r0, r1, c0, c1) -> Tensor:
     if offset is None:
         return w
-    cells = diagonal_cells(offset, r0, r1, c0, c1, w.device)
+    cells = tile_diagonal(w, offset, r0, r1, c0, c1)
     if cells is not None:
-        w[cells] = 0
+        cells.fill_(0)
     return w
 
 
