@@ -107,12 +107,13 @@ def load_beir_train(data):
     return load_beir(data).load_qrels("train")
 
 
-def test_resume_gives_the_same_final_weights(tiny, tmp_path):
+@pytest.mark.parametrize("memory_steps", [0, 2])   # 2: the cross-batch memory is part of the checkpoint
+def test_resume_gives_the_same_final_weights(tiny, tmp_path, memory_steps):
     from safetensors.torch import load_file
 
     data, model = tiny
     common = ["--max-steps", "6", "--no-interpolation", "--set", "data.sts=false",
-              "--set", "train.checkpoint_every=1"]
+              "--set", "train.checkpoint_every=1", "--set", f"negatives.memory_steps={memory_steps}"]
     assert main(_args(data, model, tmp_path / "full", *common)) == 0
     # a run that is killed after its step-3 checkpoint, then resumed
     import contrastkit.training.loop as loop
@@ -274,3 +275,75 @@ def test_negative_pool_size_must_be_positive():
 
     with pytest.raises(ConfigError, match="negatives.pool_size"):
         load_config(overrides=["negatives.pool_size=0"])
+
+
+def test_memory_columns_are_the_last_steps_documents_with_known_positives_masked(tiny):
+    # negatives.memory_steps (XBM): step 2's candidates are its own [positives, negatives] and
+    # step 1's documents; a remembered document that is a known positive of the anchor's
+    # query is masked. Loss and every parameter gradient against a float64 autograd reference.
+    import torch.nn.functional as F
+
+    import contrastkit as ck
+    from contrastkit.data import Example
+    from contrastkit.models import TextEncoder
+    from contrastkit.recipes.text_steps import RetrievalStep
+
+    _, model = tiny
+    enc = TextEncoder(str(model), normalize=True, max_length=16).double().eval()   # eval: no dropout
+
+    def ex(i):
+        return Example(f"query number {i}", f"document about topic {i}", (f"unrelated text {i} here",),
+                       query_id=f"q{i}", positive_id=f"d{i}", negative_ids=(f"n{i}",))
+
+    b1, b2 = [ex(i) for i in range(4)], [ex(i) for i in (2, 3, 4, 5)]
+    known = {f"q{i}": {f"d{i}"} for i in range(6)}
+    known["q4"] = {"d4", "d0"}                       # d0, remembered from step 1, is also relevant to q4
+    step = RetrievalStep(query_encoder=enc, objective=ck.losses.MultipleNegativesRanking(temperature=0.05),
+                         query_max_length=16, doc_max_length=16, chunk_size=3, known_positives=known, memory_steps=1)
+    step(b1)
+    memory = torch.cat([e.clone() for e in step.cache.last_embeddings[1:]])             # d0..d3, n0..n3
+    assert len(step.memory) == 1 and step.memory[0][1] == [["d0", "d1", "d2", "d3", "n0", "n1", "n2", "n3"]]
+    enc.zero_grad()
+    loss = step(b2)
+    got = [None if p.grad is None else p.grad.clone() for p in enc.parameters()]
+    assert sum(g is not None for g in got) > 10
+
+    enc.zero_grad()
+    def embed(texts):
+        return enc(**step._tokens(enc, texts, 16))
+    q = embed([e.query for e in b2])
+    cands = torch.cat([embed([e.positive for e in b2]), embed([e.negatives[0] for e in b2]), memory])
+    cols = ["d2", "d3", "d4", "d5", "n2", "n3", "n4", "n5", "d0", "d1", "d2", "d3", "n0", "n1", "n2", "n3"]
+    logits = F.normalize(q, dim=-1) @ F.normalize(cands, dim=-1).T / 0.05
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    for i, e in enumerate(b2):
+        for j, c in enumerate(cols):
+            if j != i and c in known[e.query_id] | {e.positive_id}:
+                keep[i, j] = False
+    assert (~keep).sum() == 3                        # d2 and d3 remembered for q2 / q3, d0 for q4
+    want = (torch.logsumexp(logits.masked_fill(~keep, float("-inf")), 1) - logits.diagonal()).mean()
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-10, atol=0)
+    for g, p in zip(got, enc.parameters()):
+        assert (g is None) == (p.grad is None)
+        if g is not None:
+            torch.testing.assert_close(g, p.grad, rtol=1e-8, atol=1e-12)
+    unmasked = (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
+    assert abs(float(unmasked.detach()) - float(want.detach())) > 1e-3  # the masks matter here: the test can tell
+
+
+def test_memory_needs_document_ids(tiny):
+    import contrastkit as ck
+    from contrastkit.data import Example
+    from contrastkit.models import TextEncoder
+    from contrastkit.recipes.text_steps import RetrievalStep
+
+    _, model = tiny
+    enc = TextEncoder(str(model), normalize=True, max_length=16)
+    step = RetrievalStep(query_encoder=enc, objective=ck.losses.MultipleNegativesRanking(), query_max_length=16,
+                         doc_max_length=16, chunk_size=4, memory_steps=2)
+    with pytest.raises(ValueError, match="memory_steps needs document ids"):
+        step([Example("a query", "a doc"), Example("b query", "b doc")])
+    with pytest.raises(ValueError, match="memory_steps must be >= 0"):
+        RetrievalStep(query_encoder=enc, objective=ck.losses.MultipleNegativesRanking(), query_max_length=16,
+                      doc_max_length=16, chunk_size=4, memory_steps=-1)

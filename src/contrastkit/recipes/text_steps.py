@@ -14,6 +14,14 @@ Two masks remove false negatives from each anchor's denominator without forming 
   minus ``guide_margin``. The guide's embeddings are looked up from the base model's
   corpus and query embeddings computed once before training (no extra encoder pass).
 
+With ``memory_steps = S > 0`` the step also keeps a cross-batch memory (XBM, Wang et al.
+2020, arXiv:1912.06798): the detached document embeddings (positives and hard negatives) of
+the last S steps join every anchor's candidates as one more column block, at no encoder
+cost. A remembered document that is a known positive of the anchor's query (or its own
+positive) is masked by the same duplicate mask; the guide mask covers it too. Under
+``torchrun`` the memory holds every rank's documents (gathered after each step), each rank
+passes its own slice, and DistributedLoss's gather puts the whole memory back together.
+
 The encoder passes are chunked by :class:`contrastkit.scale.GradCache`, so the batch is
 set by the data, not by memory. Under ``torchrun`` each process encodes its slice of the
 global batch and the objective, wrapped in :class:`contrastkit.scale.DistributedLoss`,
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Set
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -92,13 +100,21 @@ class RetrievalStep:
         known_positives: query id -> ids of all its relevant documents (for the duplicate mask).
         guide: base-model embeddings for the GISTEmbed mask, or None.
         rank, world: this process's slice of the global batch.
+        memory_steps: keep the document embeddings of this many past steps as extra
+            candidates (0: no memory). The objective must take extra candidate blocks as
+            ``*hard_negatives`` of any length (MultipleNegativesRanking does).
+
+    ``state_dict()`` / ``load_state_dict()`` hold the memory, so a resumed run continues
+    with the same candidates.
     """
 
     def __init__(self, *, query_encoder: nn.Module, objective: nn.Module, query_max_length: int,
                  doc_max_length: int, chunk_size: int, doc_encoder: Optional[nn.Module] = None,
                  autocast_dtype: Optional[torch.dtype] = None, sort_by_length: bool = True,
                  known_positives: Optional[Mapping[str, Set[str]]] = None, mask_duplicates: bool = True,
-                 guide: Optional[Guide] = None, rank: int = 0, world: int = 1) -> None:
+                 guide: Optional[Guide] = None, rank: int = 0, world: int = 1, memory_steps: int = 0) -> None:
+        if int(memory_steps) < 0:
+            raise ValueError(f"memory_steps must be >= 0, got {memory_steps}")
         self.query_encoder, self.doc_encoder = query_encoder, doc_encoder
         self.objective = objective
         self.query_max_length, self.doc_max_length = int(query_max_length), int(doc_max_length)
@@ -108,25 +124,71 @@ class RetrievalStep:
         self.cache = GradCache(query_encoder, objective, doc_encoder=doc_encoder, chunk_size=chunk_size,
                                sort_by_length=sort_by_length, autocast_dtype=autocast_dtype)
         self.masked_last = 0
+        self.memory_steps = int(memory_steps)
+        # per remembered step: (every rank's documents, rank-major rows; their ids, one list per rank)
+        self.memory: List[Tuple[Tensor, List[List[Optional[str]]]]] = []
+
+    # -- cross-batch memory -------------------------------------------------------------
+    def _memory_block(self) -> Tuple[Optional[Tensor], List[Optional[str]]]:
+        """This rank's memory rows and the ids of the whole (gathered) memory block, in the
+        column order DistributedLoss's gather gives: rank-major, then oldest step first."""
+        if not self.memory:
+            return None, []
+        local = []
+        for docs, ids in self.memory:
+            rows = docs.shape[0] // self.world
+            local.append(docs[self.rank * rows:(self.rank + 1) * rows])
+        ids = [i for r in range(self.world) for _, step_ids in self.memory for i in step_ids[r]]
+        return torch.cat(local), ids
+
+    def _remember(self, batch: Sequence[Example], h: int) -> None:
+        if any(e.positive_id is None for e in batch):
+            raise ValueError("negatives.memory_steps needs document ids (a BEIR folder, mined negatives or id "
+                             "columns): without them a remembered copy of an anchor's own positive cannot be "
+                             "masked")
+        docs = torch.cat(self.cache.last_embeddings[1:])          # this rank's positives, then negatives
+        if self.world > 1:
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(docs) for _ in range(self.world)]
+            dist.all_gather(parts, docs.contiguous())
+            docs = torch.cat(parts)
+        ids = []
+        for r in range(self.world):
+            share = batch[r * len(batch) // self.world:(r + 1) * len(batch) // self.world]
+            ids.append([e.positive_id for e in share] + [e.negative_ids[k] if k < len(e.negative_ids) else None
+                                                         for k in range(h) for e in share])
+        self.memory = (self.memory + [(docs, ids)])[-self.memory_steps:]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"memory": [(docs.cpu(), ids) for docs, ids in self.memory]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = next(self.query_encoder.parameters()).device
+        self.memory = [(docs.to(device), [list(r) for r in ids]) for docs, ids in state.get("memory", [])]
 
     def _tokens(self, encoder: nn.Module, texts: List[str], max_length: int) -> Dict[str, Tensor]:
         device = next(encoder.parameters()).device
         enc = encoder.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {k: v.to(device) for k, v in enc.items()}
 
-    def masks(self, batch: Sequence[Example]) -> list:
-        """The false-negative masks of a global batch (anchor rows x MNRL columns)."""
+    def masks(self, batch: Sequence[Example], memory_ids: Sequence[Optional[str]] = ()) -> list:
+        """The false-negative masks of a global batch (anchor rows x MNRL columns, then the
+        memory's columns ``memory_ids``)."""
         n = len(batch)
         positive_index = torch.arange(n)
+        cols = mnrl_columns(batch, key="id") + list(memory_ids)
         out = []
         if self.mask_duplicates and all(e.query_id is not None for e in batch):
-            cols = mnrl_columns(batch, key="id")
             rows = [set(self.known.get(e.query_id, ())) for e in batch]
             out.append(DuplicatePositiveMask(rows, cols, positive_index))
-        if self.guide is not None and self.guide.covers(batch):
+        elif memory_ids:
+            # the memory may hold this very pair from an earlier step (an epoch boundary):
+            # its own positive is dropped from the memory columns whatever mask_duplicates says
+            out.append(DuplicatePositiveMask([set() for _ in batch], cols, positive_index))
+        if self.guide is not None and self.guide.covers(batch) and all(d in self.guide.doc_index for d in memory_ids):
             g = self.guide
             q = g.query_embeddings[[g.query_index[e.query_id] for e in batch]]
-            cols = mnrl_columns(batch, key="id")
             c = g.doc_embeddings[[g.doc_index[d] for d in cols]]
             out.append(GuideMask(q, c, positive_index, margin=g.margin))
         return out
@@ -153,6 +215,10 @@ class RetrievalStep:
             groups.append(self._tokens(doc_encoder, [e.negatives[k] for e in local], self.doc_max_length))
         # masks index the concatenated global batch (rank-order rows and columns), which is
         # what DistributedLoss expects; every process builds the same ones
-        masks = self.masks(batch)
+        memory, memory_ids = self._memory_block()
+        masks = self.masks(batch, memory_ids)
         loss_kwargs = {"masks": masks} if masks else {}
-        return self.cache.step(*groups, loss_kwargs=loss_kwargs)
+        loss = self.cache.step(*groups, loss_args=() if memory is None else (memory,), loss_kwargs=loss_kwargs)
+        if self.memory_steps:
+            self._remember(batch, h)
+        return loss

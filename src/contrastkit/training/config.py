@@ -133,6 +133,9 @@ class NegativesConfig:
     guide_mask: bool = field(default=False, metadata={"help": "GISTEmbed: mask candidates the frozen base model "
                              "scores above the positive minus guide_margin"})
     guide_margin: float = field(default=0.0, metadata={**_range(0.0), "help": "GISTEmbed margin of the guide mask"})
+    memory_steps: int = field(default=0, metadata={**_range(0), "help": (
+        "cross-batch memory (XBM): the detached document embeddings of the last memory_steps steps join "
+        "every anchor's candidates, known positives masked (0: off; needs document ids)")})
 
 
 @dataclass

@@ -9,6 +9,8 @@ The loop knows nothing about text or images. A recipe gives it
   ``load_state_dict()`` (the position inside the epoch) and ``len()``;
 - ``evaluate(step) -> metrics`` (optional): the dev evaluation, whose ``select_metric``
   picks the best model, saved by ``save_best(folder)``.
+- ``step_fn`` may carry state across steps (a cross-batch memory): if it has
+  ``state_dict()`` / ``load_state_dict()``, that state is checkpointed and restored too.
 
 Per step: ``step_fn``, gradient all-reduce when several processes run, clipping,
 ``optimizer.step()``, ``scheduler.step()``. A checkpoint (weights, optimizer, scheduler,
@@ -164,7 +166,8 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "batches": self.batches.state_dict(), "best_score": self.best_score, "best_step": self.best_step,
-                "history": [dict(h) for h in self.history]}
+                "history": [dict(h) for h in self.history],
+                "step_fn": self.step_fn.state_dict() if hasattr(self.step_fn, "state_dict") else None}
 
     def save(self) -> None:
         """Checkpoint into ``run/checkpoint`` (main process only)."""
@@ -183,6 +186,8 @@ class Trainer:
         self.batches.load_state_dict(state["batches"])
         self.best_score, self.best_step = state.get("best_score"), state.get("best_step")
         self.history = list(state.get("history") or [])
+        if state.get("step_fn") is not None and hasattr(self.step_fn, "load_state_dict"):
+            self.step_fn.load_state_dict(state["step_fn"])
 
     # -- the loop ----------------------------------------------------------------------
     def _all_reduce_grads(self) -> None:
