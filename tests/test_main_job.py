@@ -300,17 +300,20 @@ def test_memory_columns_are_the_last_steps_documents_with_known_positives_masked
     known["q4"] = {"d4", "d0"}                       # d0, remembered from step 1, is also relevant to q4
     step = RetrievalStep(query_encoder=enc, objective=ck.losses.MultipleNegativesRanking(temperature=0.05),
                          query_max_length=16, doc_max_length=16, chunk_size=3, known_positives=known, memory_steps=1)
+    def embed(texts):
+        return enc(**step._tokens(enc, texts, 16))
+
     step(b1)
-    memory = torch.cat([e.clone() for e in step.cache.last_embeddings[1:]])             # d0..d3, n0..n3
+    with torch.no_grad():                            # step 1's documents, encoded on their own: d0..d3, n0..n3
+        memory = torch.cat([embed([e.positive for e in b1]), embed([e.negatives[0] for e in b1])])
     assert len(step.memory) == 1 and step.memory[0][1] == [["d0", "d1", "d2", "d3", "n0", "n1", "n2", "n3"]]
+    torch.testing.assert_close(step.memory[0][0], memory, rtol=0, atol=1e-12)
     enc.zero_grad()
     loss = step(b2)
     got = [None if p.grad is None else p.grad.clone() for p in enc.parameters()]
     assert sum(g is not None for g in got) > 10
 
     enc.zero_grad()
-    def embed(texts):
-        return enc(**step._tokens(enc, texts, 16))
     q = embed([e.query for e in b2])
     cands = torch.cat([embed([e.positive for e in b2]), embed([e.negatives[0] for e in b2]), memory])
     cols = ["d2", "d3", "d4", "d5", "n2", "n3", "n4", "n5", "d0", "d1", "d2", "d3", "n0", "n1", "n2", "n3"]
