@@ -350,3 +350,11 @@ def test_memory_needs_document_ids(tiny):
     with pytest.raises(ValueError, match="memory_steps must be >= 0"):
         RetrievalStep(query_encoder=enc, objective=ck.losses.MultipleNegativesRanking(), query_max_length=16,
                       doc_max_length=16, chunk_size=4, memory_steps=-1)
+
+
+def test_memory_config_errors_name_the_field(tiny, tmp_path, capsys):
+    data, model = tiny
+    assert main(_args(data, model, tmp_path / "a", "--max-steps", "2", "--set", "data.sts=false",
+                      "--set", "negatives.memory_steps=2", "--objective", "InfoNCE")) == 2
+    err = capsys.readouterr().err
+    assert "negatives.memory_steps" in err and "MultipleNegativesRanking" in err
