@@ -7,11 +7,49 @@ Prints time (ms per forward + backward) and peak memory (MB above the inputs) an
 
     python scripts/bench_cuda_tiles.py cuda results/gpu     # needs a CUDA device
     python scripts/bench_cuda_tiles.py cpu /tmp             # runs anywhere (slow at 16,384)
+    python scripts/bench_cuda_tiles.py --plot-from results/gpu/census2.json docs/images/x.png
+
+Each run also draws ``<out>/census2.png`` (time per call, old rule / new rule / naive, by N).
 
 Latest figures (one H200, 2026-11-28): docs/benchmarks.md, "The automatic tile on CUDA".
 """
 import json, sys, time
 import torch
+
+
+def plot(rows, path):
+    """One panel per objective: ms per forward + backward against N, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["name"] for r in rows})
+    fig, axes = plt.subplots(2, (len(names) + 1) // 2, figsize=(3.2 * ((len(names) + 1) // 2), 6), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        rs = sorted((r for r in rows if r["name"] == name), key=lambda r: r["n"])
+        n = [r["n"] for r in rs]
+        ax.plot(n, [r["old_ms"] for r in rs], "o-", label="old tile rule")
+        ax.plot(n, [r["new_ms"] for r in rs], "o-", label="auto_tile (now)")
+        nv = [(r["n"], r["naive_ms"]) for r in rs if r["naive_ms"] == r["naive_ms"]]
+        ax.plot([x for x, _ in nv], [y for _, y in nv], "s--", color="grey", label="naive formula")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("N")
+        ax.set_ylabel("ms per forward + backward")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("the automatic tile on CUDA (bench_cuda_tiles.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "--plot-from":
+    plot(json.load(open(sys.argv[2])), sys.argv[3])
+    sys.exit(0)
 import contrastkit.engine.tiling as tiling
 from contrastkit.bench.loss_cases import CASES, make_inputs
 
@@ -64,3 +102,4 @@ for n in (256, 1024, 4096, 16384):
         rows.append(dict(n=n, name=name, old_ms=o, new_ms=w, old_mb=om, new_mb=wm, naive_ms=nv))
         print(f"{name:14s} n={n:6d} old {o:8.2f} ms {om:8.1f} MB | new {w:8.2f} ms {wm:8.1f} MB | speed-up {o / w:5.2f}x | naive {nv:8.2f} ms", flush=True)
 json.dump(rows, open(f"{out}/census2.json", "w"), indent=1)
+plot(rows, f"{out}/census2.png")
