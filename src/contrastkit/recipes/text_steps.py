@@ -141,11 +141,7 @@ class RetrievalStep:
         ids = [i for r in range(self.world) for _, step_ids in self.memory for i in step_ids[r]]
         return torch.cat(local), ids
 
-    def _remember(self, batch: Sequence[Example], h: int) -> None:
-        if any(e.positive_id is None for e in batch):
-            raise ValueError("negatives.memory_steps needs document ids (a BEIR folder, mined negatives or id "
-                             "columns): without them a remembered copy of an anchor's own positive cannot be "
-                             "masked")
+    def _remember(self, batch: Sequence[Example]) -> None:
         docs = torch.cat(self.cache.last_embeddings[1:])          # this rank's positives, then negatives
         if self.world > 1:
             import torch.distributed as dist
@@ -153,11 +149,9 @@ class RetrievalStep:
             parts = [torch.empty_like(docs) for _ in range(self.world)]
             dist.all_gather(parts, docs.contiguous())
             docs = torch.cat(parts)
-        ids = []
-        for r in range(self.world):
-            share = batch[r * len(batch) // self.world:(r + 1) * len(batch) // self.world]
-            ids.append([e.positive_id for e in share] + [e.negative_ids[k] if k < len(e.negative_ids) else None
-                                                         for k in range(h) for e in share])
+        # each rank's rows are its share of the batch in the MNRL column layout
+        ids = [mnrl_columns(batch[r * len(batch) // self.world:(r + 1) * len(batch) // self.world], key="id")
+               for r in range(self.world)]
         self.memory = (self.memory + [(docs, ids)])[-self.memory_steps:]
 
     def state_dict(self) -> Dict[str, Any]:
@@ -207,6 +201,10 @@ class RetrievalStep:
         if len(counts) != 1:
             raise ValueError(f"a batch mixes examples with {sorted(counts)} negatives; fill_negatives() evens them")
         h = counts.pop()
+        if self.memory_steps and any(e.positive_id is None for e in batch):
+            raise ValueError("negatives.memory_steps needs document ids (a BEIR folder, mined negatives or id "
+                             "columns): without them a remembered copy of an anchor's own positive cannot be "
+                             "masked")
         local = self.local_slice(batch)
         doc_encoder = self.doc_encoder or self.query_encoder
         q = self._tokens(self.query_encoder, [e.query for e in local], self.query_max_length)
@@ -220,5 +218,5 @@ class RetrievalStep:
         loss_kwargs = {"masks": masks} if masks else {}
         loss = self.cache.step(*groups, loss_args=() if memory is None else (memory,), loss_kwargs=loss_kwargs)
         if self.memory_steps:
-            self._remember(batch, h)
+            self._remember(batch)
         return loss
