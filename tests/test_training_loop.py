@@ -233,3 +233,73 @@ def test_interpolation_keeps_the_base_and_warns_when_tuning_did_not_help(tmp_pat
     # a grid without 0: the tuned model is kept, and the warning says how to keep the base
     _, _, warning, weight = _walk(tmp_path, curve, [0.85, 1.0], before=0.7225, best=0.7218)
     assert weight > 0 and "put 0.0 in interpolation.alphas" in warning
+
+
+# -- layer-wise learning-rate decay (optim.layer_decay) ------------------------------------
+
+class _NamedBlocks(torch.nn.Module):
+    """Parameter names of a decoder-style model: embed_tokens, layers.N, a final norm."""
+
+    def __init__(self, n_layers=3):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(10, 4)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(n_layers))
+        self.norm = torch.nn.LayerNorm(4)
+
+
+def test_layer_depths_read_block_numbers_across_architectures():
+    from contrastkit.recipes.common import layer_depths
+
+    depths, n_layers = layer_depths(_NamedBlocks(3))
+    assert n_layers == 3
+    assert depths["embed_tokens.weight"] == 0
+    assert [depths[f"layers.{i}.weight"] for i in range(3)] == [1, 2, 3]
+    assert depths["norm.weight"] == depths["norm.bias"] == 4  # the top
+    depths, n_layers = layer_depths(torch.nn.Linear(3, 3))
+    assert n_layers == 0 and set(depths.values()) == {1}
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_layer_decay_sets_each_parameter_lr_by_depth_and_keeps_ratios_through_the_schedule(tmp_path, decay):
+    from contrastkit.models import TextEncoder
+    from contrastkit.recipes.common import _no_decay, build_optimizer, layer_depths
+    from main_job_fixtures import make_tiny_model
+
+    enc = TextEncoder(str(make_tiny_model(tmp_path / "m")))
+    temperature = torch.nn.Parameter(torch.zeros(()))  # a module with no numbered blocks
+    extra = torch.nn.Module()
+    extra.log_temperature = temperature
+    cfg = load_config(overrides=[f"optim.layer_decay={decay}", "optim.lr=0.01", "optim.weight_decay=0.1"])
+    opt = build_optimizer({"query": enc, "objective": extra}, cfg)
+    depths, n_layers = layer_depths(enc)
+    assert n_layers == 2
+    where = {id(p): g for g in opt.param_groups for p in g["params"]}
+    params = dict(enc.named_parameters())
+    assert len(where) == sum(p.requires_grad for p in params.values()) + 1  # each parameter in one group
+    for name, p in params.items():
+        g = where[id(p)]
+        assert g["lr"] == pytest.approx(0.01 * decay ** (n_layers + 1 - depths[name])), name
+        assert g["weight_decay"] == (0.0 if _no_decay(name) else 0.1), name
+    assert where[id(temperature)]["lr"] == pytest.approx(0.01)
+    emb = where[id(params["model.embeddings.word_embeddings.weight"])]
+    assert emb["lr"] == pytest.approx(0.01 * decay ** 3)
+    if decay == 1.0:  # off: the two groups of before (decay, no decay), so old checkpoints resume
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    sched = build_schedule(opt, kind="linear", total_steps=10, warmup_steps=2)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    top = max(g["lr"] for g in opt.param_groups)
+    assert emb["lr"] / top == pytest.approx(decay ** 3)
+
+
+def test_layer_decay_without_numbered_layers_is_a_config_error():
+    from contrastkit.recipes.common import build_optimizer
+
+    cfg = load_config(overrides=["optim.layer_decay=0.8"])
+    with pytest.raises(ConfigError, match="optim.layer_decay: 0.8 needs numbered layers"):
+        build_optimizer({"query": torch.nn.Linear(3, 3)}, cfg)
+    with pytest.raises(ConfigError, match="optim.layer_decay"):
+        load_config(overrides=["optim.layer_decay=0"])
+    with pytest.raises(ConfigError, match="optim.layer_decay"):
+        load_config(overrides=["optim.layer_decay=1.5"])

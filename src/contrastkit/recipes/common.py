@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,7 +23,7 @@ from .. import losses as losses_module
 from ..models import TextEncoder
 from ..training.config import ConfigError, RunConfig
 
-__all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "build_optimizer",
+__all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "build_optimizer", "layer_depths",
            "ExampleBatches", "save_towers", "load_towers", "versions", "best_then_interpolate", "start_run"]
 
 
@@ -85,17 +86,54 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or name.endswith("norm.weight")
 
 
+# A numbered transformer block in a parameter name: BERT / RoBERTa "encoder.layer.3.",
+# Llama / Qwen / Mistral "layers.3.", GPT-2 "h.3.", T5 / ViT "block.3." / "blocks.3.".
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+_EMBEDDING = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|wte|wpe|shared|patch_embed|pos_embed)(?:\.|$)")
+
+
+def layer_depths(module: nn.Module) -> Tuple[Dict[str, int], int]:
+    """Depth of every parameter of ``module`` for layer-wise learning-rate decay: 0 for the
+    embeddings, ``l + 1`` for numbered block ``l``, ``L + 1`` (the top) for the rest
+    (pooler, final norm, a learned temperature), where ``L`` is the number of blocks.
+    Returns ``(depth by parameter name, L)``; ``L = 0`` when no numbered block is found."""
+    names = [n for n, _ in module.named_parameters()]
+    blocks = [int(m.group(1)) for m in map(_LAYER.search, names) if m]
+    n_layers = max(blocks) + 1 if blocks else 0
+    depths = {}
+    for n in names:
+        m = _LAYER.search(n)
+        depths[n] = int(m.group(1)) + 1 if m else (0 if _EMBEDDING.search(n) else n_layers + 1)
+    return depths, n_layers
+
+
 def build_optimizer(modules: Dict[str, nn.Module], cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights."""
-    decay, plain, seen = [], [], set()
+    """AdamW; no weight decay on biases and normalisation weights. With
+    ``optim.layer_decay`` = d < 1, a parameter at depth l of an encoder with L blocks
+    (:func:`layer_depths`) learns at ``lr * d ** (L + 1 - l)`` (layer-wise learning-rate
+    decay, Clark et al. 2020, ELECTRA, appendix A): the lower layers move less. Modules
+    without numbered blocks (a learned temperature) learn at ``lr``."""
+    decay_rate = cfg.optim.layer_decay
+    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+    seen, any_layers = set(), False
     for mname, module in modules.items():
+        depths, n_layers = layer_depths(module)
+        any_layers = any_layers or n_layers > 0
         for pname, p in module.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (plain if _no_decay(pname) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr)
+            scale = decay_rate ** (n_layers + 1 - depths[pname]) if n_layers else 1.0
+            wd = 0.0 if _no_decay(pname) else cfg.optim.weight_decay
+            groups.setdefault((wd, scale), []).append(p)
+    if decay_rate < 1.0 and not any_layers:
+        raise ConfigError(f"optim.layer_decay: {decay_rate} needs numbered layers (layer.N / layers.N / h.N / "
+                          f"block.N in parameter names); none found in {sorted(modules)}: set it to 1.0")
+    # The order is fixed (weight decay, then depth) so that a resumed run's optimizer state
+    # lines up with its parameter groups.
+    param_groups = [{"params": ps, "weight_decay": wd, "lr": cfg.optim.lr * scale}
+                    for (wd, scale), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
+    return torch.optim.AdamW(param_groups, lr=cfg.optim.lr)
 
 
 class ExampleBatches:

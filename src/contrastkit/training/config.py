@@ -135,7 +135,7 @@ class NegativesConfig:
     guide_margin: float = field(default=0.0, metadata={**_range(0.0), "help": "GISTEmbed margin of the guide mask"})
     memory_steps: int = field(default=0, metadata={**_range(0), "help": (
         "cross-batch memory (XBM): the detached document embeddings of the last memory_steps steps join "
-        "every anchor's candidates, known positives masked (0: off; needs document ids)")})
+        "every anchor's candidates, known positives masked (0: off; objective MultipleNegativesRanking only; measured to lose on SciFact dev, docs/benchmarks.md)")})
 
 
 @dataclass
@@ -154,6 +154,9 @@ class OptimConfig:
         "AdamW peak learning rate (recipe simcse: 3e-05 unless set); 1.2e-4 chosen on SciFact dev "
         "(contrastkit bench dev), see docs/main-job.md")})
     weight_decay: float = field(default=0.01, metadata={**_range(0.0), "help": "AdamW weight decay (not on biases / norms)"})
+    layer_decay: float = field(default=1.0, metadata={**_range(0.0, 1.0, open_lo=True), "help": (
+        "layer-wise learning-rate decay (Clark et al. 2020): a parameter of layer l of L gets "
+        "lr x layer_decay^(L + 1 - l), embeddings l = 0, the pooler / objective top; 1.0: off")})
     warmup_ratio: float = field(default=0.1, metadata={**_range(0.0, 1.0), "help": "share of the steps with linear warm-up"})
     schedule: str = field(default="linear", metadata=_choice("linear", "cosine", "constant"))
     max_grad_norm: Optional[float] = field(default=1.0, metadata={**_range(0.0, None, open_lo=True), "help": "clip the gradient norm (null: no clipping)"})

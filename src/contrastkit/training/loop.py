@@ -153,6 +153,11 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
 
     # -- state -------------------------------------------------------------------------
+    def _peak_lr(self) -> float:
+        """The largest learning rate of the optimizer's groups (the top layers' under
+        layer-wise decay), as the progress bar and metrics.jsonl report it."""
+        return max(g["lr"] for g in self.optimizer.param_groups)
+
     def _params(self) -> List[nn.Parameter]:
         seen, out = set(), []
         for m in self.modules.values():
@@ -259,12 +264,12 @@ class Trainer:
                         now = time.perf_counter()
                         rate = self.examples_per_step * n_since / max(now - t_last, 1e-9)
                         bar.set_postfix(loss=f"{last_loss:.4f}", ex_s=f"{rate:.1f}",
-                                        lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                                        lr=f"{self._peak_lr():.2e}")
                         bar.update(1)
                         t_last, n_since = now, 0
                     if self.run is not None and (self.step % 10 == 0 or self.step == 1):
                         self.run.log({"phase": "train", "step": self.step, "loss": last_loss,
-                                      "lr": self.optimizer.param_groups[0]["lr"]})
+                                      "lr": self._peak_lr()})
                     due_eval = (self.eval_every is not None and self.step % self.eval_every == 0) \
                         or self.step == self.total_steps
                     if due_eval:
