@@ -358,3 +358,31 @@ def test_memory_config_errors_name_the_field(tiny, tmp_path, capsys):
                       "--set", "negatives.memory_steps=2", "--objective", "InfoNCE")) == 2
     err = capsys.readouterr().err
     assert "negatives.memory_steps" in err and "MultipleNegativesRanking" in err
+
+
+def test_layer_decay_and_weight_average_reach_the_main_job(tiny, tmp_path):
+    # the same seeded run with and without each option: each changes the kept model, and the
+    # resolved config records it
+    from safetensors.torch import load_file
+
+    data, model = tiny
+    common = ["--max-steps", "3", "--set", "data.sts=false", "--set", "interpolation.enabled=false"]
+
+    def weights(name, *extra):
+        out = tmp_path / name
+        assert main(_args(data, model, out, *common, *extra)) == 0
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        files = sorted((out / "model").rglob("*.safetensors"))
+        return cfg, {k: v for f in files for k, v in load_file(str(f)).items()}
+
+    _, plain = weights("plain")
+    cfg, decayed = weights("decayed", "--set", "optim.layer_decay=0.5")
+    assert cfg["optim"]["layer_decay"] == 0.5
+    cfg, averaged = weights("averaged", "--set", "optim.ema_decay=0.5")
+    assert cfg["optim"]["ema_decay"] == 0.5
+    _, again = weights("again")
+    for k in plain:  # the run is deterministic, so a difference is the option's
+        torch.testing.assert_close(plain[k], again[k], rtol=0, atol=0)
+    emb = next(k for k in plain if "word_embeddings" in k)
+    assert not torch.equal(plain[emb], decayed[emb])
+    assert any(not torch.equal(plain[k], averaged[k]) for k in plain)

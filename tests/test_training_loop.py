@@ -40,7 +40,8 @@ class ListBatches:
         self.pos = int(s["pos"])
 
 
-def _make(tmp, total_steps, *, eval_every=2, checkpoint_every=None, resume=False, overwrite=False, crash_at=None):
+def _make(tmp, total_steps, *, eval_every=2, checkpoint_every=None, resume=False, overwrite=False, crash_at=None,
+          ema_decay=None, seen=None):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1)).double()
     data = torch.randn(40, 5, dtype=torch.float64)
@@ -58,6 +59,8 @@ def _make(tmp, total_steps, *, eval_every=2, checkpoint_every=None, resume=False
         return loss.detach()
 
     def evaluate(step):
+        if seen is not None:  # the weights dev sees
+            seen.append((step, [p.detach().clone() for p in net.parameters()]))
         with torch.no_grad():
             net.eval()
             return {"ndcg@10": float(-(net(data) - data.sum(1, keepdim=True)).pow(2).mean())}
@@ -66,7 +69,7 @@ def _make(tmp, total_steps, *, eval_every=2, checkpoint_every=None, resume=False
     tr = Trainer(modules={"model": net}, step_fn=step_fn, batches=ListBatches(data, 8), optimizer=opt,
                  scheduler=sched, total_steps=total_steps, evaluate=evaluate, eval_every=eval_every,
                  checkpoint_every=checkpoint_every, run=run, progress=False, examples_per_step=8,
-                 save_best=lambda folder: folder.mkdir(exist_ok=True))
+                 save_best=lambda folder: folder.mkdir(exist_ok=True), ema_decay=ema_decay)
     return tr, net
 
 
@@ -303,3 +306,58 @@ def test_layer_decay_without_numbered_layers_is_a_config_error():
         load_config(overrides=["optim.layer_decay=0"])
     with pytest.raises(ConfigError, match="optim.layer_decay"):
         load_config(overrides=["optim.layer_decay=1.5"])
+
+
+# -- the weight average (optim.ema_decay) --------------------------------------------------
+
+def test_ema_matches_a_float64_reference_and_dev_sees_the_average(tmp_path):
+    seen = []
+    tr, net = _make(tmp_path / "r", 9, ema_decay=0.7, seen=seen)
+    after_steps = []
+    tr.optimizer.register_step_post_hook(
+        lambda *_: after_steps.append([p.detach().clone() for p in net.parameters()]))
+    reference = [p.detach().clone() for p in net.parameters()]
+    averages = {}
+    tr.fit()
+    for t, params in enumerate(after_steps, start=1):
+        d = min(0.7, (1 + t) / (10 + t))
+        reference = [d * a + (1 - d) * p for a, p in zip(reference, params)]
+        averages[t] = reference
+    assert len(after_steps) == 9
+    for a, r in zip(tr.ema, averages[9]):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    # dev scored the average at each evaluation; training continued from the raw weights
+    assert [s for s, _ in seen] == [2, 4, 6, 8, 9]
+    for s, params in seen:
+        for p, r in zip(params, averages[s]):
+            torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12)
+    for p, raw in zip(net.parameters(), after_steps[-1]):
+        torch.testing.assert_close(p.detach(), raw, rtol=0, atol=0)
+    assert not torch.allclose(next(net.parameters()), tr.ema[0])
+
+
+def test_ema_resumes_exactly_and_refuses_a_checkpoint_without_it(tmp_path):
+    full, net_full = _make(tmp_path / "full", 13, ema_decay=0.8)
+    full.fit()
+    part, _ = _make(tmp_path / "part", 13, checkpoint_every=7, crash_at=10, ema_decay=0.8)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    resumed, net_resumed = _make(tmp_path / "part", 13, resume=True, ema_decay=0.8)
+    resumed.fit(resume=True)
+    for a, b in zip(full.ema, resumed.ema):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(net_full.parameters(), net_resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    plain, _ = _make(tmp_path / "plain", 4)
+    plain.fit()
+    other, _ = _make(tmp_path / "plain", 4, resume=True, ema_decay=0.8)
+    with pytest.raises(ValueError, match="no weight average"):
+        other.fit(resume=True)
+
+
+def test_ema_decay_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"optim.ema_decay: 1.0 must be < 1.0"):
+        load_config(overrides=["optim.ema_decay=1.0"])
+    with pytest.raises(ConfigError, match="optim.ema_decay"):
+        load_config(overrides=["optim.ema_decay=0"])
+    assert load_config(overrides=["optim.ema_decay=0.9"]).optim.ema_decay == 0.9

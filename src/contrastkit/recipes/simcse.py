@@ -444,7 +444,7 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     trainer = Trainer(modules=trainable, step_fn=step_fn, batches=batches, optimizer=optimizer, scheduler=schedule,
                       total_steps=total, evaluate=evaluate, select_metric=select, save_best=save_best,
                       eval_every=cfg.train.eval_every, checkpoint_every=cfg.train.checkpoint_every,
-                      max_grad_norm=cfg.optim.max_grad_norm, run=run, progress=main,
+                      max_grad_norm=cfg.optim.max_grad_norm, ema_decay=cfg.optim.ema_decay, run=run, progress=main,
                       examples_per_step=cfg.batching.batch_size)
     with timer("train"):
         result = trainer.fit(resume=cfg.output.resume)

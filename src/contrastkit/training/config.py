@@ -64,8 +64,9 @@ def _choice(*values: Any) -> Dict[str, Any]:
     return {"choices": values}
 
 
-def _range(lo: Optional[float] = None, hi: Optional[float] = None, *, open_lo: bool = False) -> Dict[str, Any]:
-    return {"range": (lo, hi, open_lo)}
+def _range(lo: Optional[float] = None, hi: Optional[float] = None, *, open_lo: bool = False,
+           open_hi: bool = False) -> Dict[str, Any]:
+    return {"range": (lo, hi, open_lo, open_hi)}
 
 
 @dataclass
@@ -159,6 +160,9 @@ class OptimConfig:
         "lr x layer_decay^(L + 1 - l), embeddings l = 0, the pooler / objective top; 1.0: off")})
     warmup_ratio: float = field(default=0.1, metadata={**_range(0.0, 1.0), "help": "share of the steps with linear warm-up"})
     schedule: str = field(default="linear", metadata=_choice("linear", "cosine", "constant"))
+    ema_decay: Optional[float] = field(default=None, metadata={**_range(0.0, 1.0, open_lo=True, open_hi=True), "help": (
+        "keep an exponential moving average of the weights (decay min(ema_decay, (1+t)/(10+t)) at step t); "
+        "dev evaluations, the best checkpoint and the kept model use the average (null: off)")})
     max_grad_norm: Optional[float] = field(default=1.0, metadata={**_range(0.0, None, open_lo=True), "help": "clip the gradient norm (null: no clipping)"})
 
 
@@ -293,11 +297,11 @@ def _check_metadata(path: str, value: Any, meta: Mapping[str, Any]) -> None:
         allowed = ", ".join("null" if c is None else str(c) for c in meta["choices"])
         raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {allowed}")
     if "range" in meta and value is not None:
-        lo, hi, open_lo = meta["range"]
+        lo, hi, open_lo, open_hi = meta["range"]
         if lo is not None and (value < lo or (open_lo and value == lo)):
             raise ConfigError(f"{path}: {value!r} must be {'>' if open_lo else '>='} {lo}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{path}: {value!r} must be <= {hi}")
+        if hi is not None and (value > hi or (open_hi and value == hi)):
+            raise ConfigError(f"{path}: {value!r} must be {'<' if open_hi else '<='} {hi}")
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:

@@ -48,6 +48,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -127,6 +128,13 @@ class Trainer:
         run: the run folder (metrics.jsonl, checkpoint/); None: nothing written.
         progress: show a tqdm bar (loss, examples/s, ETA) on the main process.
         examples_per_step: for the examples/s figure.
+        ema_decay: keep an exponential moving average of the trainable parameters
+            (Polyak averaging; Tarvainen & Valpola 2017, Izmailov et al. 2018) with decay
+            ``d_t = min(ema_decay, (1 + t) / (10 + t))`` after optimizer step t (the warm
+            start of TensorFlow's ExponentialMovingAverage): ``avg <- d_t avg + (1 - d_t)
+            param``. Dev evaluations and ``save_best`` then see the averaged weights (the
+            model a run keeps is the average); training continues from the raw weights. The
+            average is checkpointed, so a resumed run ends with the same one. None: off.
     """
 
     def __init__(self, *, modules: Mapping[str, nn.Module], step_fn: Callable[[Any], torch.Tensor], batches: Any,
@@ -134,9 +142,12 @@ class Trainer:
                  evaluate: Optional[Callable[[int], Dict[str, float]]] = None, select_metric: str = "ndcg@10",
                  save_best: Optional[Callable[[Path], None]] = None, eval_every: Optional[int] = None,
                  checkpoint_every: Optional[int] = None, max_grad_norm: Optional[float] = 1.0,
-                 run: Optional[RunFolder] = None, progress: bool = True, examples_per_step: int = 0) -> None:
+                 run: Optional[RunFolder] = None, progress: bool = True, examples_per_step: int = 0,
+                 ema_decay: Optional[float] = None) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if ema_decay is not None and not 0.0 < float(ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1) or be None, got {ema_decay!r}")
         self.modules = dict(modules)
         self.step_fn, self.batches = step_fn, batches
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -151,6 +162,9 @@ class Trainer:
         self.best_score: Optional[float] = None
         self.best_step: Optional[int] = None
         self.history: List[Dict[str, Any]] = []
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.ema: Optional[List[torch.Tensor]] = (
+            [p.detach().clone() for p in self._params()] if self.ema_decay is not None else None)
 
     # -- state -------------------------------------------------------------------------
     def _peak_lr(self) -> float:
@@ -172,7 +186,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "batches": self.batches.state_dict(), "best_score": self.best_score, "best_step": self.best_step,
                 "history": [dict(h) for h in self.history],
-                "step_fn": self.step_fn.state_dict() if hasattr(self.step_fn, "state_dict") else None}
+                "step_fn": self.step_fn.state_dict() if hasattr(self.step_fn, "state_dict") else None,
+                "ema": None if self.ema is None else [t.detach().cpu() for t in self.ema]}
 
     def save(self) -> None:
         """Checkpoint into ``run/checkpoint`` (main process only)."""
@@ -193,6 +208,41 @@ class Trainer:
         self.history = list(state.get("history") or [])
         if state.get("step_fn") is not None and hasattr(self.step_fn, "load_state_dict"):
             self.step_fn.load_state_dict(state["step_fn"])
+        if self.ema is not None:
+            saved = state.get("ema")
+            if saved is None or len(saved) != len(self.ema):
+                raise ValueError("the checkpoint has no weight average matching optim.ema_decay's parameters "
+                                 "(it was written with another ema_decay setting): resume with the run's own config")
+            for t, v in zip(self.ema, saved):
+                t.copy_(v)
+
+    # -- the weight average ------------------------------------------------------------
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = min(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+        with torch.no_grad():
+            for avg, p in zip(self.ema, self._params()):
+                avg.lerp_(p.detach(), 1.0 - d)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within the block the trainable parameters hold the weight average (unchanged
+        when ``ema_decay`` is None); the raw weights come back after it."""
+        if self.ema is None:
+            yield
+            return
+        params = self._params()
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in params]
+            for p, avg in zip(params, self.ema):
+                p.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, raw):
+                    p.copy_(r)
 
     # -- the loop ----------------------------------------------------------------------
     def _all_reduce_grads(self) -> None:
@@ -210,19 +260,20 @@ class Trainer:
         if self.evaluate is None:
             return
         t0 = time.perf_counter()
-        metrics = self.evaluate(self.step)
-        record = {"phase": "dev", "step": self.step, "epoch": self.epoch, **metrics,
-                  "seconds": round(time.perf_counter() - t0, 2)}
-        self.history.append(record)
-        if self.run is not None:
-            self.run.log(record)
-        score = metrics.get(self.select_metric)
-        if score is None:
-            raise KeyError(f"the dev evaluation returned no {self.select_metric!r} (it gave {sorted(metrics)})")
-        if self.best_score is None or score > self.best_score:
-            self.best_score, self.best_step = float(score), self.step
-            if self.save_best is not None and self.run is not None and self.rank == 0:
-                self.save_best(self.run.file("best"))
+        with self.averaged_weights():  # the model a run keeps is what dev scores
+            metrics = self.evaluate(self.step)
+            record = {"phase": "dev", "step": self.step, "epoch": self.epoch, **metrics,
+                      "seconds": round(time.perf_counter() - t0, 2)}
+            self.history.append(record)
+            if self.run is not None:
+                self.run.log(record)
+            score = metrics.get(self.select_metric)
+            if score is None:
+                raise KeyError(f"the dev evaluation returned no {self.select_metric!r} (it gave {sorted(metrics)})")
+            if self.best_score is None or score > self.best_score:
+                self.best_score, self.best_step = float(score), self.step
+                if self.save_best is not None and self.run is not None and self.rank == 0:
+                    self.save_best(self.run.file("best"))
 
     def fit(self, *, resume: bool = False) -> TrainResult:
         """Run until ``total_steps`` (from the checkpoint when ``resume``)."""
@@ -251,10 +302,11 @@ class Trainer:
                     if self.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(self._params(), self.max_grad_norm)
                     self.optimizer.step()
+                    self.step += 1
+                    self._update_ema()
                     if self.scheduler is not None:
                         self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
                     n_since += 1
                     last_loss = float(loss)
                     if not math.isfinite(last_loss):
