@@ -12,8 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
 from contrastkit import reference
+from contrastkit.engine import DiagonalMask, IndexMask
 from contrastkit.functional import dcl
-from objective_checks import assert_rel_close, grads_of, inverse_min_temperature
+from objective_checks import assert_rel_close, grads_of, inverse_min_temperature, draw_masks
 
 D64 = torch.float64
 DATA = __import__("pathlib").Path(__file__).parent / "data" / "peer_losses.npz"
@@ -154,3 +155,138 @@ def test_bad_input():
         dcl(a[:1], b[:1], temperature=0.1)
     with pytest.raises(ValueError, match="every entry of positives is -1"):
         dcl(a, b, temperature=0.1, positives=torch.full((4,), -1))
+
+
+# ------------------------------------------------------------ masks= (retrieval form)
+
+
+@st.composite
+def masked_problems(draw):
+    n = draw(st.integers(1, 9), label="N")
+    positives = draw(st.sampled_from(["default", "random"]), label="positives")
+    m = draw(st.integers(n, n + 6) if positives == "default" else st.integers(1, 12), label="M")
+    return dict(
+        n=n, m=m, d=draw(st.integers(2, 6), label="d"), positives=positives,
+        weighted=draw(st.booleans(), label="weighted"),
+        sigma=draw(st.sampled_from([0.1, 0.5, 2.0])),
+        n_extra=draw(st.sampled_from([0, 0, 3])),
+        tile=draw(st.sampled_from([1, 2, 3, (2, 5), (3, 1), 100, None]), label="tile"),
+        temp=draw(st.sampled_from([0.01, 0.1, 0.5, 2.0])),
+        temp_kind=draw(st.sampled_from(["float", "scalar", "rows"])),
+        similarity=draw(st.sampled_from(["cosine", "dot"])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        seed=draw(st.integers(0, 2**31)),
+    )
+
+
+def _masked_inputs(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    n, m, d = p["n"], p["m"], p["d"]
+    sc = 1.0 if p["similarity"] == "cosine" or p["temp"] >= 0.5 else 0.3
+    a = (sc * torch.randn(n, d, generator=g, dtype=D64)).requires_grad_()
+    c = (sc * torch.randn(m, d, generator=g, dtype=D64)).requires_grad_()
+    extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=D64)).requires_grad_() if p["n_extra"] else None
+    if p["temp_kind"] == "float":
+        t = p["temp"]
+    elif p["temp_kind"] == "scalar":
+        t = torch.tensor(p["temp"], dtype=D64, requires_grad=True)
+    else:
+        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=D64))).requires_grad_()
+    positives = None
+    if p["positives"] == "random":
+        positives = torch.randint(-1, m, (n,), generator=g)
+        positives[0] = int(torch.randint(0, m, (1,), generator=g))
+    return g, a, c, extra, t, positives
+
+
+def _empty_rows(drop, positives, n):
+    """Rows with a positive whose every column is the positive or dropped."""
+    pos = positives if positives is not None else torch.arange(n)
+    left = ~drop
+    valid = pos >= 0
+    left[valid.nonzero().squeeze(1), pos[valid]] = False
+    return valid & ~left.any(1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(p=masked_problems(), data=st.data())
+def test_dcl_with_masks_matches_naive(p, data):
+    g, a, c, extra, t, positives = _masked_inputs(p)
+    n, cols = p["n"], p["m"] + p["n_extra"]
+    masks, drop = draw_masks(data, n, cols)
+    kw = dict(temperature=t, weighted=p["weighted"], sigma=p["sigma"], similarity=p["similarity"],
+              reduction=p["reduction"])
+    call = lambda: dcl(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw)
+    empty = _empty_rows(drop, positives, n)
+    if bool(empty.any()):
+        with pytest.raises(ValueError, match=f"anchor row {int(empty.nonzero()[0])} has no negative left"):
+            call()
+        return
+    out = call()
+    ref = reference.dcl(a, c, positives, extra, drop=drop, **kw)
+    if p["reduction"] == "none":
+        assert out.shape == (n,)
+        w = torch.randn(n, generator=g, dtype=D64)
+        out, ref = (out * w).sum(), (ref * w).sum()
+    inv_t = inverse_min_temperature(t)
+    assert_rel_close(out, ref, scale=inv_t, what="value")
+    inputs = [a, c] + ([extra] if extra is not None else []) + ([t] if isinstance(t, torch.Tensor) else [])
+    names = ["anchors", "candidates"] + (["extra"] if extra is not None else []) + (["temperature"] if isinstance(t, torch.Tensor) else [])
+    for x, y, name in zip(grads_of(out, inputs), grads_of(ref, inputs), names):
+        assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))
+
+
+def test_dcl_masks_drop_false_negatives_and_modules_accept_them():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(6, 5, generator=g, dtype=D64, requires_grad=True)
+    docs = torch.randn(6, 5, generator=g, dtype=D64, requires_grad=True)
+    hard = torch.randn(6, 5, generator=g, dtype=D64, requires_grad=True)
+    # query x [positive documents; hard negatives]: queries 0 and 1 share their documents
+    cols = torch.tensor([[1], [0], [-1], [-1], [-1], [-1]])
+    drop = torch.zeros(6, 12, dtype=torch.bool)
+    drop[0, 1] = drop[1, 0] = True
+    for cls in (ck.losses.DCL, ck.losses.DCLW):
+        mod = cls(temperature=0.2).double()
+        assert mod.work.dropped == ("positive", "masks")
+        got = mod(q, docs, None, hard, masks=[IndexMask(cols)])
+        want = reference.dcl(q, docs, None, hard, temperature=0.2, weighted=cls is ck.losses.DCLW, drop=drop)
+        assert_rel_close(got, want, rtol=1e-12)
+        plain = mod(q, docs, None, hard)
+        assert abs(float(plain.detach()) - float(got.detach())) > 1e-6          # the mask did drop something
+        for x, y in zip(grads_of(got, [q, docs, hard]), grads_of(want, [q, docs, hard])):
+            assert_rel_close(x, y, rtol=1e-10)
+    # a learnable temperature gets its exact gradient through the masked walk too
+    mod = ck.losses.DCL(temperature=0.2, learn_temperature=True).double()
+    mod(q, docs, None, hard, masks=[IndexMask(cols)]).backward()
+    t = torch.tensor(0.2, dtype=D64, requires_grad=True)
+    want = reference.dcl(q, docs, None, hard, temperature=t, drop=drop)
+    (gt,) = torch.autograd.grad(want, [t])
+    # d loss / d log_scale = d loss / dt * dt / dlog_scale = -t * d loss / dt
+    assert_rel_close(mod.temperature.log_scale.grad, -0.2 * gt, rtol=1e-9)
+
+
+def test_dcl_masks_without_masks_unchanged_and_two_view_refuses():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(5, 4, generator=g, dtype=D64), torch.randn(7, 4, generator=g, dtype=D64)
+    assert torch.equal(dcl(a, b, temperature=0.1, masks=()), dcl(a, b, temperature=0.1))
+    # a mask that drops nothing: the same loss
+    assert_rel_close(dcl(a, b, temperature=0.1, masks=[IndexMask(torch.full((5, 2), -1))]),
+                     dcl(a, b, temperature=0.1), rtol=1e-14)
+    with pytest.raises(ValueError, match="masks= is for the retrieval form"):
+        dcl(a, b[:5], temperature=0.1, two_view=True, masks=[DiagonalMask(1)])
+    with pytest.raises(ValueError, match="masks= is for the retrieval form"):
+        ck.losses.DCLW(temperature=0.1, two_view=True)(a, b[:5], masks=[DiagonalMask(1)])
+    # masks dropping every negative of row 2 (the diagonal is its positive)
+    cols = torch.tensor([[-1] * 6, [-1] * 6, [0, 1, 3, 4, 5, 6], [-1] * 6, [-1] * 6])
+    with pytest.raises(ValueError, match="anchor row 2 has no negative left"):
+        dcl(a, b, temperature=0.1, masks=[IndexMask(cols)])
+    # a row without positive may lose every column: it is left out
+    pos = torch.tensor([0, 1, -1, 3, 4])
+    cols[2, :] = torch.tensor([0, 1, 3, 4, 5, 6])
+    got = dcl(a, b, pos, temperature=0.1, masks=[IndexMask(torch.cat([cols, torch.full((5, 1), -1)], 1)),
+                                                 IndexMask(torch.tensor([[-1], [-1], [2], [-1], [-1]]))])
+    drop = torch.zeros(5, 7, dtype=torch.bool)
+    drop[2] = True
+    assert_rel_close(got, reference.dcl(a, b, pos, temperature=0.1, drop=drop), rtol=1e-12)
+    with pytest.raises(ValueError, match="IndexMask columns"):
+        dcl(a, b, temperature=0.1, masks=[IndexMask(torch.zeros(4, 1, dtype=torch.long))])

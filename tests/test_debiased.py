@@ -14,8 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
 from contrastkit import reference
+from contrastkit.engine import DiagonalMask, IndexMask
 from contrastkit.functional import debiased_contrastive, hard_negative_contrastive
-from objective_checks import assert_rel_close, grads_of, inverse_min_temperature
+from objective_checks import assert_rel_close, grads_of, inverse_min_temperature, draw_masks
 
 D64 = torch.float64
 
@@ -164,3 +165,171 @@ def test_bad_input():
         debiased_contrastive(a, b, temperature=torch.ones(3))
     with pytest.raises(ValueError, match="reduction"):
         debiased_contrastive(a, b, temperature=0.5, reduction="max")
+
+
+# ------------------------------------------------------------ masks= (retrieval form)
+
+
+@st.composite
+def masked_problems(draw):
+    n = draw(st.integers(1, 9), label="N")
+    positives = draw(st.sampled_from(["default", "random"]), label="positives")
+    m = draw(st.integers(n, n + 6) if positives == "default" else st.integers(1, 12), label="M")
+    similarity = draw(st.sampled_from(["cosine", "cosine", "dot"]))
+    temps = [0.01, 0.1, 0.5, 2.0] if similarity == "cosine" else [0.5, 2.0]
+    return dict(
+        n=n, m=m, d=draw(st.integers(2, 6), label="d"), positives=positives, similarity=similarity,
+        tau_plus=draw(st.sampled_from([0.0, 0.01, 0.1, 0.5, 0.9])),
+        beta=draw(st.sampled_from([0.0, 0.0, 0.5, 1.0, 2.0])),
+        n_extra=draw(st.sampled_from([0, 0, 3])),
+        tile=draw(st.sampled_from([1, 2, 3, (2, 5), (3, 1), 100, None]), label="tile"),
+        temp=draw(st.sampled_from(temps)),
+        temp_kind=draw(st.sampled_from(["float", "scalar", "rows"])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        seed=draw(st.integers(0, 2**31)),
+    )
+
+
+def _masked_inputs(p):
+    g = torch.Generator().manual_seed(p["seed"])
+    n, m, d = p["n"], p["m"], p["d"]
+    sc = 1.0 if p["similarity"] == "cosine" else 0.3
+    a = (sc * torch.randn(n, d, generator=g, dtype=D64)).requires_grad_()
+    c = (sc * torch.randn(m, d, generator=g, dtype=D64)).requires_grad_()
+    extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=D64)).requires_grad_() if p["n_extra"] else None
+    if p["temp_kind"] == "float":
+        t = p["temp"]
+    elif p["temp_kind"] == "scalar":
+        t = torch.tensor(p["temp"], dtype=D64, requires_grad=True)
+    else:
+        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=D64))).requires_grad_()
+    positives = None
+    if p["positives"] == "random":
+        positives = torch.randint(-1, m, (n,), generator=g)
+        positives[0] = int(torch.randint(0, m, (1,), generator=g))
+    return g, a, c, extra, t, positives
+
+
+def _negatives_left(drop, positives, n):
+    """Per row, the count of columns that are neither its positive nor dropped (Q_i)."""
+    pos = positives if positives is not None else torch.arange(n)
+    left = ~drop
+    valid = pos >= 0
+    left[valid.nonzero().squeeze(1), pos[valid]] = False
+    return left.sum(1), valid
+
+
+@settings(max_examples=50, deadline=None)
+@given(p=masked_problems(), data=st.data())
+def test_masks_match_published_formula_per_row_q(p, data):
+    g, a, c, extra, t, positives = _masked_inputs(p)
+    n, cols = p["n"], p["m"] + p["n_extra"]
+    masks, drop = draw_masks(data, n, cols)
+    fn = hard_negative_contrastive if p["beta"] > 0 and data.draw(st.booleans(), label="hard wrapper") else \
+        debiased_contrastive
+    ref_fn = reference.hard_negative_contrastive if fn is hard_negative_contrastive else reference.debiased_contrastive
+    kw = dict(temperature=t, tau_plus=p["tau_plus"], beta=p["beta"], similarity=p["similarity"],
+              reduction=p["reduction"])
+    call = lambda: fn(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw)
+    q_rows, valid = _negatives_left(drop, positives, n)
+    if cols < 2:
+        with pytest.raises(ValueError, match="at least one negative"):
+            call()
+        return
+    empty = valid & (q_rows == 0)
+    if bool(empty.any()):
+        with pytest.raises(ValueError, match=f"anchor row {int(empty.nonzero()[0])} has no negative left"):
+            call()
+        return
+    out = call()
+    ref = ref_fn(a, c, positives, extra, drop=drop, **kw)
+    if p["reduction"] == "none":
+        assert out.shape == (n,)
+        w = torch.randn(n, generator=g, dtype=D64)
+        out, ref = (out * w).sum(), (ref * w).sum()
+    inv_t = inverse_min_temperature(t)
+    assert_rel_close(out, ref, scale=inv_t, what="value")
+    inputs = [a, c] + ([extra] if extra is not None else []) + ([t] if isinstance(t, torch.Tensor) else [])
+    names = ["anchors", "candidates"] + (["extra"] if extra is not None else []) + (["temperature"] if isinstance(t, torch.Tensor) else [])
+    for x, y, name in zip(grads_of(out, inputs), grads_of(ref, inputs), names):
+        assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))
+
+
+def test_masked_clamp_uses_each_rows_own_q():
+    # a large class prior drives every Ng below its floor Q_i e^{-1/t}: loss_i = softplus(log Q_i - 1/t - P_i),
+    # with Q_i the negatives row i keeps after the masks (7 columns, the positive out, then 0..3 masked)
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(4, 4, generator=g, dtype=D64)
+    c = torch.cat([a + 0.01 * torch.randn(4, 4, generator=g, dtype=D64), torch.randn(3, 4, generator=g, dtype=D64)])
+    cols = torch.tensor([[-1, -1, -1], [4, -1, -1], [4, 5, -1], [0, 5, 6]])
+    t = 0.2
+    for beta in (0.0, 1.0):
+        out = debiased_contrastive(a, c, temperature=t, tau_plus=0.9, beta=beta, masks=[IndexMask(cols)],
+                                   reduction="none", tile_size=3)
+        p = (F.normalize(a, dim=-1) * F.normalize(c[:4], dim=-1)).sum(-1) / t
+        q = torch.tensor([6.0, 5.0, 4.0, 3.0], dtype=D64)
+        assert_rel_close(out, torch.log1p(torch.exp(q.log() - 1 / t - p)), rtol=1e-13)
+
+
+def test_masks_that_drop_nothing_give_the_unmasked_loss():
+    g = torch.Generator().manual_seed(8)
+    a, c = torch.randn(6, 5, generator=g, dtype=D64), torch.randn(9, 5, generator=g, dtype=D64)
+    extra = torch.randn(4, 5, generator=g, dtype=D64)
+    for tau_plus, beta in ((0.0, 0.0), (0.1, 0.0), (0.1, 1.0), (0.5, 2.0)):
+        plain = debiased_contrastive(a, c, None, extra, temperature=0.3, tau_plus=tau_plus, beta=beta)
+        assert torch.equal(plain, debiased_contrastive(a, c, None, extra, temperature=0.3, tau_plus=tau_plus,
+                                                       beta=beta, masks=()))
+        # the per-row count path (Q_i = 12 on every row) agrees with the constant Q to rounding
+        nothing = [IndexMask(torch.full((6, 1), -1)), DiagonalMask(20)]
+        assert_rel_close(debiased_contrastive(a, c, None, extra, temperature=0.3, tau_plus=tau_plus, beta=beta,
+                                              masks=nothing, tile_size=4), plain, rtol=1e-14)
+
+
+def test_masks_modules_and_errors():
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(6, 5, generator=g, dtype=D64, requires_grad=True)
+    docs = torch.randn(6, 5, generator=g, dtype=D64, requires_grad=True)
+    hard = torch.randn(6, 5, generator=g, dtype=D64, requires_grad=True)
+    cols = torch.tensor([[1, 7], [0, -1], [-1, -1], [-1, 9], [-1, -1], [-1, -1]])
+    drop = torch.zeros(6, 12, dtype=torch.bool)
+    for i, row in enumerate(cols.tolist()):
+        for col in row:
+            if col >= 0:
+                drop[i, col] = True
+    for mod, beta in ((ck.losses.DebiasedContrastive(temperature=0.5, tau_plus=0.1), 0.0),
+                      (ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1), 1.0)):
+        mod = mod.double()
+        assert mod.work.dropped == ("positive", "masks")
+        got = mod(q, docs, None, hard, masks=[IndexMask(cols)])
+        want = reference.debiased_contrastive(q, docs, None, hard, temperature=0.5, tau_plus=0.1, beta=beta, drop=drop)
+        assert_rel_close(got, want, rtol=1e-12)
+        assert abs(float(mod(q, docs, None, hard).detach()) - float(got.detach())) > 1e-6
+        for x, y in zip(grads_of(got, [q, docs, hard]), grads_of(want, [q, docs, hard])):
+            assert_rel_close(x, y, rtol=1e-10)
+    # learnable temperature: d loss / d log_scale = -t d loss / dt
+    mod = ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1, learn_temperature=True).double()
+    mod(q, docs, None, hard, masks=[IndexMask(cols)]).backward()
+    t = torch.tensor(0.5, dtype=D64, requires_grad=True)
+    (gt,) = torch.autograd.grad(reference.hard_negative_contrastive(q, docs, None, hard, temperature=t, beta=1.0,
+                                                                   tau_plus=0.1, drop=drop), [t])
+    assert_rel_close(mod.temperature.log_scale.grad, -0.5 * gt, rtol=1e-9)
+    a, b = q.detach()[:4], docs.detach()[:4]
+    with pytest.raises(ValueError, match="masks= is for the retrieval form"):
+        debiased_contrastive(a, b, temperature=0.5, two_view=True, masks=[DiagonalMask(1)])
+    with pytest.raises(ValueError, match="masks= is for the retrieval form"):
+        ck.losses.HardNegativeContrastive(two_view=True)(a, b, masks=[DiagonalMask(1)])
+    # every negative of row 1 masked
+    with pytest.raises(ValueError, match="anchor row 1 has no negative left"):
+        debiased_contrastive(a, b, temperature=0.5, masks=[IndexMask(torch.tensor([[-1] * 3, [0, 2, 3], [-1] * 3,
+                                                                                    [-1] * 3]))])
+    # a row without positive may lose every column: it is left out
+    pos = torch.tensor([0, -1, 2, 3])
+    cols = torch.tensor([[-1] * 4, [0, 1, 2, 3], [-1] * 4, [-1] * 4])
+    d2 = torch.zeros(4, 4, dtype=torch.bool)
+    d2[1] = True
+    for beta in (0.0, 1.0):
+        a.requires_grad_()
+        got = debiased_contrastive(a, b, pos, temperature=0.5, beta=beta, masks=[IndexMask(cols)], reduction="none")
+        want = reference.debiased_contrastive(a, b, pos, temperature=0.5, beta=beta, drop=d2, reduction="none")
+        assert_rel_close(got, want, rtol=1e-12)
+        assert_rel_close(grads_of(got.sum(), [a])[0], grads_of(want.sum(), [a])[0], rtol=1e-10)

@@ -2,6 +2,7 @@
 the saved model in sentence-transformers layout, exact resume, overwrite refusal, errors."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,41 @@ def test_layer_decay_and_weight_average_reach_the_main_job(tiny, tmp_path):
     emb = next(k for k in plain if "word_embeddings" in k)
     assert not torch.equal(plain[emb], decayed[emb])
     assert any(not torch.equal(plain[k], averaged[k]) for k in plain)
+
+
+@pytest.mark.parametrize("objective, extra", [
+    ("InfoNCE", ()),
+    ("DCL", ()),
+    ("HardNegativeContrastive", ("--set", "objective.options={beta: 1.0, tau_plus: 0.05}")),
+    ("SigLIP", ("--set", "objective.learn_temperature=true")),
+    ("NTXent", ("--set", "negatives.num_negatives=0", "--set", "negatives.mask_duplicates=false")),
+    ("AlignUniform", ("--set", "negatives.num_negatives=0", "--set", "negatives.mask_duplicates=false")),
+])
+def test_every_column_objective_trains_in_the_main_job(tiny, tmp_path, objective, extra):
+    # the default masks (duplicate positives) and one mined negative reach every objective
+    # that takes them, through the one column layout (objectives.columns)
+    data, model = tiny
+    out = tmp_path / objective
+    assert main(_args(data, model, out, "--max-steps", "2", "--objective", objective, "--set", "data.sts=false",
+                      *extra)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train"]["steps"] == 2 and 0.0 <= m["after"]["ndcg@10"] <= 1.0
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["phase"] == "train"]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--objective", "SupCon"), "objective.name: SupCon does not take (query, positive, negatives) batches"),
+    (("--objective", "NTXent"), "negatives.num_negatives: NTXent takes (query, positive) pairs and no hard negatives"),
+    (("--objective", "NTXent", "--set", "negatives.num_negatives=0"),
+     "negatives.mask_duplicates: NTXent takes no false-negative masks"),
+    (("--objective", "AlignUniform", "--set", "objective.learn_temperature=true"),
+     "objective.learn_temperature: AlignUniform has no temperature to learn"),
+])
+def test_an_objective_that_does_not_fit_is_a_config_error_before_encoding(tiny, tmp_path, capsys, extra, message):
+    data, model = tiny
+    assert main(_args(data, model, tmp_path / "x", "--max-steps", "1", *extra)) == 2
+    err = capsys.readouterr()
+    assert message in err.err
+    assert "encode corpus" not in err.out + err.err

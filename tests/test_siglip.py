@@ -16,7 +16,8 @@ from hypothesis import given, settings, strategies as st
 import contrastkit as ck
 from contrastkit import reference
 from conftest import assert_rel_close, grads_of
-from contrastkit.engine import DiagonalMask
+from contrastkit.engine import DiagonalMask, DifferentLabelMask, IndexMask, LabelMask
+from objective_checks import DenseMask
 from contrastkit.engine.tiled_pairwise import KernelStats, LabelWeights, tiled_pairwise
 from contrastkit.functional import siglip
 
@@ -24,9 +25,9 @@ D64 = torch.float64
 DATA = Path(__file__).parent / "data"
 
 
-def naive_siglip(x, y, temperature, bias, positives=None, similarity="cosine", reduction="mean"):
+def naive_siglip(x, y, temperature, bias, positives=None, similarity="cosine", reduction="mean", drop=None):
     return reference.siglip(x, y, positives, temperature=temperature, bias=bias, similarity=similarity,
-                            reduction=reduction)
+                            drop=drop, reduction=reduction)
 
 
 @st.composite
@@ -142,6 +143,155 @@ def test_siglip_bad_input():
         siglip(x, y[:2], temperature=0.1)
     with pytest.raises(ValueError, match="reduction"):
         siglip(x, y, temperature=0.1, reduction="max")
+
+
+# ---------------------------------------------------------------- masks=
+
+
+def draw_masks(data, n, m, positives):
+    """Random masks over n x m, the equal dense drop matrix and the rows whose positive pair
+    they cover. With ``spare`` (most draws) the index, label and generic masks leave the
+    positive pairs alone and the diagonal is off the main one (random positives may still
+    be covered: then the call must raise)."""
+    pos = positives if positives is not None else torch.arange(n)
+    has = pos >= 0
+    spare = data.draw(st.sampled_from([True, True, True, False]), label="spare the positive pairs")
+    masks, drop = [], torch.zeros(n, m, dtype=torch.bool)
+    kind = data.draw(st.sampled_from(["diag", "label", "index", "generic", "all", "drops nothing"]), label="masks")
+    if kind in ("diag", "all"):
+        off = data.draw(st.sampled_from([-2, -1, 1, 2, 3] if spare else [0, 1]), label="diagonal offset")
+        masks.append(DiagonalMask(off))
+        for i in range(n):
+            if 0 <= i + off < m:
+                drop[i, i + off] = True
+    if kind in ("label", "all"):
+        rl = torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n), label="row labels"))
+        cl = torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=m, max_size=m), label="column labels"))
+        if spare:
+            same = has & (rl == cl[pos.clamp(min=0)])
+            rl = torch.where(same, 100 + torch.arange(n), rl)
+        masks.append(LabelMask(rl, cl))
+        drop |= rl[:, None] == cl[None, :]
+    if kind in ("index", "all"):
+        k = data.draw(st.integers(1, 3), label="index columns per row")
+        cols = torch.tensor(data.draw(st.lists(st.lists(st.integers(-1, m - 1), min_size=k, max_size=k),
+                                               min_size=n, max_size=n), label="index columns"))
+        if spare:
+            cols = torch.where(cols == pos[:, None], torch.full_like(cols, -1), cols)
+        masks.append(IndexMask(cols))
+        for i, row in enumerate(cols.tolist()):
+            for col in row:
+                if col >= 0:
+                    drop[i, col] = True
+    if kind in ("generic", "all"):
+        seed = data.draw(st.integers(0, 2**31), label="generic mask seed")
+        dense = torch.rand(n, m, generator=torch.Generator().manual_seed(seed)) < 0.3
+        if spare:
+            dense[has.nonzero().squeeze(1), pos[has]] = False
+        masks.append(DenseMask(dense))
+        drop |= dense
+    if kind == "drops nothing":
+        masks.append(IndexMask(torch.full((n, 1), -1)))
+    covered = torch.zeros(n, dtype=torch.bool)
+    covered[has] = drop[has.nonzero().squeeze(1), pos[has]]
+    return masks, drop, covered
+
+
+@settings(max_examples=50, deadline=None)
+@given(p=problems(), data=st.data())
+def test_siglip_with_masks_matches_naive(p, data):
+    g = torch.Generator().manual_seed(p["seed"])
+    x = torch.randn(p["n"], p["d"], dtype=D64, generator=g, requires_grad=True)
+    y = torch.randn(p["m"], p["d"], dtype=D64, generator=g, requires_grad=True)
+    b = torch.tensor(p["bias"], dtype=D64, requires_grad=True)
+    if p["temp_kind"] == "float":
+        t, params = p["temps"][0], []
+    elif p["temp_kind"] == "scalar":
+        t = torch.tensor(p["temps"][0], dtype=D64, requires_grad=True)
+        params = [t]
+    else:
+        t = torch.tensor(p["temps"], dtype=D64, requires_grad=True)
+        params = [t]
+    masks, drop, covered = draw_masks(data, p["n"], p["m"], p["positives"])
+    kw = dict(positives=p["positives"], similarity=p["similarity"], reduction=p["reduction"])
+    if bool(covered.any()):
+        with pytest.raises(ValueError, match=f"cover the positive pair of anchor row {int(covered.nonzero()[0])}"):
+            siglip(x, y, temperature=t, bias=b, tile_size=p["tile"], masks=masks, **kw)
+        return
+    got = siglip(x, y, temperature=t, bias=b, tile_size=p["tile"], masks=masks, **kw)
+    want = naive_siglip(x, y, t, b, drop=drop, **kw)
+    assert_rel_close(got, want, what="value")
+    w = torch.randn(got.shape, dtype=D64, generator=g) if got.dim() else torch.tensor(1.0, dtype=D64)
+    inputs = [x, y, b] + params
+    atol = 1e-12 / min(p["temps"])   # entries exactly 0 (d = 1 cosine) are rounding noise scaled by 1/t
+    for a, e, name in zip(grads_of((got * w).sum(), inputs), grads_of((want * w).sum(), inputs), "xybt"):
+        assert_rel_close(a, e, what=f"grad {name}", atol=atol)
+
+
+def test_siglip_masks_module_work_and_mean_divisor():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 4, dtype=D64, generator=g, requires_grad=True)
+    y = torch.randn(8, 4, dtype=D64, generator=g, requires_grad=True)
+    cols = torch.tensor([[1, 6], [0, -1], [-1, -1], [7, 2], [-1, -1]])
+    drop = torch.zeros(5, 8, dtype=torch.bool)
+    for i, row in enumerate(cols.tolist()):
+        for col in row:
+            if col >= 0:
+                drop[i, col] = True
+    mod = ck.losses.SigLIP(temperature=0.2, bias=-2.0).double()
+    assert mod.work.dropped == ("masks",)
+    got = mod(x, y, masks=[IndexMask(cols)])
+    want = naive_siglip(x, y, 0.2, -2.0, drop=drop)
+    assert_rel_close(got, want, rtol=1e-12)
+    # "mean" stays the sum over the kept pairs / N
+    rows = siglip(x, y, temperature=0.2, bias=-2.0, masks=[IndexMask(cols)], reduction="none")
+    assert_rel_close(got, rows.sum() / 5, rtol=1e-14)
+    assert abs(float(mod(x, y).detach()) - float(got.detach())) > 1e-6
+    got.backward()
+    assert mod.bias.grad is not None and mod.temperature.log_scale.grad is not None
+    b = torch.tensor(-2.0, dtype=D64, requires_grad=True)
+    t = torch.tensor(0.2, dtype=D64, requires_grad=True)
+    gb, gt = torch.autograd.grad(naive_siglip(x, y, t, b, drop=drop), [b, t])
+    assert_rel_close(mod.bias.grad, gb, rtol=1e-10)
+    assert_rel_close(mod.temperature.log_scale.grad, -0.2 * gt, rtol=1e-9)
+    assert torch.equal(siglip(x, y, temperature=0.2, masks=()), siglip(x, y, temperature=0.2))
+    with pytest.raises(ValueError, match="local pair path"):
+        mod.pair_rows(x, y, masks=[IndexMask(cols)])
+
+
+def test_siglip_masks_on_a_positive_pair_raise(monkeypatch):
+    from contrastkit.objectives import siglip as siglip_module
+
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(7, 3, dtype=D64, generator=g), torch.randn(9, 3, dtype=D64, generator=g)
+    pos = torch.tensor([2, 0, -1, 8, 4, 4, 1])
+    labels_r, labels_c = torch.arange(7) + 10, torch.arange(9) + 20
+    cases = [
+        (DiagonalMask(-1), 1),                                    # (1, 0) is row 1's positive
+        (IndexMask(torch.tensor([[-1], [-1], [-1], [-1], [-1], [4], [-1]])), 5),
+        (LabelMask(labels_r, labels_c.index_put((torch.tensor([8]),), torch.tensor(13))), 3),
+        (DifferentLabelMask(labels_r, labels_c), 0),
+    ]
+    dense = torch.zeros(7, 9, dtype=torch.bool)
+    dense[6, 1] = True
+    cases.append((DenseMask(dense), 6))
+    # small probe blocks: row 6 sits in the last block of the generic probe
+    monkeypatch.setattr(siglip_module, "_PROBE_ROWS", 2)
+    monkeypatch.setattr(siglip_module, "_PROBE_COLS", 3)
+    for mask, row in cases:
+        with pytest.raises(ValueError, match=f"anchor row {row} \\(column {int(pos[row])}\\)"):
+            siglip(x, y, pos, temperature=0.3, masks=[mask])
+    # a row without positive has no positive pair to cover; a generic mask beside the positives is fine
+    ok = torch.zeros(7, 9, dtype=torch.bool)
+    ok[2] = True
+    ok[6, 0] = ok[6, 2] = ok[0, 3] = True
+    got = siglip(x, y, pos, temperature=0.3, masks=[DenseMask(ok), DiagonalMask(-2)], tile_size=(2, 4))
+    drop = ok.clone()
+    for i in range(2, 7):
+        drop[i, i - 2] = True
+    assert_rel_close(got, naive_siglip(x, y, 0.3, -10.0, positives=pos, drop=drop), rtol=1e-12)
+    with pytest.raises(ValueError, match="TileMask"):
+        siglip(x, y, pos, temperature=0.3, masks=[torch.zeros(7, 9, dtype=torch.bool)])
 
 
 # ---------------------------------------------------------------- the engine itself

@@ -4,8 +4,9 @@ written as the papers (and the peer libraries) write them, differentiated by aut
 This is the oracle the tests compare the tiled engine with (in float64) and the
 "naive" row of ``contrastkit bench loss``. Each function takes the same arguments as
 its :mod:`contrastkit.functional` namesake, plus ``drop`` (an (N, M) boolean matrix of
-entries left out of the denominators, what ``masks=`` does per tile) where the objective
-takes masks. Nothing here is tiled or memory-bounded: O(N M) memory, small inputs only.
+entries left out of the denominators, for SigLIP of pairs left out of the sum: what
+``masks=`` does per tile) where the objective takes masks. Nothing here is tiled or
+memory-bounded: O(N M) memory, small inputs only.
 
 Temperatures: a float, a 0-d tensor, or one per anchor row (a vector that is repeated
 over the views in the multi-view layouts, as the functionals do).
@@ -145,8 +146,10 @@ def moco(queries: Tensor, keys: Tensor, queue: Tensor, *, temperature: Temp = 0.
 
 
 def siglip(anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None, *, temperature: Temp = 0.1,
-           bias: Union[float, Tensor] = -10.0, similarity: str = "cosine", reduction: str = "mean") -> Tensor:
-    """SigLIP: ``sum_ij -log sigmoid(z_ij (sim_ij / t + b)) / N``, z = +1 on the positive pairs."""
+           bias: Union[float, Tensor] = -10.0, similarity: str = "cosine", drop: Optional[Tensor] = None,
+           reduction: str = "mean") -> Tensor:
+    """SigLIP: ``sum_ij -log sigmoid(z_ij (sim_ij / t + b)) / N``, z = +1 on the positive pairs;
+    the (negative) pairs of ``drop`` are left out of the sum (the divisor stays N)."""
     n, m = anchors.shape[0], candidates.shape[0]
     x = logits(anchors, candidates, temperature, similarity) + bias
     if positives is None:
@@ -154,7 +157,10 @@ def siglip(anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = No
     z = -torch.ones(n, m, dtype=x.dtype, device=x.device)
     rows = (positives >= 0).nonzero().squeeze(1)
     z[rows, positives[rows]] = 1.0
-    per_row = -F.logsigmoid(z * x).sum(1)
+    terms = -F.logsigmoid(z * x)
+    if drop is not None:
+        terms = terms.masked_fill(drop, 0.0)
+    per_row = terms.sum(1)
     return {"mean": per_row.sum() / n, "sum": per_row.sum(), "none": per_row}[reduction]
 
 
@@ -189,12 +195,17 @@ def supcon(features: Tensor, labels: Tensor, extra_candidates: Optional[Tensor] 
 
 def dcl(anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
         extra_candidates: Optional[Tensor] = None, *, temperature: Temp = 0.1, two_view: bool = False,
-        weighted: bool = False, sigma: float = 0.5, similarity: str = "cosine", reduction: str = "mean") -> Tensor:
+        weighted: bool = False, sigma: float = 0.5, similarity: str = "cosine", drop: Optional[Tensor] = None,
+        reduction: str = "mean") -> Tensor:
     """DCL / DCLW (Yeh et al. 2022): InfoNCE with the positive (and self) out of the denominator;
-    DCLW weights the positive term by ``2 - n softmax(sim_pos / sigma)`` (no gradient)."""
+    DCLW weights the positive term by ``2 - n softmax(sim_pos / sigma)`` (no gradient).
+    ``drop`` (retrieval form): (N, M + E) entries of ``cat(candidates, extra)`` also left out
+    of the denominators."""
     a, c = _norm(anchors, similarity), _norm(candidates, similarity)
     e = None if extra_candidates is None else _norm(extra_candidates, similarity)
     if two_view:
+        if drop is not None:
+            raise ValueError("drop= is for the retrieval form")
         n, b = a.shape[0], c
         z = torch.cat([a, b])
         k = z if e is None else torch.cat([z, e])
@@ -220,9 +231,12 @@ def dcl(anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
     valid = positives >= 0
     idx = positives.clamp(min=0)
     pos = x.gather(1, idx[:, None]).squeeze(1)
-    drop = torch.zeros_like(x, dtype=torch.bool)
-    drop[torch.arange(len(idx)), idx] = True
-    lse = torch.logsumexp(x.masked_fill(drop, NEG), 1)
+    out = torch.zeros_like(x, dtype=torch.bool) if drop is None else drop.clone()
+    out[torch.arange(len(idx)), idx] = True
+    # a row without positive and with nothing left (left out of the loss) keeps a finite
+    # placeholder, so that autograd's logsumexp of all -inf gives no NaN gradient
+    out &= ~(out.all(1, keepdim=True) & ~valid[:, None])
+    lse = torch.logsumexp(x.masked_fill(out, NEG), 1)
     if weighted:
         s = sim.gather(1, idx[:, None]).squeeze(1).detach()[valid] / sigma
         w = torch.zeros_like(pos)
@@ -252,13 +266,17 @@ def _debiased_published(pos_sim: Tensor, neg_sim: Tensor, t, tau_plus: float, be
 def debiased_contrastive(anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
                          extra_candidates: Optional[Tensor] = None, *, temperature: Temp = 0.5, tau_plus: float = 0.1,
                          beta: float = 0.0, two_view: bool = False, similarity: str = "cosine",
-                         reduction: str = "mean") -> Tensor:
+                         drop: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """Debiased (Chuang et al. 2020; ``beta`` > 0: Robinson et al. 2021's hard-negative
     reweighting), exactly the published code (exponentials of the raw logits: small inputs
-    and moderate temperatures only)."""
+    and moderate temperatures only). ``drop`` (retrieval form): (N, M + E) entries of
+    ``cat(candidates, extra)`` that are not negatives; each row then uses the published
+    formula on its own negatives (Q = their number, per row)."""
     a, c = _norm(anchors, similarity), _norm(candidates, similarity)
     e = None if extra_candidates is None else _norm(extra_candidates, similarity)
     if two_view:
+        if drop is not None:
+            raise ValueError("drop= is for the retrieval form")
         n = a.shape[0]
         out = torch.cat([a, c])
         k = out if e is None else torch.cat([out, e])
@@ -286,7 +304,16 @@ def debiased_contrastive(anchors: Tensor, candidates: Tensor, positives: Optiona
     tt = _t_rows(temperature, a.shape[0])
     if isinstance(tt, Tensor) and tt.dim() == 2:
         tt = tt[rows_i]
-    got = _debiased_published(pos, neg, tt, tau_plus, beta)
+    if drop is not None:  # each row's own negatives: a loop over the rows
+        keep = ~drop[rows_i]
+        keep[torch.arange(len(rows_i)), idx] = False
+        per_row = []
+        for r in range(len(rows_i)):
+            t_r = tt[r:r + 1] if isinstance(tt, Tensor) and tt.dim() == 2 else tt
+            per_row.append(_debiased_published(pos[r:r + 1], s[r][keep[r]][None, :], t_r, tau_plus, beta))
+        got = torch.cat(per_row)
+    else:
+        got = _debiased_published(pos, neg, tt, tau_plus, beta)
     rows = torch.zeros(a.shape[0], dtype=got.dtype, device=got.device).index_copy(0, rows_i, got)
     return _reduce(rows, valid, reduction)
 
@@ -294,11 +321,12 @@ def debiased_contrastive(anchors: Tensor, candidates: Tensor, positives: Optiona
 def hard_negative_contrastive(anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
                               extra_candidates: Optional[Tensor] = None, *, temperature: Temp = 0.5,
                               beta: float = 1.0, tau_plus: float = 0.1, two_view: bool = False,
-                              similarity: str = "cosine", reduction: str = "mean") -> Tensor:
+                              similarity: str = "cosine", drop: Optional[Tensor] = None,
+                              reduction: str = "mean") -> Tensor:
     """Robinson et al. 2021: :func:`debiased_contrastive` with ``beta`` > 0."""
     return debiased_contrastive(anchors, candidates, positives, extra_candidates, temperature=temperature,
                                 tau_plus=tau_plus, beta=beta, two_view=two_view, similarity=similarity,
-                                reduction=reduction)
+                                drop=drop, reduction=reduction)
 
 
 def cwcl(anchors: Tensor, candidates: Tensor, teacher: Optional[Tensor] = None,

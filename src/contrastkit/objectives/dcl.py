@@ -18,7 +18,10 @@ Two layouts:
   anchors, each against the other 2N - 2 views (itself and its positive dropped), and
   the loss is the mean over the 2N rows, i.e. the average of the two directions.
 
-Extra candidates (e.g. a memory queue) are further negatives in both layouts.
+Extra candidates (e.g. a memory queue) are further negatives in both layouts. In the
+retrieval form, ``masks=`` (as for :func:`~contrastkit.objectives.info_nce.info_nce`)
+drop further entries of each anchor's denominator, e.g. in-batch documents that are
+another known positive of the query (false negatives).
 
 Example::
 
@@ -33,12 +36,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ..engine import DiagonalMask, IndexMask, positive_logits, tiled_logsumexp
+from ..engine import DiagonalMask, IndexMask, TileMask, positive_logits, tiled_logsumexp
 from ..engine.tiling import TileSize
 from ..validation import check_index, check_reduction, check_scale
 from ._rows import append_candidates, expand_temperature, reject_symmetric, two_view_layout
@@ -76,6 +79,7 @@ def dcl(
     weighted: bool = False,
     sigma: float = 0.5,
     similarity: str = "cosine",
+    masks: Sequence[TileMask] = (),
     tile_size: TileSize = None,
     reduction: str = "mean",
     symmetric: Optional[bool] = None,
@@ -92,6 +96,12 @@ def dcl(
         sigma: DCLW's weight temperature.
         positives: (retrieval form only) column of each anchor's positive, -1 for none.
         extra_candidates: more negatives (E, d), e.g. ``queue.candidates()``.
+        masks: (retrieval form only) extra entries to drop from each anchor's
+            denominator (a sequence of :class:`~contrastkit.engine.TileMask`, e.g. an
+            ``IndexMask`` of known false negatives per anchor), in the coordinates of the
+            columns ``cat(candidates, extra_candidates)``. The positive is out of the
+            denominator already; an anchor row with a positive left with no negative is a
+            ValueError. The two-view form takes none (a ValueError).
         reduction: ``"mean"`` over rows with a positive, ``"sum"`` or ``"none"``.
 
     Example::
@@ -105,10 +115,14 @@ def dcl(
     if weighted:
         check_scale("sigma", sigma)
         sigma = float(sigma)
+    user_masks = tuple(masks)
     a, c = prepare(similarity, anchors=anchors, candidates=candidates)
     if two_view:
         if positives is not None:
             raise ValueError("positives= is for the retrieval form; the two-view form (two_view=True) pairs view i with view i")
+        if user_masks:
+            raise ValueError("masks= is for the retrieval form (two_view=False): the two-view form (two_view=True) "
+                             "takes no masks")
         n = a.shape[0]
         z, index = two_view_layout(a, c)
         q, k = z, append_candidates(z, extra_candidates, similarity)
@@ -119,7 +133,7 @@ def dcl(
         m = c.shape[0]
         q, k = a, append_candidates(c, extra_candidates, similarity)
         index = check_index("positives", default_positives(positives, n, m, a.device), n, m, a.device)
-        masks = [DiagonalMask(0)] if positives is None else [IndexMask(index)]
+        masks = ([DiagonalMask(0)] if positives is None else [IndexMask(index)]) + list(user_masks)
     valid = index >= 0
     if not bool(valid.any()):
         raise ValueError("no anchor row has a positive (every entry of positives is -1)")
@@ -144,8 +158,8 @@ def dcl(
 
 class DCL(Objective):
     """Decoupled contrastive loss module: ``forward(anchors, candidates, positives=None,
-    extra_candidates=None)``; see :func:`dcl`. ``DCL(two_view=True)`` is lightly's
-    ``DCLLoss`` on two views.
+    extra_candidates=None, *, masks=())`` (``masks``: retrieval form only); see :func:`dcl`.
+    ``DCL(two_view=True)`` is lightly's ``DCLLoss`` on two views.
 
     Example::
 
@@ -170,13 +184,13 @@ class DCL(Objective):
     @property
     def work(self) -> Work:
         return Work(rows=("anchors", "candidates"), index={"positives": "candidates"}, shared=("extra_candidates",),
-                    positives="index", self_position=self.two_view, dropped=("positive",),
+                    positives="index", self_position=self.two_view, dropped=("positive", "masks"),
                     weighted="von Mises-Fisher" if self.weighted else None)
 
     def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
-                extra_candidates: Optional[Tensor] = None) -> Tensor:
+                extra_candidates: Optional[Tensor] = None, *, masks: Sequence[TileMask] = ()) -> Tensor:
         return dcl(anchors, candidates, positives, extra_candidates, two_view=self.two_view,
-                   weighted=self.weighted, sigma=self.sigma, **self._settings())
+                   weighted=self.weighted, sigma=self.sigma, masks=masks, **self._settings())
 
     def extra_repr(self) -> str:
         return f"two_view={self.two_view}, " + super().extra_repr()

@@ -22,7 +22,10 @@ Layouts as in :mod:`contrastkit.objectives.dcl`: ``two_view=True`` takes two vie
 uses all 2N views as anchors, each against the other 2N - 2 (the papers' SimCLR form,
 Q = 2N - 2); ``two_view=False`` takes anchors against candidates with positive
 ``positives[i]`` (default i) and Q = M - 1. Extra candidates (a memory queue) add to the
-negatives and to Q.
+negatives and to Q. In the retrieval form ``masks=`` (as for
+:func:`~contrastkit.objectives.info_nce.info_nce`) drop known false negatives; then Q_i is
+each row's own count of the negatives it keeps, counted in the same walk (see
+:func:`debiased_contrastive`).
 
 Example::
 
@@ -35,12 +38,13 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ..engine import DiagonalMask, IndexMask, LSEStat, positive_logits, tiled_logsumexp, tiled_multi_logsumexp
+from ..engine import (DiagonalMask, IndexMask, LSEStat, TileMask, positive_logits, tiled_logsumexp,
+                      tiled_multi_logsumexp)
 from ..engine.tiling import TileSize
 from ..validation import check_index, check_reduction
 from ._rows import append_candidates, expand_temperature, log1mexp, reject_symmetric, two_view_layout
@@ -90,6 +94,7 @@ def debiased_contrastive(
     beta: float = 0.0,
     two_view: bool = False,
     similarity: str = "cosine",
+    masks: Sequence[TileMask] = (),
     tile_size: TileSize = None,
     reduction: str = "mean",
     symmetric: Optional[bool] = None,
@@ -105,6 +110,13 @@ def debiased_contrastive(
         positives: (retrieval form) column of each anchor's positive, -1 for none.
         extra_candidates: more negatives (E, d), e.g. ``queue.candidates()``.
         similarity: ``"cosine"`` (the published setting, for which the clamp is meant) or ``"dot"``.
+        masks: (retrieval form only) extra entries to drop from each anchor's negatives (a
+            sequence of :class:`~contrastkit.engine.TileMask`, e.g. an ``IndexMask`` of known
+            false negatives per anchor), in the coordinates of the columns
+            ``cat(candidates, extra_candidates)``. The estimator's Q becomes per row: Q_i =
+            the negatives row i keeps (its positive is out already), in R_i, the floor
+            Q_i e^{-1/t} and tau_plus * Q_i. A row with a positive and Q_i = 0 is a
+            ValueError. The two-view form takes none (a ValueError).
         reduction: ``"mean"`` over rows with a positive, ``"sum"`` or ``"none"``.
 
     Example::
@@ -116,11 +128,15 @@ def debiased_contrastive(
     reject_symmetric(symmetric, "debiased_contrastive")
     tau_plus, beta = _check_hyper(tau_plus, beta)
     check_reduction(reduction)
+    user_masks = tuple(masks)
     a, c = prepare(similarity, anchors=anchors, candidates=candidates)
     n = a.shape[0]
     if two_view:
         if positives is not None:
             raise ValueError("positives= is for the retrieval form; the two-view form (two_view=True) pairs view i with view i")
+        if user_masks:
+            raise ValueError("masks= is for the retrieval form (two_view=False): the two-view form (two_view=True) "
+                             "takes no masks")
         z, index = two_view_layout(a, c)
         q, k = z, append_candidates(z, extra_candidates, similarity)
         masks = [DiagonalMask(0), IndexMask(index)]
@@ -130,7 +146,7 @@ def debiased_contrastive(
         m = c.shape[0]
         q, k = a, append_candidates(c, extra_candidates, similarity)
         index = check_index("positives", default_positives(positives, n, m, a.device), n, m, a.device)
-        masks = [DiagonalMask(0)] if positives is None else [IndexMask(index)]
+        masks = ([DiagonalMask(0)] if positives is None else [IndexMask(index)]) + list(user_masks)
         n_neg = k.shape[0] - 1
     valid = index >= 0
     if not bool(valid.any()):
@@ -140,18 +156,23 @@ def debiased_contrastive(
     rows = q.shape[0]
     s = inverse_temperature(temperature, q)          # inside the engine's walk: q / t is never formed
     pos = positive_logits(q, k, index) * s
-    log_q = math.log(n_neg)
-    if beta == 0.0:
-        r, _ = tiled_logsumexp(q, k, masks=masks, tile_size=tile_size, scale=s)
-        r = r.to(pos.dtype)
+    if user_masks:
+        # Q_i = the negatives each row keeps after the masks, counted in the same walk
+        r, log_q, log_tau_q = _masked_statistics(q, k, masks, s, beta, tau_plus, valid, tile_size, pos.dtype)
     else:
-        hi, lo = tiled_multi_logsumexp(q, k, [LSEStat(1.0 + beta), LSEStat(beta)], masks=masks,
-                                       tile_size=tile_size, scale=s).to(pos.dtype)
-        r = log_q + hi - lo
+        log_q = math.log(n_neg)
+        log_tau_q = math.log(tau_plus * n_neg) if tau_plus > 0.0 else None
+        if beta == 0.0:
+            r, _ = tiled_logsumexp(q, k, masks=masks, tile_size=tile_size, scale=s)
+            r = r.to(pos.dtype)
+        else:
+            hi, lo = tiled_multi_logsumexp(q, k, [LSEStat(1.0 + beta), LSEStat(beta)], masks=masks,
+                                           tile_size=tile_size, scale=s).to(pos.dtype)
+            r = log_q + hi - lo
     floor = log_q - s.expand(rows).to(pos.dtype)
     if tau_plus > 0.0:
         # log(exp(R) - tau+ Q exp(P)) = R + log(1 - exp(log(tau+ Q) + P - R)), when the argument is < 0
-        x = math.log(tau_plus * n_neg) + pos - r
+        x = log_tau_q + pos - r
         ok = x < 0
         x_safe = torch.where(ok, x, torch.full_like(x, -1.0))
         raw = r + log1mexp(x_safe) - math.log1p(-tau_plus)
@@ -162,6 +183,49 @@ def debiased_contrastive(
     d = log_ng - pos
     row_losses = torch.logaddexp(d, torch.zeros_like(d))
     return finish_rows(row_losses, valid, reduction)
+
+
+class _KeptAsZero(TileMask):
+    """A statistic-only tile transform (never a mask of the loss): every entry the shared
+    masks keep becomes 0, the dropped ones stay ``-inf``. As the last
+    :class:`~contrastkit.engine.LSEStat` of :func:`~contrastkit.engine.tiled_multi_logsumexp`
+    (factor 1, so the engine applies it to the masked tile as is) its row log-sum-exp is
+    ``log(number of kept entries)``: the per-row count of negatives in the same walk as the
+    loss's statistics. Its output carries no gradient (it is detached), so the backward
+    pass never recomputes it."""
+
+    def apply_(self, x, r0, r1, c0, c1):
+        x.masked_fill_(x > float("-inf"), 0.0)
+
+
+_COUNT = LSEStat(1.0, (_KeptAsZero(),))
+
+
+def _masked_statistics(q, k, masks, s, beta, tau_plus, valid, tile_size, dtype):
+    """With user masks: ``(R, log Q, log(tau+ Q))`` per row, Q_i the count of negatives row i
+    keeps (its positive and every masked entry left out), from one walk: the loss's
+    statistic(s) and the count (:class:`_KeptAsZero`). A row with a positive and Q_i = 0
+    is a ValueError; a row without positive and Q_i = 0 gets finite placeholders (it is
+    left out of the loss)."""
+    stats = [LSEStat(1.0)] if beta == 0.0 else [LSEStat(1.0 + beta), LSEStat(beta)]
+    out = tiled_multi_logsumexp(q, k, stats + [_COUNT], masks=masks, tile_size=tile_size, scale=s)
+    # the count is an integer summed as exp(0) = 1 per kept entry: round off the log's rounding
+    count = out[-1].detach().double().exp().round()
+    empty = count == 0
+    bad = valid & empty
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"anchor row {i} has no negative left in the denominator after the masks "
+                         "(the debiased estimator needs at least one negative per row)")
+    log_q = torch.where(empty, torch.zeros_like(count), count.log()).to(dtype)
+    zero = torch.zeros_like(log_q)
+    if beta == 0.0:
+        r = out[0].to(dtype)
+    else:
+        r = log_q + out[0].to(dtype) - out[1].to(dtype)
+    r = torch.where(empty, zero, r)                  # rows without positive and without negatives
+    log_tau_q = math.log(tau_plus) + log_q if tau_plus > 0.0 else None
+    return r, log_q, log_tau_q
 
 
 def hard_negative_contrastive(
@@ -175,12 +239,14 @@ def hard_negative_contrastive(
     tau_plus: float = 0.1,
     two_view: bool = False,
     similarity: str = "cosine",
+    masks: Sequence[TileMask] = (),
     tile_size: TileSize = None,
     reduction: str = "mean",
     symmetric: Optional[bool] = None,
 ) -> Tensor:
     """Hard-negative reweighted contrastive loss (Robinson et al. 2021, "Contrastive Learning
-    with Hard Negative Samples"): :func:`debiased_contrastive` with ``beta`` > 0 (default 1).
+    with Hard Negative Samples"): :func:`debiased_contrastive` with ``beta`` > 0 (default 1);
+    the arguments (``masks`` included: retrieval form only, Q per row) are its.
 
     Example::
 
@@ -191,12 +257,13 @@ def hard_negative_contrastive(
     reject_symmetric(symmetric, "hard_negative_contrastive")
     return debiased_contrastive(anchors, candidates, positives, extra_candidates, temperature=temperature,
                                 tau_plus=tau_plus, beta=beta, two_view=two_view, similarity=similarity,
-                                tile_size=tile_size, reduction=reduction)
+                                masks=masks, tile_size=tile_size, reduction=reduction)
 
 
 class DebiasedContrastive(Objective):
     """Debiased contrastive loss module (Chuang et al. 2020): ``forward(anchors, candidates,
-    positives=None, extra_candidates=None)``; see :func:`debiased_contrastive`.
+    positives=None, extra_candidates=None, *, masks=())`` (``masks``: retrieval form only);
+    see :func:`debiased_contrastive`.
 
     Example::
 
@@ -220,13 +287,13 @@ class DebiasedContrastive(Objective):
     @property
     def work(self) -> Work:
         return Work(rows=("anchors", "candidates"), index={"positives": "candidates"}, shared=("extra_candidates",),
-                    positives="index", self_position=self.two_view, dropped=("positive",),
+                    positives="index", self_position=self.two_view, dropped=("positive", "masks"),
                     weighted="hardness" if self.beta else "debiased")
 
     def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
-                extra_candidates: Optional[Tensor] = None) -> Tensor:
+                extra_candidates: Optional[Tensor] = None, *, masks: Sequence[TileMask] = ()) -> Tensor:
         return debiased_contrastive(anchors, candidates, positives, extra_candidates, tau_plus=self.tau_plus,
-                                    beta=self.beta, two_view=self.two_view, **self._settings())
+                                    beta=self.beta, two_view=self.two_view, masks=masks, **self._settings())
 
     def extra_repr(self) -> str:
         return f"tau_plus={self.tau_plus}, beta={self.beta}, two_view={self.two_view}, " + super().extra_repr()

@@ -12,6 +12,11 @@ is one tiled walk (:func:`contrastkit.engine.tiled_softplus.tiled_softplus_rows`
 ``positives=``): softplus(U) over the negative pairs and softplus(-U) at each positive
 cell; no N x M matrix is kept.
 
+``masks=`` (as for :func:`~contrastkit.objectives.info_nce.info_nce`: a sequence of
+:class:`~contrastkit.engine.TileMask`) leave (anchor, candidate) pairs out of the sum, e.g.
+a document that is another known positive of the query (a false negative, not to be pushed
+away). They drop negative pairs only: a mask covering a row's positive pair is a ValueError.
+
 The paper initialises the learnable log-scale t' = log 10 (temperature 0.1) and the
 bias b = -10; :class:`SigLIP` does the same.
 
@@ -25,11 +30,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..engine import DiagonalMask, DifferentLabelMask, IndexMask, LabelMask, TileMask
 from ..engine.tiled_softplus import tiled_softplus_rows
 from ..engine.tiling import TileSize
 from ..validation import check_index, check_reduction
@@ -67,6 +73,65 @@ def _bias_vector(bias: Union[float, Tensor], n: int, like: Tensor) -> Tensor:
     return torch.full((n,), b, dtype=like.dtype, device=like.device)
 
 
+_PROBE_ROWS, _PROBE_COLS = 256, 4096
+
+
+def _probe_positive_cells(mask: TileMask, positives: Tensor, m: int) -> Tensor:
+    """Whether ``mask`` drops each row's positive cell, for any TileMask: the mask is applied
+    to zero tiles that hold positive cells only (row blocks x the column span of their
+    positives: for diagonal positives O(N * 256) entries, never more than N x M)."""
+    n = positives.shape[0]
+    hit = torch.zeros(n, dtype=torch.bool, device=positives.device)
+    cols = positives.tolist()
+    for r0 in range(0, n, _PROBE_ROWS):
+        r1 = min(n, r0 + _PROBE_ROWS)
+        block = [c for c in cols[r0:r1] if c >= 0]
+        if not block:
+            continue
+        lo, hi = min(block), max(block) + 1
+        for c0 in range(lo, hi, _PROBE_COLS):
+            c1 = min(hi, c0 + _PROBE_COLS)
+            if not any(c0 <= c < c1 for c in block) or not mask.touches(r0, r1, c0, c1):
+                continue
+            x = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=positives.device)
+            mask.apply_(x, r0, r1, c0, c1)
+            local = positives[r0:r1] - c0
+            inside = (local >= 0) & (local < c1 - c0)
+            cell = x.gather(1, local.clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
+            hit[r0:r1] |= inside & torch.isinf(cell)
+    return hit
+
+
+def _check_masked_positives(masks: Sequence[TileMask], positives: Tensor, n: int, m: int, device) -> None:
+    """Raise ValueError when a mask covers a row's positive pair (SigLIP's masks drop negative
+    pairs only). The engine's masks are checked in O(N k); any other TileMask is applied to
+    the tiles that hold positive cells (:func:`_probe_positive_cells`)."""
+    has = positives >= 0
+    p = positives.clamp(min=0)
+    covered = torch.zeros(n, dtype=torch.bool, device=positives.device)
+    for mask in masks:
+        if not isinstance(mask, TileMask):
+            raise ValueError(f"masks must be a sequence of contrastkit.engine.TileMask, got {type(mask).__name__}")
+        mask.check(n, m, device)
+        kind = type(mask)
+        if kind is DiagonalMask:
+            covered |= positives == torch.arange(n, device=positives.device) + mask.offset
+        elif kind is IndexMask:
+            covered |= (mask.columns.to(positives.device) == positives[:, None]).any(1)
+        elif kind is LabelMask:
+            covered |= mask.row_labels.to(positives.device) == mask.col_labels.to(positives.device)[p]
+        elif kind is DifferentLabelMask:
+            covered |= mask.row_labels.to(positives.device) != mask.col_labels.to(positives.device)[p]
+        else:
+            covered |= _probe_positive_cells(mask, positives, m)
+    bad = covered & has
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"masks= cover the positive pair of anchor row {i} (column {int(positives[i])}): SigLIP's "
+                         "masks leave negative pairs out of the sum, never a positive one; take the positive "
+                         "column out of the mask")
+
+
 def siglip(
     anchors: Tensor,
     candidates: Tensor,
@@ -75,6 +140,7 @@ def siglip(
     temperature: Union[float, Tensor] = 0.1,
     bias: Union[float, Tensor] = -10.0,
     similarity: str = "cosine",
+    masks: Sequence[TileMask] = (),
     tile_size: TileSize = None,
     reduction: str = "mean",
 ) -> Tensor:
@@ -89,8 +155,12 @@ def siglip(
             the paper's logit scale is ``1 / temperature``.
         bias: the logit bias b (float or scalar tensor, learnable).
         similarity: ``"cosine"`` (L2-normalise) or ``"dot"`` (as given, like open_clip).
-        reduction: ``"mean"`` = sum over pairs / N (the paper's), ``"sum"``, or ``"none"``
-            (per-anchor sums over its M pairs).
+        masks: (anchor, candidate) pairs left out of the sum (a sequence of
+            :class:`~contrastkit.engine.TileMask`, e.g. an ``IndexMask`` of known false
+            negatives per anchor), in the candidates' column layout. Negative pairs only:
+            a mask that covers a row's positive pair is a ValueError (naming the row).
+        reduction: ``"mean"`` = sum over the kept pairs / N (the paper's; masks do not
+            change the divisor), ``"sum"``, or ``"none"`` (per-anchor sums over its kept pairs).
 
     The positive term softplus(-U) is finite for any finite logit (a noisy pair at a small
     temperature gives a large, exact loss: ``x = [[1, 0]], y = [[-1, 0]]`` at t = 0.01,
@@ -106,11 +176,15 @@ def siglip(
     q, k = prepare(similarity, anchors=anchors, candidates=candidates)
     n, m = q.shape[0], k.shape[0]
     positives = check_index("positives", default_positives(positives, n, m, q.device), n, m, q.device)
+    masks = tuple(masks)
+    if masks:
+        _check_masked_positives(masks, positives, n, m, q.device)
     scale = inverse_temperature(temperature, q)
     b = _bias_vector(bias, n, q)
-    # one walk: softplus(U) over the negative pairs, softplus(-U) at each positive cell
-    # (stable for any finite logit), never an N x M matrix
-    rows = tiled_softplus_rows(q, k, row_bias=b, scale=scale, positives=positives, tile_size=tile_size).to(q.dtype)
+    # one walk: softplus(U) over the negative pairs (less the masked ones), softplus(-U) at
+    # each positive cell (stable for any finite logit), never an N x M matrix
+    rows = tiled_softplus_rows(q, k, row_bias=b, scale=scale, positives=positives, masks=masks,
+                               tile_size=tile_size).to(q.dtype)
     return reduce_rows(rows, reduction)
 
 
@@ -120,7 +194,7 @@ class SigLIP(Objective):
     The temperature is log-parameterised and clamped to [0.01, 100] (see
     :class:`~contrastkit.objectives.base.Temperature`); ``learn_temperature=False`` keeps
     the temperature and the bias fixed (``learnable`` is accepted as an alias).
-    ``forward(anchors, candidates, positives=None)``; see :func:`siglip`.
+    ``forward(anchors, candidates, positives=None, *, masks=())``; see :func:`siglip`.
 
     Example::
 
@@ -149,13 +223,19 @@ class SigLIP(Objective):
     @property
     def work(self) -> Work:
         return Work(rows=("anchors", "candidates"), index={"positives": "candidates"}, positives="pairs",
-                    weighted="bias", local="pairs", ring=True)
+                    dropped=("masks",), weighted="bias", local="pairs", ring=True)
 
-    def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None) -> Tensor:
-        return siglip(anchors, candidates, positives, bias=self.bias, **self._settings())
+    def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None, *,
+                masks: Sequence[TileMask] = ()) -> Tensor:
+        return siglip(anchors, candidates, positives, bias=self.bias, masks=masks, **self._settings())
 
-    def pair_rows(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None):
-        """This rank's prepared ``(anchors, candidates, positives, temperature, bias)``."""
+    def pair_rows(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None, *,
+                  masks: Sequence[TileMask] = ()):
+        """This rank's prepared ``(anchors, candidates, positives, temperature, bias)``
+        (the scaling layer's local pair path, which takes no masks: a ValueError)."""
+        if tuple(masks):
+            raise ValueError("SigLIP masks= are not offered on DistributedLoss's local pair path (they index the "
+                             "concatenated batch); evaluate the loss on the whole batch instead")
         q, k = prepare(self.similarity, anchors=anchors, candidates=candidates)
         n, m = q.shape[0], k.shape[0]
         positives = check_index("positives", default_positives(positives, n, m, q.device), n, m, q.device)

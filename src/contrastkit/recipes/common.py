@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import re
@@ -63,7 +64,8 @@ def seed_everything(seed: int) -> None:
 
 def build_objective(cfg: RunConfig) -> nn.Module:
     """The ``objective`` section as a ``contrastkit.losses`` module (name, temperature,
-    learn_temperature, options); unknown names list the available ones."""
+    learn_temperature, options); unknown names list the available ones. ``temperature`` is
+    not passed to an objective without one (Alignment, Uniformity, AlignUniform)."""
     name = cfg.objective.name
     available = sorted(n for n in getattr(losses_module, "__all__", dir(losses_module))
                        if isinstance(getattr(losses_module, n, None), type)
@@ -73,8 +75,12 @@ def build_objective(cfg: RunConfig) -> nn.Module:
         raise ConfigError(f"objective.name: {name!r} is not a loss of contrastkit.losses; allowed values: "
                           + ", ".join(available))
     kwargs = dict(cfg.objective.options)
-    kwargs["temperature"] = cfg.objective.temperature
+    takes = inspect.signature(cls.__init__).parameters
+    if "temperature" in takes:  # alignment / uniformity have none
+        kwargs["temperature"] = cfg.objective.temperature
     if cfg.objective.learn_temperature:
+        if "learn_temperature" not in takes:
+            raise ConfigError(f"objective.learn_temperature: {name} has no temperature to learn; set it to false")
         kwargs["learn_temperature"] = True
     try:
         return cls(**kwargs)

@@ -288,6 +288,8 @@ class DistributedLoss(nn.Module):
         local = work.local if reduction in ("mean", "sum") else None
         if local == "index" and work.symmetric and (work.margin or bound.arguments.get("masks")):
             local = None  # the column direction with a margin / masks: whole batch
+        if local == "pairs" and bound.arguments.get("masks"):
+            local = None  # masks index the concatenated batch: SigLIP on the whole batch
         if self.mode == "ring" and local is None:
             raise ValueError(f"{type(obj).__name__} with these settings (symmetric with a margin or masks, or "
                              f"reduction={reduction!r}) has no ring path; use mode='gather'")
