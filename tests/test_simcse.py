@@ -290,6 +290,21 @@ def test_config_errors_exit_with_code_2(tiny_model, small_sts, tmp_path, capsys)
     assert "batching.batch_size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("objective", ["NTXent", "DCL", "SigLIP"])
+def test_unsupervised_simcse_with_other_objectives(tiny_model, small_sts, tmp_path, objective):
+    # SimCSE's two views through the one column layout: NT-Xent is SimCLR's loss on them
+    out = tmp_path / objective
+    assert main(_args(tiny_model, out, "--data", "stsb", "--objective", objective, "--no-interpolation",
+                      "--set", "output.report=false")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train"]["steps"] == 3 and -1.0 <= m["after"]["spearman"] <= 1.0
+
+
+def test_simcse_objective_that_does_not_fit_is_a_config_error(tiny_model, small_sts, tmp_path, capsys):
+    assert main(_args(tiny_model, tmp_path / "a", "--data", "stsb", "--objective", "SupCon")) == 2
+    assert "objective.name: SupCon does not take" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["no_duplicates", "random", "b3"])
 def test_build_batches_covers_each_example_at_most_once_per_epoch_and_resumes(kind):
     from contrastkit.recipes.simcse import build_batches

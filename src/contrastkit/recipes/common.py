@@ -22,9 +22,11 @@ from torch import nn
 
 from .. import losses as losses_module
 from ..models import TextEncoder
+from ..objectives.columns import ColumnObjective, column_layout, takes_column_masks
 from ..training.config import ConfigError, RunConfig
 
-__all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "build_optimizer", "layer_depths",
+__all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "check_objective_fits", "column_loss",
+           "build_optimizer", "layer_depths",
            "ExampleBatches", "save_towers", "load_towers", "versions", "best_then_interpolate", "start_run"]
 
 
@@ -86,6 +88,54 @@ def build_objective(cfg: RunConfig) -> nn.Module:
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"objective.options: {name} does not take these arguments ({err})") from None
+
+
+def check_objective_fits(cfg: RunConfig, objective: nn.Module, *, num_negatives: int, masks_possible: bool) -> str:
+    """The objective's column layout (:func:`~contrastkit.objectives.columns.column_layout`)
+    for (anchor, positive, ``num_negatives`` hard negatives) batches, or a ConfigError
+    naming the field that does not fit: an objective on (features, labels), hard negatives
+    for an objective that takes none, false-negative masks for one that takes no masks.
+    Checked before anything is encoded."""
+    name = cfg.objective.name
+    try:
+        layout = column_layout(objective)
+    except ValueError:
+        fits = []
+        for n in losses_module.__all__:
+            cls = getattr(losses_module, n)
+            try:
+                if isinstance(cls, type) and issubclass(cls, nn.Module) and n != "Objective":
+                    column_layout(cls)
+                    fits.append(n)
+            except ValueError:
+                pass
+        raise ConfigError(f"objective.name: {name} does not take (query, positive, negatives) batches (it takes "
+                          f"views or (features, labels)); allowed values: {', '.join(sorted(fits))}") from None
+    if layout == "pairs" and num_negatives > 0:
+        raise ConfigError(f"negatives.num_negatives: {name} takes (query, positive) pairs and no hard negatives; "
+                          f"set negatives.num_negatives=0 or choose an objective that takes them "
+                          f"(MultipleNegativesRanking, InfoNCE, DCL, DebiasedContrastive, SigLIP, ...)")
+    if masks_possible and not takes_column_masks(objective):
+        fields = [f for f in ("negatives.mask_duplicates", "negatives.guide_mask") if getattr(
+            cfg.negatives, f.split(".")[1])]
+        raise ConfigError(f"{fields[0]}: {name} takes no false-negative masks over (query x documents); set "
+                          + " and ".join(f"{f}=false" for f in fields))
+    return layout
+
+
+def column_loss(objective: nn.Module, world: int = 1) -> nn.Module:
+    """The loss module a :class:`~contrastkit.recipes.text_steps.RetrievalStep` calls as
+    ``loss(anchors, positives, *negatives, masks=)``: MultipleNegativesRanking as it is,
+    any other column objective through :class:`~contrastkit.objectives.columns.ColumnObjective`;
+    under many processes inside :class:`~contrastkit.scale.DistributedLoss` (MNRL computes
+    each process's rows locally, the others run on the gathered batch)."""
+    loss: nn.Module = objective if isinstance(objective, losses_module.MultipleNegativesRanking) \
+        else ColumnObjective(objective)
+    if world > 1:
+        from ..scale import DistributedLoss
+
+        loss = DistributedLoss(loss)
+    return loss
 
 
 def _no_decay(name: str) -> bool:

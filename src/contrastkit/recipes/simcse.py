@@ -76,8 +76,8 @@ from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
-from .common import (ExampleBatches, best_then_interpolate, broadcast, build_objective,
-                     build_optimizer, save_towers, start_run, versions)
+from .common import (ExampleBatches, best_then_interpolate, broadcast, build_objective, build_optimizer,
+                     check_objective_fits, column_loss, save_towers, start_run, versions)
 from .retrieval_task import is_beir_folder, text_id
 from .text_steps import RetrievalStep
 
@@ -375,6 +375,9 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
         if len(data.examples) < cfg.batching.batch_size:
             raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} is larger than the "
                               f"{len(data.examples)} training examples")
+        objective = build_objective(cfg).to(device)
+        mask_duplicates = cfg.negatives.mask_duplicates and data.supervised
+        check_objective_fits(cfg, objective, num_negatives=data.num_negatives, masks_possible=mask_duplicates)
         # built (and saved) with the model's usual length; training and evaluation cut at ``length``
         encoder = TextEncoder(cfg.model.name, pooling=cfg.model.pooling, normalize=cfg.model.normalize,
                               max_length=cfg.model.document_max_length,
@@ -403,18 +406,13 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
 
     # 3. train -----------------------------------------------------------------------------------
     examples = data.examples
-    objective = build_objective(cfg).to(device)
-    loss_module: nn.Module = objective
-    if world > 1:
-        from ..scale import DistributedLoss
-
-        loss_module = DistributedLoss(objective)
+    loss_module = column_loss(objective, world)
     candidate_length = length if not data.supervised else \
         (cfg.model.train_document_max_length or cfg.model.document_max_length)
     step_fn = build_simcse_step(encoder, loss_module, max_length=length, candidate_max_length=candidate_length,
                                 chunk_size=cfg.batching.chunk_size, autocast_dtype=autocast_dtype(precision),
                                 sort_by_length=cfg.batching.sort_by_length, known_positives=data.known_positives,
-                                mask_duplicates=cfg.negatives.mask_duplicates and data.supervised, rank=rank,
+                                mask_duplicates=mask_duplicates, rank=rank,
                                 world=world)
     batches = build_batches(examples, kind=cfg.batching.sampler, batch_size=cfg.batching.batch_size,
                             seed=cfg.train.seed,

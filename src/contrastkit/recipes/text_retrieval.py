@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..data import load_sts
 from ..evaluation import evaluate_retrieval, evaluate_sts, paired_bootstrap
@@ -41,15 +41,14 @@ from ..losses import MultipleNegativesRanking
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype, cpu_has_fast_bf16
 from ..negatives.mining import known_positives, mine_hard_negatives
-from ..objectives.columns import ColumnObjective, column_layout, takes_column_masks
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
 from ..training.config import ConfigError, RunConfig, dump_config
 from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
-from .common import (ExampleBatches, best_then_interpolate, broadcast, build_objective,
-                     build_optimizer, save_towers, start_run, versions)
+from .common import (ExampleBatches, best_then_interpolate, broadcast, build_objective, build_optimizer,
+                     check_objective_fits, column_loss, save_towers, start_run, versions)
 from .retrieval_task import RetrievalTask, build_retrieval_task
 from .text_steps import Guide, RetrievalStep, fill_negatives
 
@@ -114,42 +113,6 @@ def _dev_corpus(task: RetrievalTask, corpus_emb: Tensor, query_emb: Dict[str, Te
     return sorted(rows)
 
 
-def check_objective_fits(cfg: RunConfig, objective: nn.Module, *, masks_possible: bool) -> str:
-    """The objective's column layout (:func:`~contrastkit.objectives.columns.column_layout`)
-    for the (query, positive, hard negatives) batches of this recipe, or a ConfigError
-    naming the field that does not fit: an objective on (features, labels), hard negatives
-    for an objective that takes none, false-negative masks for one that takes no masks.
-    Checked before anything is encoded."""
-    from .. import losses as losses_module
-
-    name = cfg.objective.name
-    try:
-        layout = column_layout(objective)
-    except ValueError:
-        fits = []
-        for n in losses_module.__all__:
-            cls = getattr(losses_module, n)
-            try:
-                if isinstance(cls, type) and issubclass(cls, nn.Module) and n != "Objective":
-                    column_layout(cls)
-                    fits.append(n)
-            except ValueError:
-                pass
-        raise ConfigError(f"objective.name: {name} does not take (query, positive, negatives) batches (it takes "
-                          f"views or (features, labels)); allowed values: {', '.join(sorted(fits))}") from None
-    h = cfg.negatives.num_negatives
-    if layout == "pairs" and h > 0:
-        raise ConfigError(f"negatives.num_negatives: {name} takes (query, positive) pairs and no hard negatives; "
-                          f"set negatives.num_negatives=0 or choose an objective that takes them "
-                          f"(MultipleNegativesRanking, InfoNCE, DCL, DebiasedContrastive, SigLIP, ...)")
-    if masks_possible and not takes_column_masks(objective):
-        fields = [f for f in ("negatives.mask_duplicates", "negatives.guide_mask") if getattr(
-            cfg.negatives, f.split(".")[1])]
-        raise ConfigError(f"{fields[0]}: {name} takes no false-negative masks over (query x documents); set "
-                          + " and ".join(f"{f}=false" for f in fields))
-    return layout
-
-
 def _metrics(scores) -> Dict[str, float]:
     return {k: float(v) for k, v in scores.to_dict().items()}
 
@@ -206,8 +169,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     summary["notes"] = task.notes
     objective = build_objective(cfg).to(device)
     with_ids = all(e.query_id is not None for e in task.train_examples)
-    check_objective_fits(cfg, objective, masks_possible=cfg.negatives.guide_mask
-                         or (cfg.negatives.mask_duplicates and with_ids))
+    check_objective_fits(cfg, objective, num_negatives=cfg.negatives.num_negatives,
+                         masks_possible=cfg.negatives.guide_mask or (cfg.negatives.mask_duplicates and with_ids))
 
     # 2-3. encode once, evaluate the base model --------------------------------------------------
     needed_q = sorted(set(task.train_qrels) | set(task.dev_qrels) | set(task.test_qrels)
@@ -293,14 +256,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
         examples = broadcast(examples, rank, world)
 
     # 5. train --------------------------------------------------------------------------------------
-    # MNRL is called as it is (DistributedLoss computes each process's rows locally); any
-    # other column objective through the one column layout, on the gathered batch
-    loss_module: nn.Module = objective if isinstance(objective, MultipleNegativesRanking) \
-        else ColumnObjective(objective)
-    if world > 1:
-        from ..scale import DistributedLoss
-
-        loss_module = DistributedLoss(loss_module)
+    loss_module = column_loss(objective, world)
     guide = None
     if cfg.negatives.guide_mask and corpus_emb is not None:
         guide = Guide(query_index={q: i for i, q in enumerate(needed_q)}, query_embeddings=query_emb_rows,
