@@ -50,25 +50,37 @@ class DenseMask(TileMask):
         x.masked_fill_(self.drop[r0:r1, c0:c1], float("-inf"))
 
 
-def draw_masks(data, n, m):
-    """Random masks over an n x m column layout, and the equal dense drop matrix."""
+def draw_masks(data, n, m, positives=None):
+    """Random masks over n x m (engine masks and a generic one), the equal dense drop matrix
+    and the rows whose positive pair (``positives``, default the diagonal) they cover. With ``spare`` (most draws) the index, label and generic masks leave the
+    positive pairs alone and the diagonal is off the main one (random positives may still
+    be covered: then the call must raise)."""
+    pos = positives if positives is not None else torch.arange(n)
+    pos = torch.where(pos < m, pos, torch.full_like(pos, -1))  # a default diagonal past the columns
+    has = pos >= 0
+    spare = data.draw(st.sampled_from([True, True, True, False]), label="spare the positive pairs")
     masks, drop = [], torch.zeros(n, m, dtype=torch.bool)
     kind = data.draw(st.sampled_from(["diag", "label", "index", "generic", "all", "drops nothing"]), label="masks")
     if kind in ("diag", "all"):
-        off = data.draw(st.integers(-2, 3), label="diagonal offset")
+        off = data.draw(st.sampled_from([-2, -1, 1, 2, 3] if spare else [0, 1]), label="diagonal offset")
         masks.append(DiagonalMask(off))
         for i in range(n):
             if 0 <= i + off < m:
                 drop[i, i + off] = True
-    if kind in ("label", "all"):  # duplicate labels on purpose: several same-label columns per row
-        rl = torch.tensor(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n), label="row labels"))
-        cl = torch.tensor(data.draw(st.lists(st.integers(0, 5), min_size=m, max_size=m), label="column labels"))
+    if kind in ("label", "all"):
+        rl = torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n), label="row labels"))
+        cl = torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=m, max_size=m), label="column labels"))
+        if spare:
+            same = has & (rl == cl[pos.clamp(min=0)])
+            rl = torch.where(same, 100 + torch.arange(n), rl)
         masks.append(LabelMask(rl, cl))
         drop |= rl[:, None] == cl[None, :]
     if kind in ("index", "all"):
         k = data.draw(st.integers(1, 3), label="index columns per row")
         cols = torch.tensor(data.draw(st.lists(st.lists(st.integers(-1, m - 1), min_size=k, max_size=k),
                                                min_size=n, max_size=n), label="index columns"))
+        if spare:
+            cols = torch.where(cols == pos[:, None], torch.full_like(cols, -1), cols)
         masks.append(IndexMask(cols))
         for i, row in enumerate(cols.tolist()):
             for col in row:
@@ -76,9 +88,59 @@ def draw_masks(data, n, m):
                     drop[i, col] = True
     if kind in ("generic", "all"):
         seed = data.draw(st.integers(0, 2**31), label="generic mask seed")
-        dense = torch.rand(n, m, generator=torch.Generator().manual_seed(seed)) < 0.25
+        dense = torch.rand(n, m, generator=torch.Generator().manual_seed(seed)) < 0.3
+        if spare:
+            dense[has.nonzero().squeeze(1), pos[has]] = False
         masks.append(DenseMask(dense))
         drop |= dense
     if kind == "drops nothing":
         masks.append(IndexMask(torch.full((n, 1), -1)))
-    return masks, drop
+    covered = torch.zeros(n, dtype=torch.bool)
+    covered[has] = drop[has.nonzero().squeeze(1), pos[has]]
+    return masks, drop, covered
+
+
+def retrieval_inputs(p, sc: float):
+    """Float64 retrieval-form inputs of a drawn problem ``p`` (n, m, d, n_extra, temp,
+    temp_kind, positives, seed), entries scaled by ``sc``: ``(generator, anchors, candidates,
+    extra candidates or None, temperature, positives or None)``."""
+    g = torch.Generator().manual_seed(p["seed"])
+    n, m, d = p["n"], p["m"], p["d"]
+    d64 = torch.float64
+    a = (sc * torch.randn(n, d, generator=g, dtype=d64)).requires_grad_()
+    c = (sc * torch.randn(m, d, generator=g, dtype=d64)).requires_grad_()
+    extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=d64)).requires_grad_() if p["n_extra"] else None
+    if p["temp_kind"] == "float":
+        t = p["temp"]
+    elif p["temp_kind"] == "scalar":
+        t = torch.tensor(p["temp"], dtype=d64, requires_grad=True)
+    else:
+        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=d64))).requires_grad_()
+    positives = None
+    if p["positives"] == "random":
+        positives = torch.randint(-1, m, (n,), generator=g)
+        positives[0] = int(torch.randint(0, m, (1,), generator=g))
+    return g, a, c, extra, t, positives
+
+
+def negatives_left(drop: Tensor, positives: Optional[Tensor], n: int) -> Tuple[Tensor, Tensor]:
+    """Per row, the count of columns that are neither its positive nor dropped, and whether
+    the row has a positive."""
+    pos = positives if positives is not None else torch.arange(n)
+    left = ~drop
+    valid = pos >= 0
+    left[valid.nonzero().squeeze(1), pos[valid]] = False
+    return left.sum(1), valid
+
+
+def assert_values_and_grads_close(out: Tensor, ref: Tensor, anchors: Tensor, candidates: Tensor,
+                                  extra: Optional[Tensor], temperature) -> None:
+    """A retrieval-form loss and its naive formula: the values, and the gradients in the
+    anchors, candidates, extra candidates and a tensor temperature, relative to 1 / t."""
+    inv_t = inverse_min_temperature(temperature)
+    assert_rel_close(out, ref, scale=inv_t, what="value")
+    named = [("anchors", anchors), ("candidates", candidates), ("extra", extra), ("temperature", temperature)]
+    named = [(k, v) for k, v in named if isinstance(v, Tensor)]
+    inputs = [v for _, v in named]
+    for x, y, (name, _) in zip(grads_of(out, inputs), grads_of(ref, inputs), named):
+        assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))

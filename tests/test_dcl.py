@@ -14,7 +14,8 @@ import contrastkit as ck
 from contrastkit import reference
 from contrastkit.engine import DiagonalMask, IndexMask
 from contrastkit.functional import dcl
-from objective_checks import assert_rel_close, grads_of, inverse_min_temperature, draw_masks
+from objective_checks import (assert_rel_close, assert_values_and_grads_close, draw_masks, grads_of, negatives_left,
+                              retrieval_inputs)
 
 D64 = torch.float64
 DATA = __import__("pathlib").Path(__file__).parent / "data" / "peer_losses.npz"
@@ -54,22 +55,8 @@ def problems(draw):
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_dcl_matches_naive_formula(p):
-    g = torch.Generator().manual_seed(p["seed"])
-    n, m, d = p["n"], p["m"], p["d"]
-    sc = 1.0 if p["similarity"] == "cosine" or p["temp"] >= 0.5 else 0.3
-    a = (sc * torch.randn(n, d, generator=g, dtype=D64)).requires_grad_()
-    c = (sc * torch.randn(m, d, generator=g, dtype=D64)).requires_grad_()
-    extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=D64)).requires_grad_() if p["n_extra"] else None
-    if p["temp_kind"] == "float":
-        t = p["temp"]
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temp"], dtype=D64, requires_grad=True)
-    else:
-        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=D64))).requires_grad_()
-    positives = None
-    if p["positives"] == "random":
-        positives = torch.randint(-1, m, (n,), generator=g)
-        positives[0] = int(torch.randint(0, m, (1,), generator=g))
+    g, a, c, extra, t, positives = retrieval_inputs(p, 1.0 if p["similarity"] == "cosine" or p["temp"] >= 0.5 else 0.3)
+    n, m = p["n"], p["m"]
     kw = dict(weighted=p["weighted"], sigma=p["sigma"], extra=extra, similarity=p["similarity"])
     if p["symmetric"]:
         ref = naive_dcl_two_view(a, c, t, **kw)
@@ -83,12 +70,7 @@ def test_dcl_matches_naive_formula(p):
             call()
         return
     out = call()
-    inv_t = inverse_min_temperature(t)
-    assert_rel_close(out, ref, scale=inv_t, what="value")
-    inputs = [a, c] + ([extra] if extra is not None else []) + ([t] if isinstance(t, torch.Tensor) else [])
-    names = ["anchors", "candidates"] + (["extra"] if extra is not None else []) + (["temperature"] if isinstance(t, torch.Tensor) else [])
-    for x, y, name in zip(grads_of(out, inputs), grads_of(ref, inputs), names):
-        assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))
+    assert_values_and_grads_close(out, ref, a, c, extra, t)
 
 
 @pytest.mark.parametrize("case, weighted", [("lightly_dcl", False), ("lightly_dclw", True)])
@@ -179,45 +161,17 @@ def masked_problems(draw):
     )
 
 
-def _masked_inputs(p):
-    g = torch.Generator().manual_seed(p["seed"])
-    n, m, d = p["n"], p["m"], p["d"]
-    sc = 1.0 if p["similarity"] == "cosine" or p["temp"] >= 0.5 else 0.3
-    a = (sc * torch.randn(n, d, generator=g, dtype=D64)).requires_grad_()
-    c = (sc * torch.randn(m, d, generator=g, dtype=D64)).requires_grad_()
-    extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=D64)).requires_grad_() if p["n_extra"] else None
-    if p["temp_kind"] == "float":
-        t = p["temp"]
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temp"], dtype=D64, requires_grad=True)
-    else:
-        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=D64))).requires_grad_()
-    positives = None
-    if p["positives"] == "random":
-        positives = torch.randint(-1, m, (n,), generator=g)
-        positives[0] = int(torch.randint(0, m, (1,), generator=g))
-    return g, a, c, extra, t, positives
-
-
-def _empty_rows(drop, positives, n):
-    """Rows with a positive whose every column is the positive or dropped."""
-    pos = positives if positives is not None else torch.arange(n)
-    left = ~drop
-    valid = pos >= 0
-    left[valid.nonzero().squeeze(1), pos[valid]] = False
-    return valid & ~left.any(1)
-
-
 @settings(max_examples=50, deadline=None)
 @given(p=masked_problems(), data=st.data())
 def test_dcl_with_masks_matches_naive(p, data):
-    g, a, c, extra, t, positives = _masked_inputs(p)
+    g, a, c, extra, t, positives = retrieval_inputs(p, 1.0 if p["similarity"] == "cosine" or p["temp"] >= 0.5 else 0.3)
     n, cols = p["n"], p["m"] + p["n_extra"]
-    masks, drop = draw_masks(data, n, cols)
+    masks, drop, _ = draw_masks(data, n, cols, positives)
     kw = dict(temperature=t, weighted=p["weighted"], sigma=p["sigma"], similarity=p["similarity"],
               reduction=p["reduction"])
     call = lambda: dcl(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw)
-    empty = _empty_rows(drop, positives, n)
+    left, valid = negatives_left(drop, positives, n)
+    empty = valid & (left == 0)
     if bool(empty.any()):
         with pytest.raises(ValueError, match=f"anchor row {int(empty.nonzero()[0])} has no negative left"):
             call()
@@ -228,12 +182,7 @@ def test_dcl_with_masks_matches_naive(p, data):
         assert out.shape == (n,)
         w = torch.randn(n, generator=g, dtype=D64)
         out, ref = (out * w).sum(), (ref * w).sum()
-    inv_t = inverse_min_temperature(t)
-    assert_rel_close(out, ref, scale=inv_t, what="value")
-    inputs = [a, c] + ([extra] if extra is not None else []) + ([t] if isinstance(t, torch.Tensor) else [])
-    names = ["anchors", "candidates"] + (["extra"] if extra is not None else []) + (["temperature"] if isinstance(t, torch.Tensor) else [])
-    for x, y, name in zip(grads_of(out, inputs), grads_of(ref, inputs), names):
-        assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))
+    assert_values_and_grads_close(out, ref, a, c, extra, t)
 
 
 def test_dcl_masks_drop_false_negatives_and_modules_accept_them():

@@ -16,7 +16,8 @@ import contrastkit as ck
 from contrastkit import reference
 from contrastkit.engine import DiagonalMask, IndexMask
 from contrastkit.functional import debiased_contrastive, hard_negative_contrastive
-from objective_checks import assert_rel_close, grads_of, inverse_min_temperature, draw_masks
+from objective_checks import (assert_rel_close, assert_values_and_grads_close, draw_masks, grads_of, negatives_left,
+                              retrieval_inputs)
 
 D64 = torch.float64
 
@@ -54,22 +55,8 @@ def problems(draw):
 @settings(max_examples=80, deadline=None)
 @given(problems())
 def test_matches_published_formula(p):
-    g = torch.Generator().manual_seed(p["seed"])
-    n, m, d = p["n"], p["m"], p["d"]
-    sc = 1.0 if p["similarity"] == "cosine" else 0.3
-    a = (sc * torch.randn(n, d, generator=g, dtype=D64)).requires_grad_()
-    c = (sc * torch.randn(m, d, generator=g, dtype=D64)).requires_grad_()
-    extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=D64)).requires_grad_() if p["n_extra"] else None
-    if p["temp_kind"] == "float":
-        t = p["temp"]
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temp"], dtype=D64, requires_grad=True)
-    else:
-        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=D64))).requires_grad_()
-    positives = None
-    if p["positives"] == "random":
-        positives = torch.randint(-1, m, (n,), generator=g)
-        positives[0] = int(torch.randint(0, m, (1,), generator=g))
+    g, a, c, extra, t, positives = retrieval_inputs(p, 1.0 if p["similarity"] == "cosine" else 0.3)
+    n, m = p["n"], p["m"]
     n_neg = (2 * n - 2 if p["symmetric"] else m - 1) + p["n_extra"]
     kw = dict(tau_plus=p["tau_plus"], beta=p["beta"], extra=extra, similarity=p["similarity"])
     call = lambda: debiased_contrastive(
@@ -84,12 +71,7 @@ def test_matches_published_formula(p):
     else:
         ref = naive_retrieval(a, c, t, positives if positives is not None else torch.arange(n), **kw)
     out = call()
-    inv_t = inverse_min_temperature(t)
-    assert_rel_close(out, ref, scale=inv_t, what="value")
-    inputs = [a, c] + ([extra] if extra is not None else []) + ([t] if isinstance(t, torch.Tensor) else [])
-    names = ["anchors", "candidates"] + (["extra"] if extra is not None else []) + (["temperature"] if isinstance(t, torch.Tensor) else [])
-    for x, y, name in zip(grads_of(out, inputs), grads_of(ref, inputs), names):
-        assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))
+    assert_values_and_grads_close(out, ref, a, c, extra, t)
 
 
 def test_no_prior_no_hardness_is_nt_xent():
@@ -190,48 +172,19 @@ def masked_problems(draw):
     )
 
 
-def _masked_inputs(p):
-    g = torch.Generator().manual_seed(p["seed"])
-    n, m, d = p["n"], p["m"], p["d"]
-    sc = 1.0 if p["similarity"] == "cosine" else 0.3
-    a = (sc * torch.randn(n, d, generator=g, dtype=D64)).requires_grad_()
-    c = (sc * torch.randn(m, d, generator=g, dtype=D64)).requires_grad_()
-    extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=D64)).requires_grad_() if p["n_extra"] else None
-    if p["temp_kind"] == "float":
-        t = p["temp"]
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temp"], dtype=D64, requires_grad=True)
-    else:
-        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=D64))).requires_grad_()
-    positives = None
-    if p["positives"] == "random":
-        positives = torch.randint(-1, m, (n,), generator=g)
-        positives[0] = int(torch.randint(0, m, (1,), generator=g))
-    return g, a, c, extra, t, positives
-
-
-def _negatives_left(drop, positives, n):
-    """Per row, the count of columns that are neither its positive nor dropped (Q_i)."""
-    pos = positives if positives is not None else torch.arange(n)
-    left = ~drop
-    valid = pos >= 0
-    left[valid.nonzero().squeeze(1), pos[valid]] = False
-    return left.sum(1), valid
-
-
 @settings(max_examples=50, deadline=None)
 @given(p=masked_problems(), data=st.data())
 def test_masks_match_published_formula_per_row_q(p, data):
-    g, a, c, extra, t, positives = _masked_inputs(p)
+    g, a, c, extra, t, positives = retrieval_inputs(p, 1.0 if p["similarity"] == "cosine" else 0.3)
     n, cols = p["n"], p["m"] + p["n_extra"]
-    masks, drop = draw_masks(data, n, cols)
+    masks, drop, _ = draw_masks(data, n, cols, positives)
     fn = hard_negative_contrastive if p["beta"] > 0 and data.draw(st.booleans(), label="hard wrapper") else \
         debiased_contrastive
     ref_fn = reference.hard_negative_contrastive if fn is hard_negative_contrastive else reference.debiased_contrastive
     kw = dict(temperature=t, tau_plus=p["tau_plus"], beta=p["beta"], similarity=p["similarity"],
               reduction=p["reduction"])
     call = lambda: fn(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw)
-    q_rows, valid = _negatives_left(drop, positives, n)
+    q_rows, valid = negatives_left(drop, positives, n)
     if cols < 2:
         with pytest.raises(ValueError, match="at least one negative"):
             call()
@@ -247,12 +200,7 @@ def test_masks_match_published_formula_per_row_q(p, data):
         assert out.shape == (n,)
         w = torch.randn(n, generator=g, dtype=D64)
         out, ref = (out * w).sum(), (ref * w).sum()
-    inv_t = inverse_min_temperature(t)
-    assert_rel_close(out, ref, scale=inv_t, what="value")
-    inputs = [a, c] + ([extra] if extra is not None else []) + ([t] if isinstance(t, torch.Tensor) else [])
-    names = ["anchors", "candidates"] + (["extra"] if extra is not None else []) + (["temperature"] if isinstance(t, torch.Tensor) else [])
-    for x, y, name in zip(grads_of(out, inputs), grads_of(ref, inputs), names):
-        assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))
+    assert_values_and_grads_close(out, ref, a, c, extra, t)
 
 
 def test_masked_clamp_uses_each_rows_own_q():

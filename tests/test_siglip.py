@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
 from contrastkit import reference
 from conftest import assert_rel_close, grads_of
 from contrastkit.engine import DiagonalMask, DifferentLabelMask, IndexMask, LabelMask
-from objective_checks import DenseMask
+from objective_checks import DenseMask, draw_masks
 from contrastkit.engine.tiled_pairwise import KernelStats, LabelWeights, tiled_pairwise
 from contrastkit.functional import siglip
 
@@ -48,9 +47,8 @@ def problems(draw):
                 seed=draw(st.integers(0, 2**31)))
 
 
-@settings(max_examples=40, deadline=None)
-@given(problems())
-def test_siglip_matches_naive_values_and_gradients(p):
+def _inputs(p):
+    """(generator, anchors, candidates, bias, temperature, [temperature if a tensor])."""
     g = torch.Generator().manual_seed(p["seed"])
     x = torch.randn(p["n"], p["d"], dtype=D64, generator=g, requires_grad=True)
     y = torch.randn(p["m"], p["d"], dtype=D64, generator=g, requires_grad=True)
@@ -63,6 +61,13 @@ def test_siglip_matches_naive_values_and_gradients(p):
     else:
         t = torch.tensor(p["temps"], dtype=D64, requires_grad=True)
         params = [t]
+    return g, x, y, b, t, params
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_siglip_matches_naive_values_and_gradients(p):
+    g, x, y, b, t, params = _inputs(p)
     kw = dict(positives=p["positives"], similarity=p["similarity"], reduction=p["reduction"])
     got = siglip(x, y, temperature=t, bias=b, tile_size=p["tile"], **kw)
     want = naive_siglip(x, y, t, b, **kw)
@@ -148,70 +153,10 @@ def test_siglip_bad_input():
 # ---------------------------------------------------------------- masks=
 
 
-def draw_masks(data, n, m, positives):
-    """Random masks over n x m, the equal dense drop matrix and the rows whose positive pair
-    they cover. With ``spare`` (most draws) the index, label and generic masks leave the
-    positive pairs alone and the diagonal is off the main one (random positives may still
-    be covered: then the call must raise)."""
-    pos = positives if positives is not None else torch.arange(n)
-    has = pos >= 0
-    spare = data.draw(st.sampled_from([True, True, True, False]), label="spare the positive pairs")
-    masks, drop = [], torch.zeros(n, m, dtype=torch.bool)
-    kind = data.draw(st.sampled_from(["diag", "label", "index", "generic", "all", "drops nothing"]), label="masks")
-    if kind in ("diag", "all"):
-        off = data.draw(st.sampled_from([-2, -1, 1, 2, 3] if spare else [0, 1]), label="diagonal offset")
-        masks.append(DiagonalMask(off))
-        for i in range(n):
-            if 0 <= i + off < m:
-                drop[i, i + off] = True
-    if kind in ("label", "all"):
-        rl = torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n), label="row labels"))
-        cl = torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=m, max_size=m), label="column labels"))
-        if spare:
-            same = has & (rl == cl[pos.clamp(min=0)])
-            rl = torch.where(same, 100 + torch.arange(n), rl)
-        masks.append(LabelMask(rl, cl))
-        drop |= rl[:, None] == cl[None, :]
-    if kind in ("index", "all"):
-        k = data.draw(st.integers(1, 3), label="index columns per row")
-        cols = torch.tensor(data.draw(st.lists(st.lists(st.integers(-1, m - 1), min_size=k, max_size=k),
-                                               min_size=n, max_size=n), label="index columns"))
-        if spare:
-            cols = torch.where(cols == pos[:, None], torch.full_like(cols, -1), cols)
-        masks.append(IndexMask(cols))
-        for i, row in enumerate(cols.tolist()):
-            for col in row:
-                if col >= 0:
-                    drop[i, col] = True
-    if kind in ("generic", "all"):
-        seed = data.draw(st.integers(0, 2**31), label="generic mask seed")
-        dense = torch.rand(n, m, generator=torch.Generator().manual_seed(seed)) < 0.3
-        if spare:
-            dense[has.nonzero().squeeze(1), pos[has]] = False
-        masks.append(DenseMask(dense))
-        drop |= dense
-    if kind == "drops nothing":
-        masks.append(IndexMask(torch.full((n, 1), -1)))
-    covered = torch.zeros(n, dtype=torch.bool)
-    covered[has] = drop[has.nonzero().squeeze(1), pos[has]]
-    return masks, drop, covered
-
-
 @settings(max_examples=50, deadline=None)
 @given(p=problems(), data=st.data())
 def test_siglip_with_masks_matches_naive(p, data):
-    g = torch.Generator().manual_seed(p["seed"])
-    x = torch.randn(p["n"], p["d"], dtype=D64, generator=g, requires_grad=True)
-    y = torch.randn(p["m"], p["d"], dtype=D64, generator=g, requires_grad=True)
-    b = torch.tensor(p["bias"], dtype=D64, requires_grad=True)
-    if p["temp_kind"] == "float":
-        t, params = p["temps"][0], []
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temps"][0], dtype=D64, requires_grad=True)
-        params = [t]
-    else:
-        t = torch.tensor(p["temps"], dtype=D64, requires_grad=True)
-        params = [t]
+    g, x, y, b, t, params = _inputs(p)
     masks, drop, covered = draw_masks(data, p["n"], p["m"], p["positives"])
     kw = dict(positives=p["positives"], similarity=p["similarity"], reduction=p["reduction"])
     if bool(covered.any()):

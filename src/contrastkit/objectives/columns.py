@@ -46,7 +46,7 @@ _NOT_COLUMNS = ("features", "labels")  # (features, labels) objectives: SupCon, 
 
 def _parameters(objective: Callable[..., Tensor]):
     # a module instance or class: its forward; a plain function: itself
-    target = objective.forward if isinstance(objective, nn.Module) or isinstance(objective, type) else objective
+    target = objective.forward if isinstance(objective, (nn.Module, type)) else objective
     try:
         params = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):  # not introspectable
@@ -55,9 +55,10 @@ def _parameters(objective: Callable[..., Tensor]):
 
 
 def column_layout(objective: Callable[..., Tensor]) -> str:
-    """How ``objective`` (a module, a module class or a function) takes (anchor, positive, negatives) columns: one of :data:`LAYOUTS`
-    (see the module doc). Raises ValueError naming the objective when it is not a column
-    objective ((features, labels) or a single tensor)."""
+    """How ``objective`` (a module, a module class or a function) takes (anchor, positive,
+    negatives) columns: one of :data:`LAYOUTS` (see the module doc). Raises ValueError
+    naming the objective when it is not a column objective ((features, labels) or a single
+    tensor)."""
     name = objective.__name__ if isinstance(objective, type) else type(objective).__name__
     params = _parameters(objective)
     if params is None:  # not introspectable: assume the MNRL layout
