@@ -64,6 +64,16 @@ def _inputs(p):
     return g, x, y, b, t, params
 
 
+def _assert_matches(got, want, g, inputs, p):
+    """Values, and the gradients in (anchors, candidates, bias[, temperature]) of a random
+    weighting of the rows."""
+    assert_rel_close(got, want, what="value")
+    w = torch.randn(got.shape, dtype=D64, generator=g) if got.dim() else torch.tensor(1.0, dtype=D64)
+    atol = 1e-12 / min(p["temps"])   # entries exactly 0 (d = 1 cosine) are rounding noise scaled by 1/t
+    for a, e, name in zip(grads_of((got * w).sum(), inputs), grads_of((want * w).sum(), inputs), "xybt"):
+        assert_rel_close(a, e, what=f"grad {name}", atol=atol)
+
+
 @settings(max_examples=40, deadline=None)
 @given(problems())
 def test_siglip_matches_naive_values_and_gradients(p):
@@ -71,12 +81,7 @@ def test_siglip_matches_naive_values_and_gradients(p):
     kw = dict(positives=p["positives"], similarity=p["similarity"], reduction=p["reduction"])
     got = siglip(x, y, temperature=t, bias=b, tile_size=p["tile"], **kw)
     want = naive_siglip(x, y, t, b, **kw)
-    assert_rel_close(got, want, what="value")
-    w = torch.randn(got.shape, dtype=D64, generator=g) if got.dim() else torch.tensor(1.0, dtype=D64)
-    inputs = [x, y, b] + params
-    atol = 1e-12 / min(p["temps"])   # entries exactly 0 (d = 1 cosine) are rounding noise scaled by 1/t
-    for a, e, name in zip(grads_of((got * w).sum(), inputs), grads_of((want * w).sum(), inputs), "xybt"):
-        assert_rel_close(a, e, what=f"grad {name}", atol=atol)
+    _assert_matches(got, want, g, [x, y, b] + params, p)
 
 
 def test_openclip_siglip_parity():
@@ -165,12 +170,7 @@ def test_siglip_with_masks_matches_naive(p, data):
         return
     got = siglip(x, y, temperature=t, bias=b, tile_size=p["tile"], masks=masks, **kw)
     want = naive_siglip(x, y, t, b, drop=drop, **kw)
-    assert_rel_close(got, want, what="value")
-    w = torch.randn(got.shape, dtype=D64, generator=g) if got.dim() else torch.tensor(1.0, dtype=D64)
-    inputs = [x, y, b] + params
-    atol = 1e-12 / min(p["temps"])   # entries exactly 0 (d = 1 cosine) are rounding noise scaled by 1/t
-    for a, e, name in zip(grads_of((got * w).sum(), inputs), grads_of((want * w).sum(), inputs), "xybt"):
-        assert_rel_close(a, e, what=f"grad {name}", atol=atol)
+    _assert_matches(got, want, g, [x, y, b] + params, p)
 
 
 def test_siglip_masks_module_work_and_mean_divisor():

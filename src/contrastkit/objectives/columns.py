@@ -103,10 +103,15 @@ def call_with_columns(objective: Callable[..., Tensor], anchor: Tensor, positive
         a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
         call_with_columns(ck.losses.InfoNCE(temperature=0.05), a, p, [n])
     """
+    return _call(objective, column_layout(objective), takes_column_masks(objective), anchor, positive, negatives,
+                 tuple(masks))
+
+
+def _call(objective, layout: str, takes_masks: bool, anchor: Tensor, positive: Tensor, negatives: Sequence[Tensor],
+          masks: Sequence[TileMask]) -> Tensor:
+    """:func:`call_with_columns` with the objective's layout already read."""
     name = type(objective).__name__
-    layout = column_layout(objective)
-    masks = tuple(masks)
-    if masks and not takes_column_masks(objective):
+    if masks and not takes_masks:
         raise ValueError(f"objective {name} takes no false-negative masks over (anchor x positive, negatives) "
                          "columns; drop the masks or use an objective that takes masks= (MultipleNegativesRanking, "
                          "InfoNCE, DCL, DebiasedContrastive, HardNegativeContrastive, SigLIP)")
@@ -148,7 +153,9 @@ class ColumnObjective(nn.Module):
 
     def __init__(self, objective: nn.Module) -> None:
         super().__init__()
-        column_layout(objective)  # raises for a (features, labels) objective
+        # read once, not at every step; raises for a (features, labels) objective
+        self.layout = column_layout(objective)
+        self.takes_masks = takes_column_masks(objective)
         self.objective = objective
 
     @property
@@ -162,4 +169,4 @@ class ColumnObjective(nn.Module):
 
     def forward(self, anchors: Tensor, candidates: Tensor, *hard_negatives: Tensor,
                 masks: Sequence[TileMask] = ()) -> Tensor:
-        return call_with_columns(self.objective, anchors, candidates, hard_negatives, masks=masks)
+        return _call(self.objective, self.layout, self.takes_masks, anchors, candidates, hard_negatives, tuple(masks))

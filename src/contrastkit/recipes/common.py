@@ -64,18 +64,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _loss_classes() -> Dict[str, type]:
+    """The module classes of ``contrastkit.losses`` by name (what ``objective.name`` takes)."""
+    names = getattr(losses_module, "__all__", dir(losses_module))
+    return {n: getattr(losses_module, n) for n in names
+            if isinstance(getattr(losses_module, n, None), type) and issubclass(getattr(losses_module, n), nn.Module)}
+
+
 def build_objective(cfg: RunConfig) -> nn.Module:
     """The ``objective`` section as a ``contrastkit.losses`` module (name, temperature,
     learn_temperature, options); unknown names list the available ones. ``temperature`` is
     not passed to an objective without one (Alignment, Uniformity, AlignUniform)."""
     name = cfg.objective.name
-    available = sorted(n for n in getattr(losses_module, "__all__", dir(losses_module))
-                       if isinstance(getattr(losses_module, n, None), type)
-                       and issubclass(getattr(losses_module, n), nn.Module))
-    cls = getattr(losses_module, name, None) if name in available else None
+    classes = _loss_classes()
+    cls = classes.get(name)
     if cls is None:
         raise ConfigError(f"objective.name: {name!r} is not a loss of contrastkit.losses; allowed values: "
-                          + ", ".join(available))
+                          + ", ".join(sorted(classes)))
     kwargs = dict(cfg.objective.options)
     takes = inspect.signature(cls.__init__).parameters
     if "temperature" in takes:  # alignment / uniformity have none
@@ -94,17 +99,17 @@ def check_objective_fits(cfg: RunConfig, objective: nn.Module, *, num_negatives:
     """The objective's column layout (:func:`~contrastkit.objectives.columns.column_layout`)
     for (anchor, positive, ``num_negatives`` hard negatives) batches, or a ConfigError
     naming the field that does not fit: an objective on (features, labels), hard negatives
-    for an objective that takes none, false-negative masks for one that takes no masks.
+    for an objective that takes none, the cross-batch memory for one other than MNRL,
+    false-negative masks for one that takes no masks.
     Checked before anything is encoded."""
     name = cfg.objective.name
     try:
         layout = column_layout(objective)
     except ValueError:
         fits = []
-        for n in losses_module.__all__:
-            cls = getattr(losses_module, n)
+        for n, cls in _loss_classes().items():
             try:
-                if isinstance(cls, type) and issubclass(cls, nn.Module) and n != "Objective":
+                if n != "Objective":
                     column_layout(cls)
                     fits.append(n)
             except ValueError:
@@ -115,6 +120,9 @@ def check_objective_fits(cfg: RunConfig, objective: nn.Module, *, num_negatives:
         raise ConfigError(f"negatives.num_negatives: {name} takes (query, positive) pairs and no hard negatives; "
                           f"set negatives.num_negatives=0 or choose an objective that takes them "
                           f"(MultipleNegativesRanking, InfoNCE, DCL, DebiasedContrastive, SigLIP, ...)")
+    if cfg.negatives.memory_steps and not isinstance(objective, losses_module.MultipleNegativesRanking):
+        raise ConfigError(f"negatives.memory_steps: the memory is an extra candidate block, which only "
+                          f"objective.name=MultipleNegativesRanking takes (got {name})")
     if masks_possible and not takes_column_masks(objective):
         fields = [f for f in ("negatives.mask_duplicates", "negatives.guide_mask") if getattr(
             cfg.negatives, f.split(".")[1])]

@@ -37,7 +37,6 @@ from torch import Tensor
 
 from ..data import load_sts
 from ..evaluation import evaluate_retrieval, evaluate_sts, paired_bootstrap
-from ..losses import MultipleNegativesRanking
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype, cpu_has_fast_bf16
 from ..negatives.mining import known_positives, mine_hard_negatives
@@ -267,10 +266,6 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                             autocast_dtype=autocast_dtype(precision), sort_by_length=cfg.batching.sort_by_length,
                             known_positives=known_ids, mask_duplicates=cfg.negatives.mask_duplicates, guide=guide,
                             rank=rank, world=world, memory_steps=cfg.negatives.memory_steps)
-    if cfg.negatives.memory_steps:
-        if not isinstance(objective, MultipleNegativesRanking):
-            raise ConfigError(f"negatives.memory_steps: the memory is an extra candidate block, which only "
-                              f"objective.name=MultipleNegativesRanking takes (got {cfg.objective.name})")
     if cfg.batching.batch_size % world:
         raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} must be a multiple of the {world} processes")
     if len(examples) < cfg.batching.batch_size:

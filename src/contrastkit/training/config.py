@@ -136,7 +136,8 @@ class NegativesConfig:
     guide_margin: float = field(default=0.0, metadata={**_range(0.0), "help": "GISTEmbed margin of the guide mask"})
     memory_steps: int = field(default=0, metadata={**_range(0), "help": (
         "cross-batch memory (XBM): the detached document embeddings of the last memory_steps steps join "
-        "every anchor's candidates, known positives masked (0: off; objective MultipleNegativesRanking only; measured to lose on SciFact dev, docs/benchmarks.md)")})
+        "every anchor's candidates, known positives masked (0: off; objective MultipleNegativesRanking "
+        "only; measured to lose on SciFact dev, docs/benchmarks.md)")})
 
 
 @dataclass
