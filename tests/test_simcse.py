@@ -288,6 +288,11 @@ def test_config_errors_exit_with_code_2(tiny_model, small_sts, tmp_path, capsys)
     assert "separate_towers" in capsys.readouterr().err
     assert main(_args(tiny_model, tmp_path / "c", "--data", "stsb", "--batch-size", "500")) == 2
     assert "batching.batch_size" in capsys.readouterr().err
+    # options of the text_retrieval recipe that SimCSE would otherwise ignore
+    assert main(_args(tiny_model, tmp_path / "d", "--data", "stsb", "--set", "negatives.memory_steps=2")) == 2
+    assert "negatives.memory_steps" in capsys.readouterr().err
+    assert main(_args(tiny_model, tmp_path / "e", "--data", "stsb", "--set", "negatives.guide_mask=true")) == 2
+    assert "negatives.guide_mask" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("objective", ["NTXent", "DCL", "SigLIP"])

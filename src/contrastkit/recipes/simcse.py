@@ -340,7 +340,8 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     ``recipe: simcse``; ``run`` a :class:`~contrastkit.training.run_folder.RunFolder`.
     Raises :class:`~contrastkit.training.config.ConfigError` for settings SimCSE cannot
     take (two towers, a batch larger than the data, a BEIR folder without
-    ``format: corpus``).
+    ``format: corpus``, the text_retrieval options ``negatives.memory_steps`` and
+    ``negatives.guide_mask``).
 
     Example::
 
@@ -350,6 +351,13 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     """
     if cfg.model.separate_towers:
         raise ConfigError("model.separate_towers: SimCSE trains one shared encoder; set it to false")
+    # text_retrieval options this recipe does not read: refused, never silently dropped
+    if cfg.negatives.memory_steps:
+        raise ConfigError("negatives.memory_steps: the cross-batch memory is a text_retrieval option; the simcse "
+                          "recipe has none, set it to 0")
+    if cfg.negatives.guide_mask:
+        raise ConfigError("negatives.guide_mask: the GISTEmbed guide needs the base model's corpus embeddings of "
+                          "the text_retrieval recipe; the simcse recipe has none, set it to false")
     rank, world, device, say, precision = start_run(cfg, echo)
     main = rank == 0
     say(f"device {device}, precision {precision}; {world} process(es)")
