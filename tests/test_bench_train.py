@@ -200,3 +200,17 @@ def test_summary_statistics_and_ratios(tmp_path):
     (tmp_path / "peer" / "seed1.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"peer/seed1.json:1: not valid JSON"):
         write_summary(str(tmp_path))
+
+
+def test_peer_documented_differs_from_the_peer_only_in_the_learning_rate():
+    """``peer-documented`` is the peer recipe at sentence-transformers' documented learning
+    rate (2e-5, warm-up ratio 0.1): every other resolved setting is the peer's, at every seed."""
+    from contrastkit.bench.train import CONFIGURATIONS, DOCUMENTED_LR, _overrides, _resolved
+
+    doc, peer = CONFIGURATIONS["peer-documented"], CONFIGURATIONS["peer"]
+    assert doc.kind == "peer" and doc.all_seeds and not doc.evidence
+    for seed in (0, 3):
+        a = _resolved(_overrides(doc, seed, ["optim.lr=1e-3"]))
+        b = _resolved(_overrides(peer, seed, ["optim.lr=1e-3"]))
+        assert a["optim"].pop("lr") == DOCUMENTED_LR == 2e-5 and b["optim"].pop("lr") == 1e-3
+        assert a["optim"]["warmup_ratio"] == 0.1 and a == b
