@@ -64,6 +64,33 @@ def test_matches_naive(n, m, d, tile, seed, scales, extra, base):
     gr = grads_of((torch.where(fin, ref, 0) * w).sum(), [q, k])
     for a, b in zip(go, gr):
         assert_rel_close(a, b, scale=1.0)
+    # count=True: the same statistics and gradients, plus each row's entries kept by the shared masks
+    out2, kept = tiled_multi_logsumexp(q, k, stats, masks=base_masks, tile_size=tile, count=True)
+    assert kept.dtype == torch.int64 and not kept.requires_grad
+    assert torch.equal(kept, (~base_drop).sum(1))
+    assert torch.equal(torch.isfinite(out2), fin) and torch.equal(torch.where(fin, out2, 0), torch.where(fin, out, 0))
+    for a, b in zip(grads_of((torch.where(fin, out2, 0) * w).sum(), [q, k]), gr):
+        assert_rel_close(a, b, scale=1.0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 60.0])   # the direct regime and the stabilised one
+def test_count_of_kept_entries(scale):
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(37, 8, generator=g), torch.randn(53, 8, generator=g)
+    drop = torch.randint(-1, 53, (37, 5), generator=g)
+    (lse,), kept = tiled_multi_logsumexp(q, k, [LSEStat()], masks=[IndexMask(drop), DiagonalMask(0)], count=True,
+                                         tile_size=(8, 16), scale=scale)
+    dense = torch.zeros(37, 53, dtype=torch.bool)
+    for i in range(37):
+        dense[i, [j for j in drop[i].tolist() if j >= 0]] = True
+        dense[i, i] = True
+    assert torch.equal(kept, (~dense).sum(1))
+    ref = torch.logsumexp((scale * q.double() @ k.double().T).masked_fill(dense, NEG), 1)
+    assert_rel_close(lse.double(), ref, rtol=1e-4)
+    # a row with every entry dropped: count 0, -inf
+    (lse,), kept = tiled_multi_logsumexp(q[:2], k[:3], [LSEStat()], masks=[IndexMask(torch.tensor([[0, 1, 2], [0, -1, -1]]))],
+                                         count=True)
+    assert kept.tolist() == [0, 2] and lse[0] == NEG and torch.isfinite(lse[1])
 
 
 def test_single_stat_equals_tiled_logsumexp_float32():

@@ -37,7 +37,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -76,7 +76,7 @@ def _scratch(pos: int, count: int):
 
 class _TiledMultiLSE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, scale, stats, masks, tr, tc):
+    def forward(ctx, q, k, scale, stats, masks, tr, tc, count):
         tiles = Tiles(q, k, None, None, masks, (tr, tc), n_buffers=2 if len(stats) > 1 else 1, scale=scale)
         lim = Limits(tiles.dtype)
         direct = tiles.direct(max(s.scale for s in stats))
@@ -85,7 +85,10 @@ class _TiledMultiLSE(torch.autograd.Function):
             out = torch.zeros((T, tiles.n), dtype=tiles.dtype, device=q.device)
         else:
             out = torch.full((T, tiles.n), NEG_INF, dtype=tiles.dtype, device=q.device)
+        kept = torch.zeros(tiles.n, dtype=torch.int64, device=q.device) if count else None
         for r0, r1, c0, c1, x in tiles:
+            if kept is not None:  # before the statistics consume the tile: entries the shared masks keep
+                kept[r0:r1] += (x != NEG_INF).sum(1)
             for t, stat in enumerate(stats):
                 y = _stat_tile(tiles, x, stat, None if t == T - 1 else 1, r0, r1, c0, c1)
                 if direct:
@@ -97,10 +100,13 @@ class _TiledMultiLSE(torch.autograd.Function):
             out.log_()
         ctx.save_for_backward(q, k, scale, out)
         ctx.stats, ctx.masks, ctx.tr, ctx.tc, ctx.direct = stats, masks, tr, tc, direct
-        return out
+        if kept is None:
+            return out
+        ctx.mark_non_differentiable(kept)
+        return out, kept
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, *_count_grad):
         q, k, scale, out = ctx.saved_tensors
         stats = ctx.stats
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
@@ -131,7 +137,7 @@ class _TiledMultiLSE(torch.autograd.Function):
                 tiles.accumulate(dx, r0, r1, c0, c1, dq, dk)
         dq, dscale = (None, None) if dq is None else scale_grad(tiles.q, dq, scale, need_s, need_q)
         return (None if dq is None else dq.to(q.dtype), None if dk is None else dk.to(k.dtype), dscale,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def tiled_multi_logsumexp(
@@ -142,7 +148,8 @@ def tiled_multi_logsumexp(
     masks: Sequence[TileMask] = (),
     tile_size: TileSize = None,
     scale: Scale = None,
-) -> Tensor:
+    count: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Row log-sum-exps of ``a_t * X`` with ``X = s q @ k.T`` for each statistic t, in one walk.
 
     ``masks`` drop entries from every statistic; each :class:`LSEStat` (factor a_t, masks)
@@ -152,14 +159,21 @@ def tiled_multi_logsumexp(
     exact and differentiable in ``q``, ``k`` and ``scale``; a row with every entry dropped
     gets ``-inf`` for that statistic (and no gradient).
 
+    ``count=True`` also returns, from the same walk, the number of entries of each row that
+    the shared ``masks`` keep (``(N,)`` int64, no gradient; the statistics' own masks are not
+    counted): ``(out, kept)``. The debiased estimator's per-row number of negatives Q_i is
+    this count (:func:`contrastkit.functional.debiased_contrastive` with ``masks=``).
+
     Example::
 
         import torch
-        from contrastkit.engine import LSEStat, tiled_multi_logsumexp
+        from contrastkit.engine import DiagonalMask, LSEStat, tiled_multi_logsumexp
         q, k = torch.randn(64, 8), torch.randn(80, 8)
         beta = 0.5
         hi, lo = tiled_multi_logsumexp(q, k, [LSEStat(1 + beta), LSEStat(beta)], scale=2.0)
         # log sum_j exp((1 + beta) 2 q_i . k_j) and log sum_j exp(beta 2 q_i . k_j)
+        (lse,), kept = tiled_multi_logsumexp(q, k, [LSEStat()], masks=[DiagonalMask()], count=True)
+        assert kept.tolist() == [79] * 64      # every column but the diagonal one
     """
     stats = tuple(s if isinstance(s, LSEStat) else LSEStat(*s) for s in stats)
     if not stats:
@@ -171,4 +185,4 @@ def tiled_multi_logsumexp(
     scale = as_scale(scale, n, q)
     tr, tc = choose_tile(n, m, q.shape[1], q.device, tile_size, element_size=4)
     stats = tuple(LSEStat(float(s.scale), tuple(s.masks)) for s in stats)
-    return _TiledMultiLSE.apply(q, k, scale, stats, tuple(masks), tr, tc)
+    return _TiledMultiLSE.apply(q, k, scale, stats, tuple(masks), tr, tc, bool(count))

@@ -185,32 +185,15 @@ def debiased_contrastive(
     return finish_rows(row_losses, valid, reduction)
 
 
-class _KeptAsZero(TileMask):
-    """A statistic-only tile transform (never a mask of the loss): every entry the shared
-    masks keep becomes 0, the dropped ones stay ``-inf``. As the last
-    :class:`~contrastkit.engine.LSEStat` of :func:`~contrastkit.engine.tiled_multi_logsumexp`
-    (factor 1, so the engine applies it to the masked tile as is) its row log-sum-exp is
-    ``log(number of kept entries)``: the per-row count of negatives in the same walk as the
-    loss's statistics. Its output carries no gradient (it is detached), so the backward
-    pass never recomputes it."""
-
-    def apply_(self, x, r0, r1, c0, c1):
-        x.masked_fill_(x > float("-inf"), 0.0)
-
-
-_COUNT = LSEStat(1.0, (_KeptAsZero(),))
-
-
 def _masked_statistics(q, k, masks, s, beta, tau_plus, valid, tile_size, dtype):
     """With user masks: ``(R, log Q, log(tau+ Q))`` per row, Q_i the count of negatives row i
     keeps (its positive and every masked entry left out), from one walk: the loss's
-    statistic(s) and the count (:class:`_KeptAsZero`). A row with a positive and Q_i = 0
+    statistic(s) and the engine's count of kept entries. A row with a positive and Q_i = 0
     is a ValueError; a row without positive and Q_i = 0 gets finite placeholders (it is
     left out of the loss)."""
     stats = [LSEStat(1.0)] if beta == 0.0 else [LSEStat(1.0 + beta), LSEStat(beta)]
-    out = tiled_multi_logsumexp(q, k, stats + [_COUNT], masks=masks, tile_size=tile_size, scale=s)
-    # the count is an integer summed as exp(0) = 1 per kept entry: round off the log's rounding
-    count = out[-1].detach().double().exp().round()
+    out, kept = tiled_multi_logsumexp(q, k, stats, masks=masks, tile_size=tile_size, scale=s, count=True)
+    count = kept.double()
     empty = count == 0
     bad = valid & empty
     if bool(bad.any()):
