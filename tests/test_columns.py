@@ -105,6 +105,30 @@ def test_column_objective_equals_the_naive_formula_on_the_concatenated_columns(n
         assert_rel_close(a, b, rtol=1e-8, atol=1e-12, what=f"{name} d/d{w}")
 
 
+@pytest.mark.parametrize("name", ["DCL", "DCLW", "HardNegativeContrastive"])
+def test_a_row_the_masks_leave_without_negatives_leaves_the_loss_in_training(name):
+    """In a training step (ColumnObjective, call_with_columns) a loss whose denominator needs a
+    negative skips a row the masks (e.g. the GISTEmbed guide) emptied, with a warning, and
+    equals the naive formula without that row; the bare objective still raises."""
+    g = torch.Generator().manual_seed(3)
+    q, docs, neg = (torch.randn(4, 5, generator=g, dtype=D64).requires_grad_() for _ in range(3))
+    # row 2 loses every column but its positive (column 2 of [docs; neg])
+    masks = [IndexMask(torch.tensor([[-1] * 7, [-1] * 7, [0, 1, 3, 4, 5, 6, 7], [-1] * 7]))]
+    drop = _dense(masks, 4, 8)
+    module, naive = _modules(name)
+    module = module.double()
+    for call in (lambda: ColumnObjective(module)(q, docs, neg, masks=masks),
+                 lambda: call_with_columns(module, q, docs, [neg], masks=masks)):
+        with pytest.warns(RuntimeWarning, match="1 of 4 anchor row"):
+            got = call()
+        want = naive(q, torch.cat([docs, neg]), torch.tensor([0, 1, -1, 3]), drop)
+        assert_rel_close(got, want, rtol=1e-10)
+        for x, y in zip(grads_of(got, [q, docs, neg]), grads_of(want, [q, docs, neg])):
+            assert_rel_close(x, y, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="anchor row 2 has no negative left"):
+        module(q, torch.cat([docs, neg]), torch.arange(4), masks=masks)
+
+
 def test_infonce_through_the_columns_is_mnrl():
     g = torch.Generator().manual_seed(0)
     q, d, n1, n2 = (torch.randn(6, 4, generator=g, dtype=D64) for _ in range(4))

@@ -169,12 +169,26 @@ def test_dcl_with_masks_matches_naive(p, data):
     masks, drop, _ = draw_masks(data, n, cols, positives)
     kw = dict(temperature=t, weighted=p["weighted"], sigma=p["sigma"], similarity=p["similarity"],
               reduction=p["reduction"])
-    call = lambda: dcl(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw)
+    call = lambda **more: dcl(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw, **more)
     left, valid = negatives_left(drop, positives, n)
     empty = valid & (left == 0)
     if bool(empty.any()):
         with pytest.raises(ValueError, match=f"anchor row {int(empty.nonzero()[0])} has no negative left"):
             call()
+        # empty_rows="skip": those rows leave the loss as rows without positive would, with a warning
+        kept = valid & ~empty
+        if not bool(kept.any()):
+            with pytest.raises(ValueError, match="no anchor row has both a positive and a negative"):
+                call(empty_rows="skip")
+            return
+        with pytest.warns(RuntimeWarning, match=f"{int(empty.sum())} of {int(valid.sum())} anchor row"):
+            out = call(empty_rows="skip")
+        pos = torch.where(kept, torch.arange(n) if positives is None else positives, torch.full((n,), -1))
+        ref = reference.dcl(a, c, pos, extra, drop=drop, **kw)
+        if p["reduction"] == "none":
+            w = torch.randn(n, generator=g, dtype=D64)
+            out, ref = (out * w).sum(), (ref * w).sum()
+        assert_values_and_grads_close(out, ref, a, c, extra, t)
         return
     out = call()
     ref = reference.dcl(a, c, positives, extra, drop=drop, **kw)
@@ -229,6 +243,16 @@ def test_dcl_masks_without_masks_unchanged_and_two_view_refuses():
     cols = torch.tensor([[-1] * 6, [-1] * 6, [0, 1, 3, 4, 5, 6], [-1] * 6, [-1] * 6])
     with pytest.raises(ValueError, match="anchor row 2 has no negative left"):
         dcl(a, b, temperature=0.1, masks=[IndexMask(cols)])
+    # ... or, with empty_rows="skip", row 2 leaves the loss (module and function), with a warning
+    drop2 = torch.zeros(5, 7, dtype=torch.bool)
+    drop2[2, [0, 1, 3, 4, 5, 6]] = True
+    for weighted in (False, True):
+        want = reference.dcl(a, b, torch.tensor([0, 1, -1, 3, 4]), temperature=0.1, weighted=weighted, drop=drop2)
+        mod = (ck.losses.DCLW if weighted else ck.losses.DCL)(temperature=0.1).double()
+        with pytest.warns(RuntimeWarning, match="dcl: 1 of 5 anchor row"):
+            assert_rel_close(mod(a, b, masks=[IndexMask(cols)], empty_rows="skip"), want, rtol=1e-12)
+    with pytest.raises(ValueError, match="empty_rows must be one of"):
+        dcl(a, b, temperature=0.1, masks=[IndexMask(cols)], empty_rows="drop")
     # a row without positive may lose every column: it is left out
     pos = torch.tensor([0, 1, -1, 3, 4])
     cols[2, :] = torch.tensor([0, 1, 3, 4, 5, 6])

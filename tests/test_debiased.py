@@ -183,7 +183,7 @@ def test_masks_match_published_formula_per_row_q(p, data):
     ref_fn = reference.hard_negative_contrastive if fn is hard_negative_contrastive else reference.debiased_contrastive
     kw = dict(temperature=t, tau_plus=p["tau_plus"], beta=p["beta"], similarity=p["similarity"],
               reduction=p["reduction"])
-    call = lambda: fn(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw)
+    call = lambda **more: fn(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw, **more)
     q_rows, valid = negatives_left(drop, positives, n)
     if cols < 2:
         with pytest.raises(ValueError, match="at least one negative"):
@@ -193,6 +193,20 @@ def test_masks_match_published_formula_per_row_q(p, data):
     if bool(empty.any()):
         with pytest.raises(ValueError, match=f"anchor row {int(empty.nonzero()[0])} has no negative left"):
             call()
+        # empty_rows="skip": those rows leave the loss as rows without positive would, with a warning
+        kept = valid & ~empty
+        if not bool(kept.any()):
+            with pytest.raises(ValueError, match="no anchor row has both a positive and a negative"):
+                call(empty_rows="skip")
+            return
+        with pytest.warns(RuntimeWarning, match=f"{int(empty.sum())} of {int(valid.sum())} anchor row"):
+            out = call(empty_rows="skip")
+        pos = torch.where(kept, torch.arange(n) if positives is None else positives, torch.full((n,), -1))
+        ref = ref_fn(a, c, pos, extra, drop=drop, **kw)
+        if p["reduction"] == "none":
+            w = torch.randn(n, generator=g, dtype=D64)
+            out, ref = (out * w).sum(), (ref * w).sum()
+        assert_values_and_grads_close(out, ref, a, c, extra, t)
         return
     out = call()
     ref = ref_fn(a, c, positives, extra, drop=drop, **kw)
@@ -267,9 +281,17 @@ def test_masks_modules_and_errors():
     with pytest.raises(ValueError, match="masks= is for the retrieval form"):
         ck.losses.HardNegativeContrastive(two_view=True)(a, b, masks=[DiagonalMask(1)])
     # every negative of row 1 masked
+    every = IndexMask(torch.tensor([[-1] * 3, [0, 2, 3], [-1] * 3, [-1] * 3]))
     with pytest.raises(ValueError, match="anchor row 1 has no negative left"):
-        debiased_contrastive(a, b, temperature=0.5, masks=[IndexMask(torch.tensor([[-1] * 3, [0, 2, 3], [-1] * 3,
-                                                                                    [-1] * 3]))])
+        debiased_contrastive(a, b, temperature=0.5, masks=[every])
+    # ... or, with empty_rows="skip", row 1 leaves the loss (module and function), with a warning
+    drop1 = torch.zeros(4, 4, dtype=torch.bool)
+    drop1[1, [0, 2, 3]] = True
+    want = reference.hard_negative_contrastive(a, b, torch.tensor([0, -1, 2, 3]), temperature=0.5, beta=1.0,
+                                               tau_plus=0.1, drop=drop1)
+    mod = ck.losses.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1).double()
+    with pytest.warns(RuntimeWarning, match="debiased_contrastive: 1 of 4 anchor row"):
+        assert_rel_close(mod(a, b, masks=[every], empty_rows="skip"), want, rtol=1e-12)
     # a row without positive may lose every column: it is left out
     pos = torch.tensor([0, -1, 2, 3])
     cols = torch.tensor([[-1] * 4, [0, 1, 2, 3], [-1] * 4, [-1] * 4])

@@ -17,7 +17,11 @@ integrations. The layout is read from the objective's ``forward`` signature:
 False-negative ``masks`` (:class:`~contrastkit.engine.TileMask` over anchors x the columns
 above) reach the objectives of the first two layouts that take ``masks=``; an objective on
 (features, labels) (SupCon, multi-view, I-Con) is not a column objective. Whatever cannot
-be honoured raises a ValueError; nothing is dropped silently.
+be honoured raises a ValueError; nothing is dropped silently. An objective whose
+denominator needs a negative (DCL / DCLW, debiased / hard-negative: an ``empty_rows``
+argument) is called with ``empty_rows="skip"``: a row that the masks leave without any
+negative in one batch leaves that batch's loss with a RuntimeWarning instead of stopping a
+training run (MNRL's row would give loss 0 and no gradient).
 
 Example::
 
@@ -104,11 +108,16 @@ def call_with_columns(objective: Callable[..., Tensor], anchor: Tensor, positive
         call_with_columns(ck.losses.InfoNCE(temperature=0.05), a, p, [n])
     """
     return _call(objective, column_layout(objective), takes_column_masks(objective), anchor, positive, negatives,
-                 tuple(masks))
+                 tuple(masks), _takes_empty_rows(objective))
+
+
+def _takes_empty_rows(objective: Callable[..., Tensor]) -> bool:
+    params = _parameters(objective)
+    return params is not None and any(p.name == "empty_rows" for p in params)
 
 
 def _call(objective, layout: str, takes_masks: bool, anchor: Tensor, positive: Tensor, negatives: Sequence[Tensor],
-          masks: Sequence[TileMask]) -> Tensor:
+          masks: Sequence[TileMask], skip_empty: bool = False) -> Tensor:
     """:func:`call_with_columns` with the objective's layout already read."""
     name = type(objective).__name__
     if masks and not takes_masks:
@@ -116,6 +125,8 @@ def _call(objective, layout: str, takes_masks: bool, anchor: Tensor, positive: T
                          "columns; drop the masks or use an objective that takes masks= (MultipleNegativesRanking, "
                          "InfoNCE, DCL, DebiasedContrastive, HardNegativeContrastive, SigLIP)")
     extra = {"masks": masks} if masks else {}
+    if skip_empty and layout != "pairs":
+        extra["empty_rows"] = "skip"
     if layout == "hard_negatives":
         return objective(anchor, positive, *negatives, **extra)
     if layout == "positives":
@@ -156,6 +167,7 @@ class ColumnObjective(nn.Module):
         # read once, not at every step; raises for a (features, labels) objective
         self.layout = column_layout(objective)
         self.takes_masks = takes_column_masks(objective)
+        self.skip_empty = _takes_empty_rows(objective)
         self.objective = objective
 
     @property
@@ -169,4 +181,5 @@ class ColumnObjective(nn.Module):
 
     def forward(self, anchors: Tensor, candidates: Tensor, *hard_negatives: Tensor,
                 masks: Sequence[TileMask] = ()) -> Tensor:
-        return _call(self.objective, self.layout, self.takes_masks, anchors, candidates, hard_negatives, tuple(masks))
+        return _call(self.objective, self.layout, self.takes_masks, anchors, candidates, hard_negatives, tuple(masks),
+                     self.skip_empty)

@@ -11,6 +11,7 @@ glue them so that each objective module stays a thin spec.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "index_target_loss",
     "check_reduction",
     "finish_rows",
+    "leave_out_empty_rows",
+    "EMPTY_ROWS",
     "default_positives",
     "inverse_temperature",
     "check_denominators",
@@ -88,6 +91,33 @@ def finish_rows(row_losses: Tensor, valid: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return torch.where(valid, row_losses, torch.zeros_like(row_losses))
     return reduce_rows(row_losses[valid], reduction)
+
+
+EMPTY_ROWS = ("raise", "skip")
+
+
+def leave_out_empty_rows(valid: Tensor, empty: Tensor, empty_rows: str, loss: str) -> Tensor:
+    """The rows left in a loss whose denominator needs a negative (DCL, debiased): ``valid``
+    (rows with a positive) less the ``empty`` rows (no negative left after the masks).
+
+    ``empty_rows="raise"``: a valid empty row is a ValueError naming it. ``"skip"``: those
+    rows leave the loss like rows without a positive (no value, no gradient) and a
+    RuntimeWarning says how many; a batch where no row is left is still a ValueError. The
+    training step of the main job uses ``"skip"``: a false-negative mask (the GISTEmbed
+    guide) can empty a row in one batch, and a run must not stop there."""
+    check_choice("empty_rows", empty_rows, EMPTY_ROWS)
+    bad = valid & empty
+    if not bool(bad.any()):
+        return valid
+    if empty_rows == "raise":
+        raise ValueError(f"{loss}: anchor row {int(bad.nonzero()[0])} has no negative left in the denominator "
+                         "after the masks (pass empty_rows='skip' to leave such rows out of the loss)")
+    kept = valid & ~empty
+    if not bool(kept.any()):
+        raise ValueError(f"{loss}: no anchor row has both a positive and a negative left after the masks")
+    warnings.warn(f"{loss}: {int(bad.sum())} of {int(valid.sum())} anchor row(s) had no negative left after the "
+                  "masks and were left out of the loss", RuntimeWarning, stacklevel=3)
+    return kept
 
 
 def default_positives(positives: Optional[Tensor], n: int, m: int, device: torch.device) -> Tensor:

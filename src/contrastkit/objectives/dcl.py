@@ -46,7 +46,7 @@ from ..engine.tiling import TileSize
 from ..validation import check_index, check_reduction, check_scale
 from ._rows import append_candidates, expand_temperature, reject_symmetric, two_view_layout
 from .base import Objective, Work
-from .common import default_positives, finish_rows, inverse_temperature, prepare
+from .common import default_positives, finish_rows, inverse_temperature, leave_out_empty_rows, prepare
 
 __all__ = ["dcl", "DCL", "DCLW", "CITATION"]
 
@@ -83,6 +83,7 @@ def dcl(
     tile_size: TileSize = None,
     reduction: str = "mean",
     symmetric: Optional[bool] = None,
+    empty_rows: str = "raise",
 ) -> Tensor:
     """Decoupled contrastive loss (DCL, or DCLW with ``weighted=True``), exact and tiled.
 
@@ -100,8 +101,11 @@ def dcl(
             denominator (a sequence of :class:`~contrastkit.engine.TileMask`, e.g. an
             ``IndexMask`` of known false negatives per anchor), in the coordinates of the
             columns ``cat(candidates, extra_candidates)``. The positive is out of the
-            denominator already; an anchor row with a positive left with no negative is a
-            ValueError. The two-view form takes none (a ValueError).
+            denominator already. The two-view form takes none (a ValueError).
+        empty_rows: an anchor row with a positive but no negative left (its denominator
+            is empty, the loss undefined): ``"raise"`` (default) a ValueError naming it;
+            ``"skip"`` leave it out of the loss like a row without positive, with a
+            RuntimeWarning counting such rows (what the main job's training step uses).
         reduction: ``"mean"`` over rows with a positive, ``"sum"`` or ``"none"``.
 
     Example::
@@ -142,9 +146,7 @@ def dcl(
     sim_pos = positive_logits(q, k, index)
     pos = sim_pos * s
     lse = lse.to(pos.dtype)
-    bad = valid & ~torch.isfinite(lse)
-    if bool(bad.any()):
-        raise ValueError(f"anchor row {int(bad.nonzero()[0])} has no negative left in the denominator")
+    valid = leave_out_empty_rows(valid, ~torch.isfinite(lse), empty_rows, "dcl")
     if weighted:
         if two_view:
             w = _vmf_weights(sim_pos[:n], valid[:n], sigma)
@@ -158,7 +160,8 @@ def dcl(
 
 class DCL(Objective):
     """Decoupled contrastive loss module: ``forward(anchors, candidates, positives=None,
-    extra_candidates=None, *, masks=())`` (``masks``: retrieval form only); see :func:`dcl`.
+    extra_candidates=None, *, masks=(), empty_rows="raise")`` (``masks``: retrieval form
+    only); see :func:`dcl`.
     ``DCL(two_view=True)`` is lightly's ``DCLLoss`` on two views.
 
     Example::
@@ -188,9 +191,10 @@ class DCL(Objective):
                     weighted="von Mises-Fisher" if self.weighted else None)
 
     def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
-                extra_candidates: Optional[Tensor] = None, *, masks: Sequence[TileMask] = ()) -> Tensor:
+                extra_candidates: Optional[Tensor] = None, *, masks: Sequence[TileMask] = (),
+                empty_rows: str = "raise") -> Tensor:
         return dcl(anchors, candidates, positives, extra_candidates, two_view=self.two_view,
-                   weighted=self.weighted, sigma=self.sigma, masks=masks, **self._settings())
+                   weighted=self.weighted, sigma=self.sigma, masks=masks, empty_rows=empty_rows, **self._settings())
 
     def extra_repr(self) -> str:
         return f"two_view={self.two_view}, " + super().extra_repr()

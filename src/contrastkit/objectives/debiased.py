@@ -49,7 +49,7 @@ from ..engine.tiling import TileSize
 from ..validation import check_index, check_reduction
 from ._rows import append_candidates, expand_temperature, log1mexp, reject_symmetric, two_view_layout
 from .base import Objective, Work
-from .common import default_positives, finish_rows, inverse_temperature, prepare
+from .common import default_positives, finish_rows, inverse_temperature, leave_out_empty_rows, prepare
 
 __all__ = ["debiased_contrastive", "hard_negative_contrastive", "DebiasedContrastive", "HardNegativeContrastive",
            "CITATION", "HARD_NEGATIVE_CITATION"]
@@ -98,6 +98,7 @@ def debiased_contrastive(
     tile_size: TileSize = None,
     reduction: str = "mean",
     symmetric: Optional[bool] = None,
+    empty_rows: str = "raise",
 ) -> Tensor:
     """Debiased contrastive loss (Chuang et al. 2020); ``beta`` > 0 adds Robinson et al.'s
     hard-negative reweighting. See the module docstring for the formula.
@@ -115,9 +116,12 @@ def debiased_contrastive(
             false negatives per anchor), in the coordinates of the columns
             ``cat(candidates, extra_candidates)``. The estimator's Q becomes per row: Q_i =
             the negatives row i keeps (its positive is out already), in R_i, the floor
-            Q_i e^{-1/t} and tau_plus * Q_i. A row with a positive and Q_i = 0 is a
-            ValueError. The two-view form takes none (a ValueError).
+            Q_i e^{-1/t} and tau_plus * Q_i. The two-view form takes none (a ValueError).
         reduction: ``"mean"`` over rows with a positive, ``"sum"`` or ``"none"``.
+        empty_rows: a row with a positive and Q_i = 0 (the estimator is undefined):
+            ``"raise"`` (default) a ValueError naming it; ``"skip"`` leave it out of the loss
+            like a row without positive, with a RuntimeWarning counting such rows (what the
+            main job's training step uses).
 
     Example::
 
@@ -158,7 +162,8 @@ def debiased_contrastive(
     pos = positive_logits(q, k, index) * s
     if user_masks:
         # Q_i = the negatives each row keeps after the masks, counted in the same walk
-        r, log_q, log_tau_q = _masked_statistics(q, k, masks, s, beta, tau_plus, valid, tile_size, pos.dtype)
+        r, log_q, log_tau_q, valid = _masked_statistics(q, k, masks, s, beta, tau_plus, valid, tile_size, pos.dtype,
+                                                        empty_rows)
     else:
         log_q = math.log(n_neg)
         log_tau_q = math.log(tau_plus * n_neg) if tau_plus > 0.0 else None
@@ -185,21 +190,18 @@ def debiased_contrastive(
     return finish_rows(row_losses, valid, reduction)
 
 
-def _masked_statistics(q, k, masks, s, beta, tau_plus, valid, tile_size, dtype):
-    """With user masks: ``(R, log Q, log(tau+ Q))`` per row, Q_i the count of negatives row i
-    keeps (its positive and every masked entry left out), from one walk: the loss's
-    statistic(s) and the engine's count of kept entries. A row with a positive and Q_i = 0
-    is a ValueError; a row without positive and Q_i = 0 gets finite placeholders (it is
-    left out of the loss)."""
+def _masked_statistics(q, k, masks, s, beta, tau_plus, valid, tile_size, dtype, empty_rows):
+    """With user masks: ``(R, log Q, log(tau+ Q), valid)`` per row, Q_i the count of
+    negatives row i keeps (its positive and every masked entry left out), from one walk: the
+    loss's statistic(s) and the engine's count of kept entries. A row with a positive and
+    Q_i = 0 is a ValueError, or left out of ``valid`` with ``empty_rows="skip"``
+    (:func:`~contrastkit.objectives.common.leave_out_empty_rows`); a row with Q_i = 0 gets
+    finite placeholders (it is out of the loss)."""
     stats = [LSEStat(1.0)] if beta == 0.0 else [LSEStat(1.0 + beta), LSEStat(beta)]
     out, kept = tiled_multi_logsumexp(q, k, stats, masks=masks, tile_size=tile_size, scale=s, count=True)
     count = kept.double()
     empty = count == 0
-    bad = valid & empty
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"anchor row {i} has no negative left in the denominator after the masks "
-                         "(the debiased estimator needs at least one negative per row)")
+    valid = leave_out_empty_rows(valid, empty, empty_rows, "debiased_contrastive")
     log_q = torch.where(empty, torch.zeros_like(count), count.log()).to(dtype)
     zero = torch.zeros_like(log_q)
     if beta == 0.0:
@@ -208,7 +210,7 @@ def _masked_statistics(q, k, masks, s, beta, tau_plus, valid, tile_size, dtype):
         r = log_q + out[0].to(dtype) - out[1].to(dtype)
     r = torch.where(empty, zero, r)                  # rows without positive and without negatives
     log_tau_q = math.log(tau_plus) + log_q if tau_plus > 0.0 else None
-    return r, log_q, log_tau_q
+    return r, log_q, log_tau_q, valid
 
 
 def hard_negative_contrastive(
@@ -226,10 +228,11 @@ def hard_negative_contrastive(
     tile_size: TileSize = None,
     reduction: str = "mean",
     symmetric: Optional[bool] = None,
+    empty_rows: str = "raise",
 ) -> Tensor:
     """Hard-negative reweighted contrastive loss (Robinson et al. 2021, "Contrastive Learning
     with Hard Negative Samples"): :func:`debiased_contrastive` with ``beta`` > 0 (default 1);
-    the arguments (``masks`` included: retrieval form only, Q per row) are its.
+    the arguments (``masks`` included: retrieval form only, Q per row; ``empty_rows``) are its.
 
     Example::
 
@@ -240,7 +243,7 @@ def hard_negative_contrastive(
     reject_symmetric(symmetric, "hard_negative_contrastive")
     return debiased_contrastive(anchors, candidates, positives, extra_candidates, temperature=temperature,
                                 tau_plus=tau_plus, beta=beta, two_view=two_view, similarity=similarity,
-                                masks=masks, tile_size=tile_size, reduction=reduction)
+                                masks=masks, tile_size=tile_size, reduction=reduction, empty_rows=empty_rows)
 
 
 class DebiasedContrastive(Objective):
@@ -274,9 +277,11 @@ class DebiasedContrastive(Objective):
                     weighted="hardness" if self.beta else "debiased")
 
     def forward(self, anchors: Tensor, candidates: Tensor, positives: Optional[Tensor] = None,
-                extra_candidates: Optional[Tensor] = None, *, masks: Sequence[TileMask] = ()) -> Tensor:
+                extra_candidates: Optional[Tensor] = None, *, masks: Sequence[TileMask] = (),
+                empty_rows: str = "raise") -> Tensor:
         return debiased_contrastive(anchors, candidates, positives, extra_candidates, tau_plus=self.tau_plus,
-                                    beta=self.beta, two_view=self.two_view, masks=masks, **self._settings())
+                                    beta=self.beta, two_view=self.two_view, masks=masks, empty_rows=empty_rows,
+                                    **self._settings())
 
     def extra_repr(self) -> str:
         return f"tau_plus={self.tau_plus}, beta={self.beta}, two_view={self.two_view}, " + super().extra_repr()
