@@ -80,6 +80,8 @@ CASES = {
     "ntxent": (L.NTXent, lambda: L.NTXent(temperature=0.5, learn_temperature=True), 2, False, None),
     "ntxent_margin": (L.NTXent, lambda: L.NTXent(temperature=0.5, margin=0.25, learn_temperature=True), 2, False, None),
     "siglip_two_towers": (L.SigLIP, lambda: L.SigLIP(temperature=0.3, bias=-2.0, learn_temperature=True), 2, True, None),
+    "siglip_masks": (L.SigLIP, lambda: L.SigLIP(temperature=0.3, bias=-2.0, learn_temperature=True), 2, True,
+                     _global_masks),
     "cwcl": (L.CWCL, lambda: L.CWCL(temperature=0.2, learn_temperature=True), 2, True, None),
     "cwcl_symmetric": (L.CWCL, lambda: L.CWCL(temperature=0.2, symmetric=True), 2, True, None),
     "icon_labels": (L.ICon, lambda: L.ICon(temperature=0.3, learn_temperature=True), 1, False,
@@ -98,12 +100,16 @@ CASES = {
                          2, False, _labelled_views),
     "dcl_two_view": (L.DCL, lambda: L.DCL(temperature=0.3, two_view=True, learn_temperature=True), 2, False, None),
     "dcl_retrieval": (L.DCL, lambda: L.DCL(temperature=0.3), 2, True, None),
+    "dcl_masks": (L.DCL, lambda: L.DCL(temperature=0.3, learn_temperature=True), 2, True, _global_masks),
     "dclw_two_view": (L.DCLW, lambda: L.DCLW(temperature=0.3, sigma=0.5, two_view=True), 2, False, None),
     "debiased": (L.DebiasedContrastive,
                  lambda: L.DebiasedContrastive(temperature=0.5, tau_plus=0.1, two_view=True, learn_temperature=True),
                  2, False, None),
     "hard_negative": (L.HardNegativeContrastive,
                       lambda: L.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1), 2, True, None),
+    "hard_negative_masks": (L.HardNegativeContrastive,
+                            lambda: L.HardNegativeContrastive(temperature=0.5, beta=1.0, tau_plus=0.1), 2, True,
+                            _global_masks),
 }
 
 
