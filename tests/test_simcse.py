@@ -288,11 +288,21 @@ def test_config_errors_exit_with_code_2(tiny_model, small_sts, tmp_path, capsys)
     assert "separate_towers" in capsys.readouterr().err
     assert main(_args(tiny_model, tmp_path / "c", "--data", "stsb", "--batch-size", "500")) == 2
     assert "batching.batch_size" in capsys.readouterr().err
-    # options of the text_retrieval recipe that SimCSE would otherwise ignore
-    assert main(_args(tiny_model, tmp_path / "d", "--data", "stsb", "--set", "negatives.memory_steps=2")) == 2
-    assert "negatives.memory_steps" in capsys.readouterr().err
-    assert main(_args(tiny_model, tmp_path / "e", "--data", "stsb", "--set", "negatives.guide_mask=true")) == 2
-    assert "negatives.guide_mask" in capsys.readouterr().err
+    # options of the text_retrieval recipe that SimCSE would otherwise ignore: each one set is refused
+    from contrastkit.recipes.simcse import UNREAD_FIELDS
+
+    values = {"negatives.rank_window": "[2, 40]", "negatives.sampling": "random", "negatives.pool_size": "2",
+              "negatives.relative_margin": "0.95", "negatives.absolute_margin": "0.1", "negatives.guide_mask": "true",
+              "negatives.guide_margin": "0.1", "negatives.memory_steps": "2"}
+    assert set(values) == set(UNREAD_FIELDS)
+    for i, (field, value) in enumerate(values.items()):
+        assert main(_args(tiny_model, tmp_path / f"u{i}", "--data", "stsb", "--set", f"{field}={value}")) == 2
+        err = capsys.readouterr().err
+        assert field in err and "simcse recipe has none" in err, err
+    # set to its default it is no error (the run goes on: stopped here by a batch too large)
+    assert main(_args(tiny_model, tmp_path / "v", "--data", "stsb", "--set", "negatives.rank_window=[0, 30]",
+                      "--batch-size", "500")) == 2
+    assert "batching.batch_size" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("objective", ["NTXent", "DCL", "SigLIP"])

@@ -71,7 +71,7 @@ from ..evaluation import evaluate_sts
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
-from ..training.config import ConfigError, DataConfig, RunConfig, dump_config
+from ..training.config import ConfigError, DataConfig, NegativesConfig, RunConfig, dump_config
 from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
@@ -333,6 +333,22 @@ def _select_metric(cfg: RunConfig) -> str:
     return metric if metric in STS_METRICS else "spearman"
 
 
+# negatives.* fields of the text_retrieval recipe that SimCSE never reads (mining from a
+# corpus, the GISTEmbed guide, the cross-batch memory); negatives.mine is left out: SimCSE
+# mines nothing either way. num_negatives and mask_duplicates are read (hard-negative
+# columns of a triplet file, duplicate texts in a batch).
+UNREAD_FIELDS = {
+    "negatives.rank_window": "the ranks mined from a corpus are a text_retrieval option",
+    "negatives.sampling": "sampling within the mined ranks is a text_retrieval option",
+    "negatives.pool_size": "a pool of mined negatives per example is a text_retrieval option",
+    "negatives.relative_margin": "the mining filter is a text_retrieval option",
+    "negatives.absolute_margin": "the mining filter is a text_retrieval option",
+    "negatives.guide_mask": "the GISTEmbed guide needs the base model's corpus embeddings of the text_retrieval recipe",
+    "negatives.guide_margin": "the GISTEmbed guide needs the base model's corpus embeddings of the text_retrieval recipe",
+    "negatives.memory_steps": "the cross-batch memory is a text_retrieval option",
+}
+
+
 def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run SimCSE (see the module doc) into ``run``; returns the ``metrics.json`` summary.
 
@@ -340,8 +356,8 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     ``recipe: simcse``; ``run`` a :class:`~contrastkit.training.run_folder.RunFolder`.
     Raises :class:`~contrastkit.training.config.ConfigError` for settings SimCSE cannot
     take (two towers, a batch larger than the data, a BEIR folder without
-    ``format: corpus``, the text_retrieval options ``negatives.memory_steps`` and
-    ``negatives.guide_mask``).
+    ``format: corpus``, a text_retrieval option of :data:`UNREAD_FIELDS` set to anything
+    but its default).
 
     Example::
 
@@ -351,13 +367,13 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     """
     if cfg.model.separate_towers:
         raise ConfigError("model.separate_towers: SimCSE trains one shared encoder; set it to false")
-    # text_retrieval options this recipe does not read: refused, never silently dropped
-    if cfg.negatives.memory_steps:
-        raise ConfigError("negatives.memory_steps: the cross-batch memory is a text_retrieval option; the simcse "
-                          "recipe has none, set it to 0")
-    if cfg.negatives.guide_mask:
-        raise ConfigError("negatives.guide_mask: the GISTEmbed guide needs the base model's corpus embeddings of "
-                          "the text_retrieval recipe; the simcse recipe has none, set it to false")
+    # text_retrieval options this recipe does not read: refused when set, never silently dropped
+    for field, why in UNREAD_FIELDS.items():
+        section, name = field.split(".")
+        value, default = getattr(getattr(cfg, section), name), NegativesConfig.__dataclass_fields__[name].default
+        if value != default:
+            raise ConfigError(f"{field}: {why}; the simcse recipe has none, leave it at its default {default!r} "
+                              f"(got {value!r})")
     rank, world, device, say, precision = start_run(cfg, echo)
     main = rank == 0
     say(f"device {device}, precision {precision}; {world} process(es)")
