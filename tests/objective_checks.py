@@ -144,3 +144,38 @@ def assert_values_and_grads_close(out: Tensor, ref: Tensor, anchors: Tensor, can
     inputs = [v for _, v in named]
     for x, y, (name, _) in zip(grads_of(out, inputs), grads_of(ref, inputs), named):
         assert_rel_close(x, y, what=f"grad {name}", atol=1e-14 * inv_t * (inv_t if name == "temperature" else 1.0))
+
+
+def check_masked_loss(call, naive, drop: Tensor, positives: Optional[Tensor], n: int, reduction: str,
+                      g: torch.Generator, anchors: Tensor, candidates: Tensor, extra: Optional[Tensor],
+                      temperature) -> None:
+    """A loss whose denominator needs a negative (DCL, debiased) under masks ``drop``, against
+    its naive formula: ``call(**more)`` runs ours, ``naive(positives)`` the formula. Rows the
+    masks leave without a negative: a ValueError by default, and with ``empty_rows="skip"``
+    the formula without those rows (their positive -1) and a RuntimeWarning counting them."""
+    import pytest
+    from hypothesis import event
+
+    left, valid = negatives_left(drop, positives, n)
+    empty = valid & (left == 0)
+    pos = positives
+    event("a row with no negative left" if bool(empty.any()) else "every row keeps a negative")
+    if bool(empty.any()):
+        with pytest.raises(ValueError, match=f"anchor row {int(empty.nonzero()[0])} has no negative left"):
+            call()
+        kept = valid & ~empty
+        if not bool(kept.any()):
+            with pytest.raises(ValueError, match="no anchor row has both a positive and a negative"):
+                call(empty_rows="skip")
+            return
+        with pytest.warns(RuntimeWarning, match=f"{int(empty.sum())} of {int(valid.sum())} anchor row"):
+            out = call(empty_rows="skip")
+        pos = torch.where(kept, torch.arange(n) if positives is None else positives, torch.full((n,), -1))
+    else:
+        out = call()
+    ref = naive(pos)
+    if reduction == "none":
+        assert out.shape == (n,)
+        w = torch.randn(n, generator=g, dtype=torch.float64)
+        out, ref = (out * w).sum(), (ref * w).sum()
+    assert_values_and_grads_close(out, ref, anchors, candidates, extra, temperature)

@@ -14,7 +14,7 @@ import contrastkit as ck
 from contrastkit import reference
 from contrastkit.engine import DiagonalMask, IndexMask
 from contrastkit.functional import dcl
-from objective_checks import (assert_rel_close, assert_values_and_grads_close, draw_masks, grads_of, negatives_left,
+from objective_checks import (assert_rel_close, assert_values_and_grads_close, check_masked_loss, draw_masks, grads_of,
                               retrieval_inputs)
 
 D64 = torch.float64
@@ -170,33 +170,8 @@ def test_dcl_with_masks_matches_naive(p, data):
     kw = dict(temperature=t, weighted=p["weighted"], sigma=p["sigma"], similarity=p["similarity"],
               reduction=p["reduction"])
     call = lambda **more: dcl(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw, **more)
-    left, valid = negatives_left(drop, positives, n)
-    empty = valid & (left == 0)
-    if bool(empty.any()):
-        with pytest.raises(ValueError, match=f"anchor row {int(empty.nonzero()[0])} has no negative left"):
-            call()
-        # empty_rows="skip": those rows leave the loss as rows without positive would, with a warning
-        kept = valid & ~empty
-        if not bool(kept.any()):
-            with pytest.raises(ValueError, match="no anchor row has both a positive and a negative"):
-                call(empty_rows="skip")
-            return
-        with pytest.warns(RuntimeWarning, match=f"{int(empty.sum())} of {int(valid.sum())} anchor row"):
-            out = call(empty_rows="skip")
-        pos = torch.where(kept, torch.arange(n) if positives is None else positives, torch.full((n,), -1))
-        ref = reference.dcl(a, c, pos, extra, drop=drop, **kw)
-        if p["reduction"] == "none":
-            w = torch.randn(n, generator=g, dtype=D64)
-            out, ref = (out * w).sum(), (ref * w).sum()
-        assert_values_and_grads_close(out, ref, a, c, extra, t)
-        return
-    out = call()
-    ref = reference.dcl(a, c, positives, extra, drop=drop, **kw)
-    if p["reduction"] == "none":
-        assert out.shape == (n,)
-        w = torch.randn(n, generator=g, dtype=D64)
-        out, ref = (out * w).sum(), (ref * w).sum()
-    assert_values_and_grads_close(out, ref, a, c, extra, t)
+    check_masked_loss(call, lambda pos: reference.dcl(a, c, pos, extra, drop=drop, **kw), drop, positives, n,
+                      p["reduction"], g, a, c, extra, t)
 
 
 def test_dcl_masks_drop_false_negatives_and_modules_accept_them():

@@ -16,7 +16,7 @@ import contrastkit as ck
 from contrastkit import reference
 from contrastkit.engine import DiagonalMask, IndexMask
 from contrastkit.functional import debiased_contrastive, hard_negative_contrastive
-from objective_checks import (assert_rel_close, assert_values_and_grads_close, draw_masks, grads_of, negatives_left,
+from objective_checks import (assert_rel_close, assert_values_and_grads_close, check_masked_loss, draw_masks, grads_of,
                               retrieval_inputs)
 
 D64 = torch.float64
@@ -184,37 +184,12 @@ def test_masks_match_published_formula_per_row_q(p, data):
     kw = dict(temperature=t, tau_plus=p["tau_plus"], beta=p["beta"], similarity=p["similarity"],
               reduction=p["reduction"])
     call = lambda **more: fn(a, c, positives, extra, masks=masks, tile_size=p["tile"], **kw, **more)
-    q_rows, valid = negatives_left(drop, positives, n)
     if cols < 2:
         with pytest.raises(ValueError, match="at least one negative"):
             call()
         return
-    empty = valid & (q_rows == 0)
-    if bool(empty.any()):
-        with pytest.raises(ValueError, match=f"anchor row {int(empty.nonzero()[0])} has no negative left"):
-            call()
-        # empty_rows="skip": those rows leave the loss as rows without positive would, with a warning
-        kept = valid & ~empty
-        if not bool(kept.any()):
-            with pytest.raises(ValueError, match="no anchor row has both a positive and a negative"):
-                call(empty_rows="skip")
-            return
-        with pytest.warns(RuntimeWarning, match=f"{int(empty.sum())} of {int(valid.sum())} anchor row"):
-            out = call(empty_rows="skip")
-        pos = torch.where(kept, torch.arange(n) if positives is None else positives, torch.full((n,), -1))
-        ref = ref_fn(a, c, pos, extra, drop=drop, **kw)
-        if p["reduction"] == "none":
-            w = torch.randn(n, generator=g, dtype=D64)
-            out, ref = (out * w).sum(), (ref * w).sum()
-        assert_values_and_grads_close(out, ref, a, c, extra, t)
-        return
-    out = call()
-    ref = ref_fn(a, c, positives, extra, drop=drop, **kw)
-    if p["reduction"] == "none":
-        assert out.shape == (n,)
-        w = torch.randn(n, generator=g, dtype=D64)
-        out, ref = (out * w).sum(), (ref * w).sum()
-    assert_values_and_grads_close(out, ref, a, c, extra, t)
+    check_masked_loss(call, lambda pos: ref_fn(a, c, pos, extra, drop=drop, **kw), drop, positives, n,
+                      p["reduction"], g, a, c, extra, t)
 
 
 def test_masked_clamp_uses_each_rows_own_q():
