@@ -100,6 +100,28 @@ def draw_masks(data, n, m, positives=None):
     return masks, drop, covered
 
 
+def draw_temperature(p, g: torch.Generator, rows: int):
+    """The temperature of a drawn problem ``p`` (``temp``, ``temp_kind``): a python float, a
+    0-d float64 tensor requiring grad, or ``rows`` per-row values in [temp, 2 temp) drawn
+    from ``g`` (the only kind that consumes the generator)."""
+    if p["temp_kind"] == "float":
+        return p["temp"]
+    if p["temp_kind"] == "scalar":
+        return torch.tensor(p["temp"], dtype=torch.float64, requires_grad=True)
+    return (p["temp"] * (1 + torch.rand(rows, generator=g, dtype=torch.float64))).requires_grad_()
+
+
+def temperature_from_list(p):
+    """``(temperature, learnable tensors)`` of a drawn problem with a list ``temps`` and
+    ``temp_kind``: the first value as a float (no tensor), as a 0-d float64 tensor requiring
+    grad, or the whole list as a per-row tensor requiring grad."""
+    if p["temp_kind"] == "float":
+        return p["temps"][0], []
+    values = p["temps"][0] if p["temp_kind"] == "scalar" else p["temps"]
+    t = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    return t, [t]
+
+
 def retrieval_inputs(p, sc: float):
     """Float64 retrieval-form inputs of a drawn problem ``p`` (n, m, d, n_extra, temp,
     temp_kind, positives, seed), entries scaled by ``sc``: ``(generator, anchors, candidates,
@@ -110,12 +132,7 @@ def retrieval_inputs(p, sc: float):
     a = (sc * torch.randn(n, d, generator=g, dtype=d64)).requires_grad_()
     c = (sc * torch.randn(m, d, generator=g, dtype=d64)).requires_grad_()
     extra = (sc * torch.randn(p["n_extra"], d, generator=g, dtype=d64)).requires_grad_() if p["n_extra"] else None
-    if p["temp_kind"] == "float":
-        t = p["temp"]
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temp"], dtype=d64, requires_grad=True)
-    else:
-        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=d64))).requires_grad_()
+    t = draw_temperature(p, g, n)
     positives = None
     if p["positives"] == "random":
         positives = torch.randint(-1, m, (n,), generator=g)

@@ -17,6 +17,7 @@ import contrastkit as ck
 from conftest import assert_rel_close, grads_of, naive_index_loss, naive_logits
 from contrastkit.engine import DiagonalMask, IndexMask, LabelMask
 from contrastkit.functional import info_nce
+from objective_checks import temperature_from_list
 
 D64 = torch.float64
 # where an exact gradient is 0 both sides are rounding noise of the size of eps * (logit
@@ -58,16 +59,6 @@ def problems(draw):
                 seed=draw(st.integers(0, 2**31)))
 
 
-def _temperature(p):
-    if p["temp_kind"] == "float":
-        return p["temps"][0], []
-    if p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temps"][0], dtype=D64, requires_grad=True)
-    else:
-        t = torch.tensor(p["temps"], dtype=D64, requires_grad=True)
-    return t, [t]
-
-
 def _inputs(p, gen):
     a = torch.randn(p["n"], p["d"], generator=gen, dtype=D64)
     c = torch.randn(p["m"], p["d"], generator=gen, dtype=D64)
@@ -79,7 +70,7 @@ def _inputs(p, gen):
 def _compare(p, *, masks=(), drop=None):
     gen = torch.Generator().manual_seed(p["seed"])
     a, c = _inputs(p, gen)
-    t, t_inputs = _temperature(p)
+    t, t_inputs = temperature_from_list(p)
     symmetric, reduction = p["symmetric"], p["reduction"]
     if symmetric and reduction == "none":
         reduction = "mean"

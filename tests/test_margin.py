@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import contrastkit as ck
 from contrastkit import reference
 from contrastkit.functional import info_nce, nt_xent
-from objective_checks import assert_rel_close, grads_of, inverse_min_temperature
+from objective_checks import assert_rel_close, draw_temperature, grads_of, inverse_min_temperature
 
 D64 = torch.float64
 NEG = float("-inf")
@@ -43,14 +43,6 @@ def problems(draw):
     )
 
 
-def _temperature(p, g, rows):
-    if p["temp_kind"] == "float":
-        return p["temp"]
-    if p["temp_kind"] == "scalar":
-        return torch.tensor(p["temp"], dtype=D64, requires_grad=True)
-    return (p["temp"] * (1 + torch.rand(rows, generator=g, dtype=D64))).requires_grad_()
-
-
 def _check_grads(out, ref, inputs, names, t):
     inv_t = inverse_min_temperature(t)
     assert_rel_close(out, ref, scale=inv_t, what="value")
@@ -66,7 +58,7 @@ def test_info_nce_margin_matches_naive(p):
     sc = 1.0 if p["similarity"] == "cosine" else 0.3
     a = (sc * torch.randn(n, d, generator=g, dtype=D64)).requires_grad_()
     c = (sc * torch.randn(m, d, generator=g, dtype=D64)).requires_grad_()
-    t = _temperature(p, g, n)
+    t = draw_temperature(p, g, n)
     if p["positives"] == "default":
         positives, arg = torch.arange(n), None
     else:
@@ -90,7 +82,7 @@ def test_nt_xent_margin_matches_naive(n, d, margin, temp, kind, tile, seed):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, d, generator=g, dtype=D64, requires_grad=True)
     b = torch.randn(n, d, generator=g, dtype=D64, requires_grad=True)
-    t = _temperature(dict(temp_kind=kind, temp=temp), g, 2 * n)
+    t = draw_temperature(dict(temp_kind=kind, temp=temp), g, 2 * n)
     z = torch.cat([a, b])
     idx = torch.arange(n)
     positives = torch.cat([idx + n, idx])

@@ -16,7 +16,7 @@ import contrastkit as ck
 from contrastkit import reference
 from conftest import assert_rel_close, grads_of
 from contrastkit.engine import DiagonalMask, DifferentLabelMask, IndexMask, LabelMask
-from objective_checks import DenseMask, draw_masks
+from objective_checks import DenseMask, draw_masks, temperature_from_list
 from contrastkit.engine.tiled_pairwise import KernelStats, LabelWeights, tiled_pairwise
 from contrastkit.functional import siglip
 
@@ -53,14 +53,7 @@ def _inputs(p):
     x = torch.randn(p["n"], p["d"], dtype=D64, generator=g, requires_grad=True)
     y = torch.randn(p["m"], p["d"], dtype=D64, generator=g, requires_grad=True)
     b = torch.tensor(p["bias"], dtype=D64, requires_grad=True)
-    if p["temp_kind"] == "float":
-        t, params = p["temps"][0], []
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temps"][0], dtype=D64, requires_grad=True)
-        params = [t]
-    else:
-        t = torch.tensor(p["temps"], dtype=D64, requires_grad=True)
-        params = [t]
+    t, params = temperature_from_list(p)
     return g, x, y, b, t, params
 
 

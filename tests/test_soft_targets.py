@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 import contrastkit as ck
 from contrastkit import reference
 from conftest import assert_rel_close, grads_of
+from objective_checks import temperature_from_list
 from contrastkit.engine.neighbors import tiled_topk
 from contrastkit.functional import cwcl, icon
 
@@ -50,14 +51,7 @@ def test_cwcl_matches_naive(p):
     if p["similarity"] == "dot":
         x, y = x * 0.3, y * 0.3
     x.requires_grad_(True), y.requires_grad_(True)
-    if p["temp_kind"] == "float":
-        t, params = p["temps"][0], []
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temps"][0], dtype=D64, requires_grad=True)
-        params = [t]
-    else:
-        t = torch.tensor(p["temps"], dtype=D64, requires_grad=True)
-        params = [t]
+    t, params = temperature_from_list(p)
     if p["symmetric"] and p["reduction"] == "none":
         p["reduction"] = "mean"
     kw = dict(symmetric=p["symmetric"], similarity=p["similarity"], reduction=p["reduction"])
@@ -159,14 +153,7 @@ def test_icon_matches_naive(p):
             kw["teacher_temperature"] = ref_kw["teacher_t"] = p["teacher_t"]
     params = []
     if p["kernel"] == "cosine":
-        if p["temp_kind"] == "float":
-            t = p["temps"][0]
-        elif p["temp_kind"] == "scalar":
-            t = torch.tensor(p["temps"][0], dtype=D64, requires_grad=True)
-            params = [t]
-        else:
-            t = torch.tensor(p["temps"], dtype=D64, requires_grad=True)
-            params = [t]
+        t, params = temperature_from_list(p)
         kw["temperature"] = ref_kw["t"] = t
     elif p["kernel"] == "gaussian":
         sigma = torch.tensor(p["sigma"], dtype=D64, requires_grad=True) if p["learn_sigma"] else p["sigma"]

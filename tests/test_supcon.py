@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import contrastkit as ck
 from contrastkit import reference
-from objective_checks import assert_rel_close, grads_of
+from objective_checks import assert_rel_close, draw_temperature, grads_of
 from contrastkit.functional import supcon
 
 D64 = torch.float64
@@ -65,12 +65,7 @@ def _make(p):
     if p["n_extra"]:
         extra = (scale * torch.randn(p["n_extra"], d, generator=g, dtype=D64)).requires_grad_()
         extra_labels = torch.randint(0, p["classes"], (p["n_extra"],), generator=g)
-    if p["temp_kind"] == "float":
-        t = p["temp"]
-    elif p["temp_kind"] == "scalar":
-        t = torch.tensor(p["temp"], dtype=D64, requires_grad=True)
-    else:
-        t = (p["temp"] * (1 + torch.rand(n, generator=g, dtype=D64))).requires_grad_()
+    t = draw_temperature(p, g, n)
     return feats, labels, extra, extra_labels, t
 
 
