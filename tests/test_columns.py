@@ -127,6 +127,20 @@ def test_a_row_the_masks_leave_without_negatives_leaves_the_loss_in_training(nam
             assert_rel_close(x, y, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="anchor row 2 has no negative left"):
         module(q, torch.cat([docs, neg]), torch.arange(4), masks=masks)
+    # a training step counts such rows instead of warning; other warnings pass on
+    import warnings
+
+    from contrastkit.objectives.common import EmptyRowsWarning, count_empty_rows
+
+    with warnings.catch_warnings(record=True) as outside:
+        warnings.simplefilter("always")
+        with count_empty_rows() as count:
+            ColumnObjective(module)(q, docs, neg, masks=masks)
+            ColumnObjective(module)(q, docs, neg, masks=masks)
+            warnings.warn("something else", UserWarning)
+    assert (count.skipped, count.calls) == (2, 2)
+    assert [w.category for w in outside] == [UserWarning]
+    assert not any(issubclass(w.category, EmptyRowsWarning) for w in outside)
 
 
 def test_infonce_through_the_columns_is_mnrl():

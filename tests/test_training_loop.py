@@ -41,7 +41,7 @@ class ListBatches:
 
 
 def _make(tmp, total_steps, *, eval_every=2, checkpoint_every=None, resume=False, overwrite=False, crash_at=None,
-          ema_decay=None, seen=None):
+          ema_decay=None, seen=None, counted=False):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1)).double()
     data = torch.randn(40, 5, dtype=torch.float64)
@@ -65,6 +65,21 @@ def _make(tmp, total_steps, *, eval_every=2, checkpoint_every=None, resume=False
             net.eval()
             return {"ndcg@10": float(-(net(data) - data.sum(1, keepdim=True)).pow(2).mean())}
 
+    if counted:  # a step_fn that counts an event of its batches (rows with a positive first entry)
+        plain = step_fn
+
+        class CountingStep:
+            pending = 0
+
+            def __call__(self, batch):
+                self.pending += int((batch[:, 0] > 0).sum())
+                return plain(batch)
+
+            def pop_stats(self):
+                out, self.pending = {"positive_rows": self.pending}, 0
+                return out
+
+        step_fn = CountingStep()
     run = RunFolder.create(tmp, resume=resume, overwrite=overwrite)
     tr = Trainer(modules={"model": net}, step_fn=step_fn, batches=ListBatches(data, 8), optimizer=opt,
                  scheduler=sched, total_steps=total_steps, evaluate=evaluate, eval_every=eval_every,
@@ -87,6 +102,40 @@ def test_resume_gives_the_same_final_weights(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history]
     assert resumed.best_step == full.best_step
+
+
+def _train_records(run_dir):
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("phase") == "train"]
+
+
+def test_step_stats_are_summed_per_record_and_over_a_resumed_run(tmp_path):
+    full, _ = _make(tmp_path / "full", 13, counted=True)
+    result = full.fit()
+    # every batch the run drew, counted by hand (the data as _make draws it)
+    torch.manual_seed(0)
+    torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+    data = torch.randn(40, 5, dtype=torch.float64)
+    batches, per_step = ListBatches(data, 8), []
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        per_step += [int((b[:, 0] > 0).sum()) for b in batches]
+    per_step = per_step[:13]
+    assert result.stats == {"positive_rows": sum(per_step)} and sum(per_step) > 0
+    records = _train_records(tmp_path / "full")
+    assert [r["step"] for r in records] == [1, 10]
+    assert records[0]["positive_rows"] == per_step[0]
+    assert records[1]["positive_rows"] == sum(per_step[1:10])   # since the previous record
+    # killed during step 10 after a checkpoint at step 7, resumed: the same totals and records
+    part, _ = _make(tmp_path / "part", 13, checkpoint_every=7, crash_at=10, counted=True)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    resumed, _ = _make(tmp_path / "part", 13, resume=True, counted=True)
+    assert resumed.fit(resume=True).stats == result.stats
+    last = {k: v for k, v in _train_records(tmp_path / "part")[-1].items() if k != "time"}
+    assert last == {k: v for k, v in records[-1].items() if k != "time"}
 
 
 def test_run_folder_is_never_overwritten_unasked(tmp_path):

@@ -11,8 +11,10 @@ glue them so that each objective module stays a thin spec.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +34,9 @@ __all__ = [
     "finish_rows",
     "leave_out_empty_rows",
     "EMPTY_ROWS",
+    "EmptyRowsWarning",
+    "EmptyRowsCount",
+    "count_empty_rows",
     "default_positives",
     "inverse_temperature",
     "check_denominators",
@@ -115,9 +120,61 @@ def leave_out_empty_rows(valid: Tensor, empty: Tensor, empty_rows: str, loss: st
     kept = valid & ~empty
     if not bool(kept.any()):
         raise ValueError(f"{loss}: no anchor row has both a positive and a negative left after the masks")
-    warnings.warn(f"{loss}: {int(bad.sum())} of {int(valid.sum())} anchor row(s) had no negative left after the "
-                  "masks and were left out of the loss", RuntimeWarning, stacklevel=3)
+    skipped, rows = int(bad.sum()), int(valid.sum())
+    warnings.warn(EmptyRowsWarning(f"{loss}: {skipped} of {rows} anchor row(s) had no negative left after the "
+                                   "masks and were left out of the loss", skipped=skipped, rows=rows), stacklevel=3)
     return kept
+
+
+class EmptyRowsWarning(RuntimeWarning):
+    """The warning of ``empty_rows="skip"``: ``skipped`` of the ``rows`` anchor rows that had a
+    positive were left out of the loss (no negative left after the masks)."""
+
+    def __init__(self, message: str, *, skipped: int, rows: int) -> None:
+        super().__init__(message)
+        self.skipped, self.rows = int(skipped), int(rows)
+
+
+@dataclass
+class EmptyRowsCount:
+    """What :func:`count_empty_rows` counted: anchor rows left out, over how many calls."""
+
+    skipped: int = 0
+    calls: int = 0
+
+
+_REEMITTED: dict = {}  # the warnings registry of the warnings count_empty_rows passes on
+
+
+@contextlib.contextmanager
+def count_empty_rows() -> Iterator[EmptyRowsCount]:
+    """Count the anchor rows ``empty_rows="skip"`` leaves out inside the block instead of
+    showing an :class:`EmptyRowsWarning` for them (a training loop reports the count in its
+    metrics); any other warning raised in the block is passed on as usual. The count is
+    filled in when the block exits.
+
+    Example::
+
+        import torch, contrastkit as ck
+        from contrastkit.engine import IndexMask
+        from contrastkit.objectives.common import count_empty_rows
+        a, b = torch.randn(3, 4), torch.randn(3, 4)
+        # row 0 loses both its negatives (columns 1 and 2); -1 drops nothing
+        drop = IndexMask(torch.tensor([[1, 2], [-1, -1], [-1, -1]]))
+        with count_empty_rows() as count:
+            loss = ck.losses.DCL(temperature=0.1)(a, b, masks=[drop], empty_rows="skip")
+        assert count.skipped == 1 and count.calls == 1
+    """
+    count = EmptyRowsCount()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EmptyRowsWarning)
+        yield count
+    for w in caught:
+        if isinstance(w.message, EmptyRowsWarning):
+            count.skipped += w.message.skipped
+            count.calls += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_REEMITTED)
 
 
 def default_positives(positives: Optional[Tensor], n: int, m: int, device: torch.device) -> Tensor:

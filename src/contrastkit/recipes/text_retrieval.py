@@ -318,7 +318,11 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     summary["train"] = {"steps": result.steps, "examples": len(examples), "batch_size": cfg.batching.batch_size,
                         "epochs": cfg.optim.epochs, "steps_per_epoch": steps_per_epoch,
                         "loss_first": train_losses[0] if train_losses else None,
-                        "loss_last": train_losses[-1] if train_losses else None}
+                        "loss_last": train_losses[-1] if train_losses else None, **result.stats}
+    skipped = result.stats.get("empty_rows_skipped", 0)
+    if skipped:
+        say(f"note: {skipped} anchor row(s) over the run had no negative left after the false-negative masks "
+            f"and were left out of their batch's loss (per step in metrics.jsonl, empty_rows_skipped)")
     if world > 1:
         import torch.distributed as dist
 

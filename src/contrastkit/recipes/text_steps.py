@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..data import Example
 from ..negatives.false_negatives import DuplicatePositiveMask, GuideMask, mnrl_columns
+from ..objectives.common import count_empty_rows
 from ..scale import GradCache
 
 __all__ = ["Guide", "RetrievalStep", "fill_negatives"]
@@ -105,7 +106,10 @@ class RetrievalStep:
             ``*hard_negatives`` of any length (MultipleNegativesRanking does).
 
     ``state_dict()`` / ``load_state_dict()`` hold the memory, so a resumed run continues
-    with the same candidates.
+    with the same candidates. ``pop_stats()`` gives ``{"empty_rows_skipped": k}``: the anchor
+    rows the masks left without a negative since the last call, which an objective with an
+    ``empty_rows`` argument (DCL, debiased, hard-negative) left out of its loss; the
+    training loop writes them into ``metrics.jsonl`` instead of a warning per step.
     """
 
     def __init__(self, *, query_encoder: nn.Module, objective: nn.Module, query_max_length: int,
@@ -123,7 +127,7 @@ class RetrievalStep:
         self.rank, self.world = rank, world
         self.cache = GradCache(query_encoder, objective, doc_encoder=doc_encoder, chunk_size=chunk_size,
                                sort_by_length=sort_by_length, autocast_dtype=autocast_dtype)
-        self.masked_last = 0
+        self.empty_rows_skipped = 0
         self.memory_steps = int(memory_steps)
         # per remembered step: (every rank's documents, rank-major rows; their ids, one list per rank)
         self.memory: List[Tuple[Tensor, List[List[Optional[str]]]]] = []
@@ -153,6 +157,10 @@ class RetrievalStep:
         ids = [mnrl_columns(batch[r * len(batch) // self.world:(r + 1) * len(batch) // self.world], key="id")
                for r in range(self.world)]
         self.memory = (self.memory + [(docs, ids)])[-self.memory_steps:]
+
+    def pop_stats(self) -> Dict[str, int]:
+        out, self.empty_rows_skipped = {"empty_rows_skipped": self.empty_rows_skipped}, 0
+        return out
 
     def state_dict(self) -> Dict[str, Any]:
         return {"memory": [(docs.cpu(), ids) for docs, ids in self.memory]}
@@ -216,7 +224,9 @@ class RetrievalStep:
         memory, memory_ids = self._memory_block()
         masks = self.masks(batch, memory_ids)
         loss_kwargs = {"masks": masks} if masks else {}
-        loss = self.cache.step(*groups, loss_args=() if memory is None else (memory,), loss_kwargs=loss_kwargs)
+        with count_empty_rows() as empty:
+            loss = self.cache.step(*groups, loss_args=() if memory is None else (memory,), loss_kwargs=loss_kwargs)
+        self.empty_rows_skipped += empty.skipped
         if self.memory_steps:
             self._remember(batch)
         return loss

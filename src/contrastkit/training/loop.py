@@ -11,6 +11,10 @@ The loop knows nothing about text or images. A recipe gives it
   picks the best model, saved by ``save_best(folder)``.
 - ``step_fn`` may carry state across steps (a cross-batch memory): if it has
   ``state_dict()`` / ``load_state_dict()``, that state is checkpointed and restored too.
+- ``step_fn`` may count events of its steps: if it has ``pop_stats() -> {name: count}``
+  (the counts since the previous call), the loop sums them; each ``train`` record of
+  ``metrics.jsonl`` carries the sums since the previous record, and ``TrainResult.stats``
+  the run's totals (a resumed run included; counted on the main process).
 
 Per step: ``step_fn``, gradient all-reduce when several processes run, clipping,
 ``optimizer.step()``, ``scheduler.step()``. A checkpoint (weights, optimizer, scheduler,
@@ -105,6 +109,7 @@ class TrainResult:
     best_score: Optional[float] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     wall_seconds: float = 0.0
+    stats: Dict[str, int] = field(default_factory=dict)
 
 
 class Trainer:
@@ -162,6 +167,8 @@ class Trainer:
         self.best_score: Optional[float] = None
         self.best_step: Optional[int] = None
         self.history: List[Dict[str, Any]] = []
+        self.stats_total: Dict[str, int] = {}   # step_fn.pop_stats() summed over the run
+        self.stats_since: Dict[str, int] = {}   # ... since the last train record of metrics.jsonl
         self.ema_decay = None if ema_decay is None else float(ema_decay)
         self.ema: Optional[List[torch.Tensor]] = (
             [p.detach().clone() for p in self._params()] if self.ema_decay is not None else None)
@@ -186,6 +193,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "batches": self.batches.state_dict(), "best_score": self.best_score, "best_step": self.best_step,
                 "history": [dict(h) for h in self.history],
+                "stats": {"total": dict(self.stats_total), "since": dict(self.stats_since)},
                 "step_fn": self.step_fn.state_dict() if hasattr(self.step_fn, "state_dict") else None,
                 "ema": None if self.ema is None else [t.detach().cpu() for t in self.ema]}
 
@@ -206,6 +214,8 @@ class Trainer:
         self.batches.load_state_dict(state["batches"])
         self.best_score, self.best_step = state.get("best_score"), state.get("best_step")
         self.history = list(state.get("history") or [])
+        stats = state.get("stats") or {}
+        self.stats_total, self.stats_since = dict(stats.get("total", {})), dict(stats.get("since", {}))
         if state.get("step_fn") is not None and hasattr(self.step_fn, "load_state_dict"):
             self.step_fn.load_state_dict(state["step_fn"])
         if self.ema is not None:
@@ -245,6 +255,12 @@ class Trainer:
                     p.copy_(r)
 
     # -- the loop ----------------------------------------------------------------------
+    def _count(self) -> None:
+        pop = getattr(self.step_fn, "pop_stats", None)
+        for name, value in (pop() if pop is not None else {}).items():
+            self.stats_total[name] = self.stats_total.get(name, 0) + int(value)
+            self.stats_since[name] = self.stats_since.get(name, 0) + int(value)
+
     def _all_reduce_grads(self) -> None:
         if self.world == 1:
             return
@@ -298,6 +314,7 @@ class Trainer:
                     for m in self.modules.values():
                         m.train()
                     loss = self.step_fn(batch)
+                    self._count()
                     self._all_reduce_grads()
                     if self.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(self._params(), self.max_grad_norm)
@@ -321,7 +338,8 @@ class Trainer:
                         t_last, n_since = now, 0
                     if self.run is not None and (self.step % 10 == 0 or self.step == 1):
                         self.run.log({"phase": "train", "step": self.step, "loss": last_loss,
-                                      "lr": self._peak_lr()})
+                                      "lr": self._peak_lr(), **self.stats_since})
+                        self.stats_since = {k: 0 for k in self.stats_since}
                     due_eval = (self.eval_every is not None and self.step % self.eval_every == 0) \
                         or self.step == self.total_steps
                     if due_eval:
@@ -348,4 +366,5 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return TrainResult(steps=self.step, best_step=self.best_step, best_score=self.best_score,
-                           history=self.history, wall_seconds=time.perf_counter() - t_start)
+                           history=self.history, wall_seconds=time.perf_counter() - t_start,
+                           stats=dict(self.stats_total))
