@@ -164,8 +164,19 @@ def test_docs_table_lists_every_config_field():
     assert not missing, f"docs/main-job.md lacks the fields {missing}: paste fields_markdown()'s output"
 
 
-def test_pairs_file_and_corpus_only_runs(tiny, tmp_path, capsys):
+def test_pairs_file_and_corpus_only_runs(tiny, tmp_path, capsys, monkeypatch):
+    from contrastkit.recipes.common import ExampleBatches
+
     data, model = tiny
+    seen = []  # the (query, negatives) of every example handed to training
+    original_iter = ExampleBatches.__iter__
+
+    def spy(self):
+        for batch in original_iter(self):
+            seen.extend((e.query, e.negatives) for e in batch)
+            yield batch
+
+    monkeypatch.setattr(ExampleBatches, "__iter__", spy)
     # a triplets file with one malformed line, skipped and counted
     lines = [json.dumps({"query": f"what about protein {i}?", "positive": f"protein study {i} results",
                          "negative": f"unrelated note {i}"}) for i in range(40)]
@@ -178,6 +189,24 @@ def test_pairs_file_and_corpus_only_runs(tiny, tmp_path, capsys):
     assert main(args + ["--skip-bad-records", "--overwrite"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["test_split"] == "held-out share" and any("skipped 1" in n for n in m["notes"])
+    # the file's negatives are the user's: trained on as given, nothing mined over them
+    assert "mining" not in m and m["negatives_brought"]["short"] == 0
+    assert seen and all(negs == (f"unrelated note {q.split()[-1][:-1]}",) for q, negs in seen)
+    seen.clear()
+    # a pairs file with two negatives per row, one asked: the first; three asked: mined after the two
+    rows = [json.dumps({"query": f"what about protein {i}?", "positive": f"protein study {i} results",
+                        "negative_1": f"unrelated note {i}", "negative_2": f"another note {i}"}) for i in range(40)]
+    (tmp_path / "t2.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "pairs3"
+    assert main(_args(tmp_path / "t2.jsonl", model, out, "--max-steps", "2", "--set", "data.sts=false",
+                      "--set", "negatives.num_negatives=3", "--set", "batching.sampler=random")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["negatives_brought"]["short"] == m["negatives_brought"]["examples"] > 0 and "mining" in m
+    for q, negs in seen:
+        i = q.split()[-1][:-1]
+        assert negs[:2] == (f"unrelated note {i}", f"another note {i}") and len(negs) == 3
+        assert negs[2] not in negs[:2]
+    seen.clear()
     # corpus only (Contriever crops), evaluated on the folder's qrels
     out = tmp_path / "crops"
     assert main(_args(data, model, out, "--max-steps", "2", "--format", "corpus", "--set", "data.sts=false")) == 0

@@ -27,6 +27,7 @@ selected on them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..data import load_sts
+from ..data import Example, load_sts
 from ..evaluation import evaluate_retrieval, evaluate_sts, paired_bootstrap
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype, cpu_has_fast_bf16
@@ -110,6 +111,19 @@ def _dev_corpus(task: RetrievalTask, corpus_emb: Tensor, query_emb: Dict[str, Te
     for j in pool[:max(0, size - len(rows))]:
         add(j)
     return sorted(rows)
+
+
+def _after_brought(example: Example, mined: Example, pool: int) -> Example:
+    """``example``'s own negatives, then ``mined``'s that are not among them, ``pool`` in all."""
+    own_ids = list(example.negative_ids) + [None] * (len(example.negatives) - len(example.negative_ids))
+    taken = {d for d in own_ids if d is not None} | {example.positive_id}
+    extra = [(t, d) for t, d in zip(mined.negatives, mined.negative_ids) if d not in taken]
+    extra = extra[:max(0, pool - len(example.negatives))]
+    if not example.negatives:
+        return dataclasses.replace(example, negatives=tuple(t for t, _ in extra),
+                                   negative_ids=tuple(d for _, d in extra))
+    return dataclasses.replace(example, negatives=example.negatives + tuple(t for t, _ in extra),
+                               negative_ids=tuple(own_ids) + tuple(d for _, d in extra))
 
 
 def _metrics(scores) -> Dict[str, float]:
@@ -234,10 +248,19 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     pool = h * cfg.negatives.pool_size  # negatives held per example: pool_size sets, one per epoch in turn
     with timer("mine"):
         if main:
-            have_ids = all(e.query_id in query_emb and e.positive_id is not None for e in examples)
-            if cfg.negatives.mine and h > 0 and have_ids:
-                positives = known_positives(examples, corpus_ids=task.corpus_ids)
-                q = torch.stack([query_emb[e.query_id] for e in examples])
+            # negatives the training file brings are the user's: kept, first; mining only fills the rest
+            brought = sum(1 for e in examples if e.negatives)
+            short = [i for i, e in enumerate(examples) if len(e.negatives) < pool]
+            if brought and h > 0:
+                say(f"{brought} of {len(examples)} training examples bring their own negatives: kept (up to {pool} "
+                    f"each); " + (f"{len(short)} short of {pool} get " + ("mined" if cfg.negatives.mine else "random")
+                                  + " ones after them" if short else "nothing is mined"))
+                summary["negatives_brought"] = {"examples": brought, "short": len(short)}
+            have_ids = all(examples[i].query_id in query_emb and examples[i].positive_id is not None for i in short)
+            if cfg.negatives.mine and h > 0 and have_ids and short:
+                need = [examples[i] for i in short]
+                positives = known_positives(need, corpus_ids=task.corpus_ids)
+                q = torch.stack([query_emb[e.query_id] for e in need])
                 mined = mine_hard_negatives(q, corpus_emb, positives, num_negatives=pool,
                                             rank_window=tuple(cfg.negatives.rank_window),
                                             sampling=cfg.negatives.sampling,
@@ -245,8 +268,9 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                                             absolute_margin=cfg.negatives.absolute_margin, seed=cfg.train.seed)
                 say(mined.summary())
                 summary["mining"] = mined.stats
-                examples = mined.to_examples(examples, task.corpus_texts, task.corpus_ids)
-            elif cfg.negatives.mine and h > 0:
+                for i, m in zip(short, mined.to_examples(need, task.corpus_texts, task.corpus_ids)):
+                    examples[i] = _after_brought(examples[i], m, pool)
+            elif cfg.negatives.mine and h > 0 and short:
                 say("note: mining skipped (the training pairs have no query / document ids in the corpus); "
                     "negatives are drawn at random")
             if h > 0:
