@@ -4,7 +4,10 @@
     contrastkit eval runs/my-run/model --data path/to/beir --split dev --output metrics.json
     contrastkit eval all-MiniLM-L6-v2 --sts --output metrics.json  # adds STS-B test Spearman
 
-MODEL is a model folder (Hugging Face or sentence-transformers layout) or a bundled name.
+MODEL is a model folder (Hugging Face or sentence-transformers layout) or a bundled name;
+a two-tower run's ``model/`` (``query/`` and ``document/`` towers, ``model.separate_towers``)
+encodes queries (and STS-B sentences, as the main job does) with the query tower and the
+corpus with the document tower.
 Queries and documents are encoded with L2 normalisation (cosine similarity); every judged
 query ranks the whole corpus (exact tiled top-k below --faiss-threshold documents, faiss
 IVF above, or --method). Prints a table of nDCG / MRR / Recall / MAP / Precision at each
@@ -99,6 +102,15 @@ def _write_json_atomic(path: Path, obj) -> None:
         raise
 
 
+def two_tower_folders(model: str):
+    """``(query folder, document folder)`` when ``model`` is a two-tower run's model folder
+    (it holds ``query/`` and ``document/``, each a whole model), else None."""
+    p = Path(model)
+    if (p / "query").is_dir() and (p / "document").is_dir():
+        return p / "query", p / "document"
+    return None
+
+
 def _fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
@@ -129,20 +141,28 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     tune_malloc_for(device, args.tune_malloc, say=lambda note: print(note, file=sys.stderr))
+    towers = two_tower_folders(args.model)
+    parent = Path(args.model).parent
+    if towers is None and Path(args.model).name in ("query", "document") and two_tower_folders(str(parent)):
+        print(f"warning: {args.model} is one tower of the two-tower model {parent}; it encodes the queries and "
+              f"the documents here. Pass {parent} to encode each side with its own tower.", file=sys.stderr)
     try:
         kw = {"normalize": True, "max_length": args.max_length}
         if args.pooling is not None:
             kw["pooling"] = args.pooling
-        encoder = TextEncoder(args.model, **kw).to(device)
+        encoder = TextEncoder(str(towers[0]) if towers else args.model, **kw).to(device)
+        doc_encoder = TextEncoder(str(towers[1]), **kw).to(device) if towers else encoder
     except (OSError, ValueError) as err:
         return _fail(f"cannot load model {args.model!r}: {err}")
-    if encoder.max_length is None:
-        encoder.max_length = 512
+    for e in {id(encoder): encoder, id(doc_encoder): doc_encoder}.values():
+        if e.max_length is None:
+            e.max_length = 512
     timings["load_model"] = time.perf_counter() - t0
-    print(f"model {args.model} ({encoder.pooling} pooling, normalised, max_length {encoder.max_length}) on {device}",
+    print(f"model {args.model} ({encoder.pooling} pooling, normalised, max_length {encoder.max_length}"
+          + (", two towers: query/ for queries, document/ for the corpus" if towers else "") + f") on {device}",
           flush=True)
     result.update(device=str(device), max_length=encoder.max_length, pooling=encoder.pooling,
-                  precision=args.precision)
+                  precision=args.precision, two_towers=towers is not None)
 
     try:
         if retrieval:
@@ -152,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             timings["load_data"] = time.perf_counter() - t
             ids = list(ds.corpus)
             t = time.perf_counter()
-            c_emb = _encoder_fn(encoder, args, "corpus")([ds.document(d) for d in ids])
+            c_emb = _encoder_fn(doc_encoder, args, "corpus")([ds.document(d) for d in ids])
             timings["encode_corpus"] = time.perf_counter() - t
             t = time.perf_counter()
             scores = evaluate_retrieval(_encoder_fn(encoder, args, "queries"), None, ds.queries, ds.corpus, qrels,

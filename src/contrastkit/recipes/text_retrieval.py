@@ -210,7 +210,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                 run.log({"phase": "before", "split": "test", **summary["before"]})
                 say("before (test): " + "  ".join(f"{m} {summary['before'][m]:.4f}" for m in HEADLINE))
             if sts is not None:
-                summary["sts"] = {"split": "test", "before": evaluate_sts(lambda t: encoders.queries(t), sts)}
+                summary["sts"] = {"split": "test", "before": evaluate_sts(
+                    lambda t: encoders.queries(t, progress="encode STS-B test (base)"), sts)}
                 say(f"before (STS-B test): spearman {summary['sts']['before']['spearman']:.4f}")
     if world > 1:  # every process builds the same false-negative guide
         corpus_emb, query_emb_rows = broadcast((corpus_emb, query_emb_rows), rank, world)
@@ -385,7 +386,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                                               "before": before_scores.per_query["ndcg@10"].tolist(),
                                               "after": after.per_query["ndcg@10"].tolist()})
         if sts is not None:
-            summary["sts"]["after"] = evaluate_sts(lambda t: encoders.queries(t), sts)
+            summary["sts"]["after"] = evaluate_sts(lambda t: encoders.queries(t, progress="encode STS-B test (final)"),
+                                                   sts)
     summary["phases"] = dict(timer.seconds)
     summary["wall_seconds"] = round(timer.total(), 2)
     summary["test_split"] = cfg.data.test_split if not task.test_is_held_out_from_train_file else "held-out share"
