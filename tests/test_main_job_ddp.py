@@ -2,7 +2,9 @@
 gloo processes (DistributedLoss, false-negative masks in global coordinates, gradient
 averaging, a pool of negative sets, the cross-batch memory) gives the same weights after a
 few steps (float64 tiny model, no dropout), for MNRL (each process computes its own rows)
-and for other column objectives (objectives.columns.ColumnObjective: the gathered batch)."""
+and for other column objectives (objectives.columns.ColumnObjective: the gathered batch).
+End to end: ``torchrun --nproc-per-node 2 -m contrastkit train`` gives the weights and the
+test figures of one process (float32, so to rounding)."""
 
 import os
 import tempfile
@@ -144,3 +146,43 @@ def _train_initial(model_dir):
     from contrastkit.models import TextEncoder
 
     return {k: v for k, v in TextEncoder(model=bert, normalize=True).state_dict().items()}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_end_to_end_equals_one(tmp_path):
+    """The whole main job (load, encode, mine on rank 0 and broadcast, train with
+    DistributedLoss and averaged gradients, dev evaluation, save) under torchrun with 2 gloo
+    processes, against the same command in one process: same weights to float32 rounding
+    (they move 1000x more than that), same test figures, one run folder."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from contrastkit.cli import main
+    from main_job_fixtures import make_beir, make_tiny_model
+
+    data, model = make_beir(tmp_path / "beir"), make_tiny_model(tmp_path / "model", dropout=False)
+    args = ["train", "--data", str(data), "--model", str(model), "--batch-size", "8", "--chunk-size", "3", "--lr", "1e-3",
+            "--precision", "fp32", "--max-steps", "4", "--no-interpolation", "--set", "data.sts=false",
+            "--set", "model.query_max_length=16", "--set", "model.document_max_length=32",
+            "--set", "train.dev_corpus_size=20", "--set", "train.eval_every=2", "--set", "data.dev_fraction=0.25",
+            "--set", "negatives.rank_window=[0, 10]", "--set", "negatives.sampling=random",
+            "--set", "evaluation.bootstrap_resamples=200"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "contrastkit", *args, "--output", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(args + ["--output", str(tmp_path / "one")]) == 0
+    one, two = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for key in ("ndcg@10", "mrr@10", "recall@100"):
+        assert two["after"][key] == pytest.approx(one["after"][key], abs=1e-6), key
+    assert two["train"]["steps"] == one["train"]["steps"] == 4
+    a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("one", "two"))
+    base = load_file(str(model / "model.safetensors"))
+    moved = max(float((a[k] - base[k]).abs().max()) for k in base if k in a)
+    assert moved > 1e-3, "the steps must change the weights"
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=moved * 1e-2, msg=k)
