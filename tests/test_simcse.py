@@ -293,12 +293,17 @@ def test_config_errors_exit_with_code_2(tiny_model, small_sts, tmp_path, capsys)
 
     values = {"negatives.rank_window": "[2, 40]", "negatives.sampling": "random", "negatives.pool_size": "2",
               "negatives.relative_margin": "0.95", "negatives.absolute_margin": "0.1", "negatives.guide_mask": "true",
-              "negatives.guide_margin": "0.1", "negatives.memory_steps": "2"}
-    assert set(values) == set(UNREAD_FIELDS)
+              "negatives.guide_margin": "0.1", "negatives.memory_steps": "2", "negatives.mine": "false",
+              "data.sts": "false", "data.dev_fraction": "0.2", "data.train_split": "dev", "data.test_split": "dev",
+              "evaluation.ks": "[5]", "evaluation.bootstrap_resamples": "100",
+              # fields without a reason of their own get the generic one
+              "train.dev_document_max_length": "64", "train.dev_corpus_size": "100"}
+    assert set(UNREAD_FIELDS) <= set(values)
     for i, (field, value) in enumerate(values.items()):
         assert main(_args(tiny_model, tmp_path / f"u{i}", "--data", "stsb", "--set", f"{field}={value}")) == 2
         err = capsys.readouterr().err
-        assert field in err and "simcse recipe has none" in err, err
+        assert f"{field}: " in err and "leave it at its default" in err, err
+        assert UNREAD_FIELDS.get(field, "the simcse recipe does not read it") in err, err
     # set to its default it is no error (the run goes on: stopped here by a batch too large)
     assert main(_args(tiny_model, tmp_path / "v", "--data", "stsb", "--set", "negatives.rank_window=[0, 30]",
                       "--batch-size", "500")) == 2
@@ -358,3 +363,65 @@ def test_build_batches_errors():
         build_batches(ex, kind="b3", batch_size=2)
     with pytest.raises(ConfigError, match="allowed values"):
         build_batches(ex, kind="bogus", batch_size=2)
+
+
+def _record_config_reads(monkeypatch):
+    """The config fields (``section.name``) that ``run_simcse`` reads, recorded while it runs
+    (reads by ``dump_config``, which writes every field, are not reads of the recipe)."""
+    import dataclasses
+
+    from contrastkit.training.config import RunConfig
+
+    reads, active = set(), []
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        value = getattr(defaults, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        cls, names = type(value), {f.name for f in dataclasses.fields(value)}
+        original = cls.__getattribute__
+
+        def getattribute(self, name, _original=original, _section=section.name, _names=names):
+            if active and name in _names:
+                reads.add(f"{_section}.{name}")
+            return _original(self, name)
+
+        monkeypatch.setattr(cls, "__getattribute__", getattribute)
+    run, dump = simcse.run_simcse, simcse.dump_config
+
+    def recorded_run(*args, **kwargs):
+        active.append(1)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            active.clear()
+
+    def quiet_dump(*args, **kwargs):
+        saved = list(active)
+        active.clear()
+        try:
+            return dump(*args, **kwargs)
+        finally:
+            active.extend(saved)
+
+    monkeypatch.setattr(simcse, "run_simcse", recorded_run)
+    monkeypatch.setattr(simcse, "dump_config", quiet_dump)
+    return reads
+
+
+def test_the_fields_simcse_declares_it_reads_are_the_fields_it_reads(tiny_model, small_sts, tmp_path, monkeypatch):
+    """READS (what refuse_unread_fields lets through) is what an unsupervised and a
+    supervised run read, no more and no less: a field it ignores cannot be set silently."""
+    reads = _record_config_reads(monkeypatch)
+    monkeypatch.setattr(simcse, "refuse_unread_fields", lambda *a, **k: None)  # it reads every field
+    assert main(_args(tiny_model, tmp_path / "u", "--data", "stsb", "--set", "batching.sampler=random")) == 0
+    data = tmp_path / "nli.jsonl"
+    rows = [{"anchor": f"sentence number {i} about {w}", "entailment": f"a text on {w} {i}",
+             "contradiction": f"nothing about {w}, {i}"} for i, w in enumerate(["cats", "dogs", "rain", "sun"] * 4)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(_args(tiny_model, tmp_path / "s", "--data", str(data), "--set", "data.query_column=anchor",
+                      "--set", "data.positive_column=entailment", "--set", "data.negative_columns=[contradiction]",
+                      "--set", "negatives.num_negatives=1")) == 0
+    # (a shared check reads negatives.memory_steps to refuse it for other objectives: refused here first)
+    assert {r for r in reads if not r.startswith("output.")} - set(simcse.UNREAD_FIELDS) == set(simcse.READS)
+    assert not set(simcse.READS) & set(simcse.UNREAD_FIELDS)

@@ -25,7 +25,7 @@ from ..models import TextEncoder
 from ..objectives.columns import ColumnObjective, column_layout, takes_column_masks
 from ..training.config import ConfigError, RunConfig
 
-__all__ = ["init_distributed", "broadcast", "seed_everything", "build_objective", "check_objective_fits", "column_loss",
+__all__ = ["refuse_unread_fields", "init_distributed", "broadcast", "seed_everything", "build_objective", "check_objective_fits", "column_loss",
            "build_optimizer", "layer_depths",
            "ExampleBatches", "save_towers", "load_towers", "versions", "best_then_interpolate", "start_run"]
 
@@ -232,6 +232,28 @@ class ExampleBatches:
 
     def load_state_dict(self, state):
         self.sampler.load_state_dict(state)
+
+
+def refuse_unread_fields(cfg: RunConfig, reads, recipe: str, reasons: Optional[Dict[str, str]] = None) -> None:
+    """Refuse every config field ``recipe`` does not read (``reads``: ``"section.name"``
+    strings) that is set away from its default: a ConfigError naming the field, its value
+    and default, and why (``reasons[field]`` where given). The ``output`` section (read by
+    the command line) is not checked. What a recipe declares it reads is tested against what
+    it does read (tests/test_simcse.py records the reads of a run)."""
+    import dataclasses
+
+    defaults = RunConfig()
+    reads = set(reads)
+    for section in dataclasses.fields(RunConfig):
+        ours, default = getattr(cfg, section.name), getattr(defaults, section.name)
+        if section.name == "output" or not dataclasses.is_dataclass(ours):
+            continue
+        for f in dataclasses.fields(ours):
+            name = f"{section.name}.{f.name}"
+            value, dflt = getattr(ours, f.name), getattr(default, f.name)
+            if name not in reads and value != dflt:
+                why = (reasons or {}).get(name, f"the {recipe} recipe does not read it")
+                raise ConfigError(f"{name}: {why}; leave it at its default {dflt!r} (got {value!r})")
 
 
 def save_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:

@@ -71,13 +71,13 @@ from ..evaluation import evaluate_sts
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
-from ..training.config import ConfigError, DataConfig, NegativesConfig, RunConfig, dump_config
+from ..training.config import ConfigError, DataConfig, RunConfig, dump_config
 from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
 from ..training.run_folder import RunFolder, atomic_replace_dir
 from ..training.timing import PhaseTimer
 from .common import (ExampleBatches, best_then_interpolate, broadcast, build_objective, build_optimizer,
-                     check_objective_fits, column_loss, save_towers, start_run, versions)
+                     check_objective_fits, column_loss, refuse_unread_fields, save_towers, start_run, versions)
 from .retrieval_task import is_beir_folder, text_id
 from .text_steps import RetrievalStep
 
@@ -333,11 +333,11 @@ def _select_metric(cfg: RunConfig) -> str:
     return metric if metric in STS_METRICS else "spearman"
 
 
-# negatives.* fields of the text_retrieval recipe that SimCSE never reads (mining from a
-# corpus, the GISTEmbed guide, the cross-batch memory); negatives.mine is left out: SimCSE
-# mines nothing either way. num_negatives and mask_duplicates are read (hard-negative
-# columns of a triplet file, duplicate texts in a batch).
+# why SimCSE does not read a field of the text_retrieval recipe (the refusal's message; any
+# other field outside READS gets a generic one). num_negatives and mask_duplicates are read
+# (hard-negative columns of a triplet file, duplicate texts in a batch).
 UNREAD_FIELDS = {
+    "negatives.mine": "SimCSE mines nothing: its negatives are the batch's other sentences and a file's own",
     "negatives.rank_window": "the ranks mined from a corpus are a text_retrieval option",
     "negatives.sampling": "sampling within the mined ranks is a text_retrieval option",
     "negatives.pool_size": "a pool of mined negatives per example is a text_retrieval option",
@@ -346,7 +346,31 @@ UNREAD_FIELDS = {
     "negatives.guide_mask": "the GISTEmbed guide needs the base model's corpus embeddings of the text_retrieval recipe",
     "negatives.guide_margin": "the GISTEmbed guide needs the base model's corpus embeddings of the text_retrieval recipe",
     "negatives.memory_steps": "the cross-batch memory is a text_retrieval option",
+    "data.sts": "STS-B dev and test are SimCSE's evaluation; it always runs",
+    "data.dev_fraction": "SimCSE's dev split is STS-B dev, not a share of the training data",
+    "data.train_split": "SimCSE trains on STS-B train sentences or the given file",
+    "data.test_split": "SimCSE's test split is STS-B test",
+    "evaluation.ks": "SimCSE reports STS Spearman / Pearson, no retrieval cut-offs",
+    "evaluation.bootstrap_resamples": "SimCSE reports STS correlations without a bootstrap",
 }
+
+# every field the simcse recipe reads (tested against the reads of real runs); any other field
+# set away from its default is refused (refuse_unread_fields), with UNREAD_FIELDS' reason
+READS = frozenset({
+    "data.source", "data.format", "data.query_prefix", "data.document_prefix", "data.query_column",
+    "data.positive_column", "data.negative_columns", "data.skip_bad_records", "data.max_train_examples",
+    "model.name", "model.pooling", "model.normalize", "model.query_max_length", "model.document_max_length",
+    "model.train_document_max_length", "model.separate_towers", "model.trust_remote_code",
+    "objective.name", "objective.temperature", "objective.learn_temperature", "objective.options",
+    "negatives.num_negatives", "negatives.mask_duplicates",
+    "batching.batch_size", "batching.sampler", "batching.chunk_size", "batching.sort_by_length",
+    "optim.epochs", "optim.max_steps", "optim.lr", "optim.weight_decay", "optim.layer_decay", "optim.warmup_ratio",
+    "optim.schedule", "optim.ema_decay", "optim.max_grad_norm",
+    "train.seed", "train.precision", "train.device", "train.eval_every", "train.checkpoint_every",
+    "train.encode_batch_size", "train.tune_malloc",
+    "interpolation.enabled", "interpolation.alphas", "interpolation.tolerance", "interpolation.stop_early",
+    "evaluation.select_metric",
+})
 
 
 def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -367,13 +391,8 @@ def run_simcse(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], None] = 
     """
     if cfg.model.separate_towers:
         raise ConfigError("model.separate_towers: SimCSE trains one shared encoder; set it to false")
-    # text_retrieval options this recipe does not read: refused when set, never silently dropped
-    for field, why in UNREAD_FIELDS.items():
-        section, name = field.split(".")
-        value, default = getattr(getattr(cfg, section), name), NegativesConfig.__dataclass_fields__[name].default
-        if value != default:
-            raise ConfigError(f"{field}: {why}; the simcse recipe has none, leave it at its default {default!r} "
-                              f"(got {value!r})")
+    # fields this recipe does not read: refused when set, never silently dropped
+    refuse_unread_fields(cfg, READS, "simcse", UNREAD_FIELDS)
     rank, world, device, say, precision = start_run(cfg, echo)
     main = rank == 0
     say(f"device {device}, precision {precision}; {world} process(es)")
