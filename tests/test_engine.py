@@ -11,8 +11,10 @@ from hypothesis import given, settings, strategies as st
 from conftest import assert_rel_close, grads_of, naive_lse
 from contrastkit.engine import (
     DiagonalMask,
+    DifferentLabelMask,
     IndexMask,
     LabelMask,
+    TileMask,
     choose_tile,
     label_positive_logits,
     positive_logits,
@@ -393,3 +395,57 @@ def test_tile_diagonal_is_exactly_the_shifted_diagonal_inside_each_tile(n, m, of
         if 0 <= i + offset < m:
             want[i, i + offset] = 1.0
     assert torch.equal(full, want)
+
+
+# ------------------------------------------------------------------ TileMask.drops (one cell per row)
+
+class _DenseOnly(TileMask):
+    """A mask that only implements apply_: TileMask.drops' default (the tile probe) answers."""
+
+    def __init__(self, dense):
+        self.dense = dense
+
+    def apply_(self, x, r0, r1, c0, c1):
+        x.masked_fill_(self.dense[r0:r1, c0:c1], float("-inf"))
+
+
+def _dense_of(mask, n, m):
+    x = torch.zeros(n, m)
+    mask.apply_(x, 0, n, 0, m)
+    return torch.isinf(x)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 300), m=st.integers(1, 300), kind=st.sampled_from(["diag", "label", "different", "index",
+                                                                          "dense"]),
+       seed=st.integers(0, 2**16), near=st.booleans())
+def test_mask_drops_answers_each_rows_cell_as_the_dense_mask(n, m, kind, seed, near):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "diag":
+        mask = DiagonalMask(int(torch.randint(-3, 4, (), generator=g)))
+    elif kind in ("label", "different"):
+        y_r, y_c = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,), generator=g)
+        mask = (LabelMask if kind == "label" else DifferentLabelMask)(y_r, y_c)
+    elif kind == "index":
+        mask = IndexMask(torch.randint(-1, m, (n, 3), generator=g))
+    else:
+        mask = _DenseOnly(torch.rand(n, m, generator=g) < 0.3)
+    # asked cells: near the diagonal (positives) or anywhere, some rows without one (-1)
+    cols = (torch.arange(n) + torch.randint(-2, 3, (n,), generator=g)).clamp(0, m - 1) if near else \
+        torch.randint(0, m, (n,), generator=g)
+    cols[torch.rand(n, generator=g) < 0.2] = -1
+    want = _dense_of(mask, n, m)[torch.arange(n), cols.clamp(min=0)] & (cols >= 0)
+    assert torch.equal(mask.drops(cols), want)
+    assert torch.equal(TileMask.drops(mask, cols), want)   # the generic probe agrees with the override
+
+
+def test_mask_drops_probe_spans_column_tiles_and_row_blocks():
+    # more than one 256-row block and one 4096-column tile: cells scattered over 9000 columns
+    g = torch.Generator().manual_seed(0)
+    n, m = 600, 9000
+    idx = torch.randint(-1, m, (n, 2), generator=g)
+    cols = torch.where(torch.rand(n, generator=g) < 0.5, idx[:, 0], torch.randint(0, m, (n,), generator=g))
+    mask = IndexMask(idx)
+    want = (idx == cols[:, None]).any(1) & (cols >= 0)
+    assert bool(want.any()) and not bool(want.all())
+    assert torch.equal(TileMask.drops(mask, cols), want) and torch.equal(mask.drops(cols), want)

@@ -69,6 +69,8 @@ def test_duplicate_mask_equals_dense_on_random_tiles(seed):
         tr, tc = rng.randint(1, n), rng.randint(1, m)
         assert torch.equal(tiles_of(mask, n, m, tr, tc), want)
     assert torch.equal(mask.pairs(), want.nonzero())
+    asked = torch.tensor([rng.randrange(-1, m) for _ in range(n)])   # TileMask.drops: one cell per row
+    assert torch.equal(mask.drops(asked), want[torch.arange(n), asked.clamp(min=0)] & (asked >= 0))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -85,6 +87,8 @@ def test_guide_mask_equals_dense_on_random_tiles(seed):
         tr, tc = rng.randint(1, n), rng.randint(1, m)
         assert torch.equal(tiles_of(mask, n, m, tr, tc), want)
         assert not any(want[i, p] for i, p in enumerate(pos) if p >= 0)
+        asked = torch.tensor([rng.randrange(-1, m) for _ in range(n)])
+        assert torch.equal(mask.drops(asked), want[torch.arange(n), asked.clamp(min=0)] & (asked >= 0))
 
 
 def test_hand_made_duplicates():

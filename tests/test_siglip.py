@@ -198,7 +198,7 @@ def test_siglip_masks_module_work_and_mean_divisor():
 
 
 def test_siglip_masks_on_a_positive_pair_raise(monkeypatch):
-    from contrastkit.objectives import siglip as siglip_module
+    from contrastkit.engine import masks as masks_module
 
     g = torch.Generator().manual_seed(12)
     x, y = torch.randn(7, 3, dtype=D64, generator=g), torch.randn(9, 3, dtype=D64, generator=g)
@@ -214,8 +214,8 @@ def test_siglip_masks_on_a_positive_pair_raise(monkeypatch):
     dense[6, 1] = True
     cases.append((DenseMask(dense), 6))
     # small probe blocks: row 6 sits in the last block of the generic probe
-    monkeypatch.setattr(siglip_module, "_PROBE_ROWS", 2)
-    monkeypatch.setattr(siglip_module, "_PROBE_COLS", 3)
+    monkeypatch.setattr(masks_module, "_PROBE_ROWS", 2)
+    monkeypatch.setattr(masks_module, "_PROBE_COLS", 3)
     for mask, row in cases:
         with pytest.raises(ValueError, match=f"anchor row {row} \\(column {int(pos[row])}\\)"):
             siglip(x, y, pos, temperature=0.3, masks=[mask])

@@ -6,9 +6,11 @@ cheaply whether it touches a tile at all.
 
 Example::
 
+    import torch
     from contrastkit.engine import DiagonalMask, tiled_logsumexp
     z = torch.randn(8, 4)
     lse, _ = tiled_logsumexp(z, z, masks=[DiagonalMask()])   # self excluded
+    assert torch.allclose(lse, torch.logsumexp((z @ z.T).fill_diagonal_(float("-inf")), 1))
 """
 
 from __future__ import annotations
@@ -35,8 +37,43 @@ def tile_diagonal(x: Tensor, offset: int, r0: int, r1: int, c0: int, c1: int) ->
     return x.diagonal(k)[first:first + (hi - lo)]
 
 
+_PROBE_ROWS, _PROBE_COLS = 256, 4096
+
+
 class TileMask:
-    """Base class: a set of (row, column) entries to drop from the denominator."""
+    """Base class: a set of (row, column) entries to drop from the denominator.
+
+    A subclass implements :meth:`apply_` (and, to skip tiles cheaply, :meth:`touches`);
+    :meth:`drops` answers for one cell per row, by default through :meth:`apply_` on the
+    tiles that hold those cells, and subclasses that can answer directly override it."""
+
+    def drops(self, columns: Tensor) -> Tensor:
+        """Whether entry ``(i, columns[i])`` is dropped, for every row i (bool (N,);
+        ``columns[i] = -1``: no cell, False). E.g. whether a mask covers each row's positive.
+
+        The default applies the mask to zero tiles that hold the asked cells only (row
+        blocks of 256 x the column span of their cells, in column tiles of 4096; for cells on
+        or near the diagonal O(N * 256) entries, never more than N x M)."""
+        n = columns.shape[0]
+        hit = torch.zeros(n, dtype=torch.bool, device=columns.device)
+        cols = columns.tolist()
+        for r0 in range(0, n, _PROBE_ROWS):
+            r1 = min(n, r0 + _PROBE_ROWS)
+            block = [c for c in cols[r0:r1] if c >= 0]
+            if not block:
+                continue
+            lo, hi = min(block), max(block) + 1
+            for c0 in range(lo, hi, _PROBE_COLS):
+                c1 = min(hi, c0 + _PROBE_COLS)
+                if not any(c0 <= c < c1 for c in block) or not self.touches(r0, r1, c0, c1):
+                    continue
+                x = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=columns.device)
+                self.apply_(x, r0, r1, c0, c1)
+                local = columns[r0:r1] - c0
+                inside = (local >= 0) & (local < c1 - c0)
+                cell = x.gather(1, local.clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
+                hit[r0:r1] |= inside & torch.isinf(cell)
+        return hit
 
     def touches(self, r0: int, r1: int, c0: int, c1: int) -> bool:
         """Whether the tile rows [r0, r1) x columns [c0, c1) holds any dropped entry."""
@@ -63,6 +100,9 @@ class DiagonalMask(TileMask):
 
     def touches(self, r0, r1, c0, c1):
         return (r0 + self.offset) < c1 and (r1 - 1 + self.offset) >= c0
+
+    def drops(self, columns):
+        return (columns >= 0) & (columns == torch.arange(columns.shape[0], device=columns.device) + self.offset)
 
     def apply_(self, x, r0, r1, c0, c1):
         cells = tile_diagonal(x, self.offset, r0, r1, c0, c1)
@@ -95,6 +135,13 @@ class LabelMask(TileMask):
         same = self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1]
         x.masked_fill_(same, float("-inf"))
 
+    def _same(self, columns: Tensor) -> Tensor:
+        col = self.col_labels.to(columns.device)[columns.clamp(min=0)]
+        return self.row_labels.to(columns.device) == col
+
+    def drops(self, columns):
+        return (columns >= 0) & self._same(columns)
+
 
 class DifferentLabelMask(LabelMask):
     """Drop every entry whose row label differs from its column label (keep same-label).
@@ -105,12 +152,20 @@ class DifferentLabelMask(LabelMask):
 
     Example::
 
+        import torch
+        from contrastkit.engine import DiagonalMask, DifferentLabelMask, tiled_logsumexp
+        z, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
         pos_lse, _ = tiled_logsumexp(z, z, masks=[DifferentLabelMask(y, y), DiagonalMask()])
+        drop = (y[:, None] != y[None, :]) | torch.eye(8, dtype=torch.bool)
+        assert torch.allclose(pos_lse, torch.logsumexp((z @ z.T).masked_fill(drop, float("-inf")), 1))
     """
 
     def apply_(self, x, r0, r1, c0, c1):
         diff = self.row_labels[r0:r1, None] != self.col_labels[None, c0:c1]
         x.masked_fill_(diff, float("-inf"))
+
+    def drops(self, columns):
+        return (columns >= 0) & ~self._same(columns)
 
 
 class IndexMask(TileMask):
@@ -139,3 +194,6 @@ class IndexMask(TileMask):
             return
         rows, which = inside.nonzero(as_tuple=True)
         x[rows, cols[rows, which] - c0] = float("-inf")
+
+    def drops(self, columns):
+        return (columns >= 0) & (self.columns.to(columns.device) == columns[:, None]).any(1)

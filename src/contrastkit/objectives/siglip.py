@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..engine import DiagonalMask, DifferentLabelMask, IndexMask, LabelMask, TileMask
+from ..engine import TileMask
 from ..engine.tiled_softplus import tiled_softplus_rows
 from ..engine.tiling import TileSize
 from ..validation import check_index, check_reduction
@@ -73,57 +73,16 @@ def _bias_vector(bias: Union[float, Tensor], n: int, like: Tensor) -> Tensor:
     return torch.full((n,), b, dtype=like.dtype, device=like.device)
 
 
-_PROBE_ROWS, _PROBE_COLS = 256, 4096
-
-
-def _probe_positive_cells(mask: TileMask, positives: Tensor, m: int) -> Tensor:
-    """Whether ``mask`` drops each row's positive cell, for any TileMask: the mask is applied
-    to zero tiles that hold positive cells only (row blocks x the column span of their
-    positives: for diagonal positives O(N * 256) entries, never more than N x M)."""
-    n = positives.shape[0]
-    hit = torch.zeros(n, dtype=torch.bool, device=positives.device)
-    cols = positives.tolist()
-    for r0 in range(0, n, _PROBE_ROWS):
-        r1 = min(n, r0 + _PROBE_ROWS)
-        block = [c for c in cols[r0:r1] if c >= 0]
-        if not block:
-            continue
-        lo, hi = min(block), max(block) + 1
-        for c0 in range(lo, hi, _PROBE_COLS):
-            c1 = min(hi, c0 + _PROBE_COLS)
-            if not any(c0 <= c < c1 for c in block) or not mask.touches(r0, r1, c0, c1):
-                continue
-            x = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=positives.device)
-            mask.apply_(x, r0, r1, c0, c1)
-            local = positives[r0:r1] - c0
-            inside = (local >= 0) & (local < c1 - c0)
-            cell = x.gather(1, local.clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
-            hit[r0:r1] |= inside & torch.isinf(cell)
-    return hit
-
-
 def _check_masked_positives(masks: Sequence[TileMask], positives: Tensor, n: int, m: int, device) -> None:
     """Raise ValueError when a mask covers a row's positive pair (SigLIP's masks drop negative
-    pairs only). The engine's masks are checked in O(N k); any other TileMask is applied to
-    the tiles that hold positive cells (:func:`_probe_positive_cells`)."""
+    pairs only): each mask answers for the positive cells itself (:meth:`TileMask.drops`)."""
     has = positives >= 0
-    p = positives.clamp(min=0)
     covered = torch.zeros(n, dtype=torch.bool, device=positives.device)
     for mask in masks:
         if not isinstance(mask, TileMask):
             raise ValueError(f"masks must be a sequence of contrastkit.engine.TileMask, got {type(mask).__name__}")
         mask.check(n, m, device)
-        kind = type(mask)
-        if kind is DiagonalMask:
-            covered |= positives == torch.arange(n, device=positives.device) + mask.offset
-        elif kind is IndexMask:
-            covered |= (mask.columns.to(positives.device) == positives[:, None]).any(1)
-        elif kind is LabelMask:
-            covered |= mask.row_labels.to(positives.device) == mask.col_labels.to(positives.device)[p]
-        elif kind is DifferentLabelMask:
-            covered |= mask.row_labels.to(positives.device) != mask.col_labels.to(positives.device)[p]
-        else:
-            covered |= _probe_positive_cells(mask, positives, m)
+        covered |= mask.drops(positives)
     bad = covered & has
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
