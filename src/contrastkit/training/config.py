@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,10 @@ __all__ = [
     "load_config",
     "dump_config",
     "config_to_dict",
+    "config_differences",
+    "resume_mismatch",
+    "objective_names",
+    "RESUME_MAY_DIFFER",
     "RECIPES",
     "RECIPE_DEFAULTS",
 ]
@@ -110,7 +116,8 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = field(default="MultipleNegativesRanking", metadata={"help": "a class of contrastkit.losses"})
+    name: str = field(default="MultipleNegativesRanking", metadata={"help": "a loss class of contrastkit.losses "
+                      "(checked when the config is read; the error lists them)"})
     temperature: float = field(default=0.05, metadata={**_range(0.0, None, open_lo=True), "help": "softmax temperature (MNRL scale = 1 / temperature)"})
     learn_temperature: bool = field(default=False, metadata={"help": "learn the temperature with the model"})
     options: Dict[str, Any] = field(default_factory=dict, metadata={"help": "further keyword arguments of the loss"})
@@ -171,7 +178,8 @@ class OptimConfig:
 class TrainLoopConfig:
     seed: int = field(default=0, metadata={"help": "seeds the dev split, mining, batches and dropout"})
     precision: str = field(default="auto", metadata=_choice("auto", "bf16", "fp32"))
-    device: str = field(default="auto", metadata={"help": "auto: cuda when available, else cpu"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu), cpu, cuda, cuda:N "
+                        "or mps"})
     eval_every: Optional[int] = field(default=None, metadata={**_range(1), "help": "dev evaluation every n steps "
                                       "(null: once per epoch and at the end)"})
     dev_document_max_length: Optional[int] = field(default=None, metadata={**_range(1), "help": "document length "
@@ -211,8 +219,10 @@ class EvaluationConfig:
 @dataclass
 class OutputConfig:
     dir: Optional[str] = field(default=None, metadata={"help": "run folder (null: a fresh folder under runs/)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder"})
-    resume: bool = field(default=False, metadata={"help": "continue the run folder's checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run folder (only a contrastkit "
+                            "run folder or an empty one; never one holding data.source or model.name)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run folder's checkpoint; its config.yaml is "
+                         "the base config and every other field must match it"})
     report: bool = field(default=True, metadata={"help": "write report.html"})
 
 
@@ -336,13 +346,65 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
     return plain(cfg)
 
 
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _field_type(keys: Sequence[str]) -> Any:
+    """The declared type of the field at ``keys`` (``["data", "query_prefix"]``), or None
+    when the path names no field (the merge then reports it)."""
+    tp: Any = RunConfig
+    for k in keys:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if k not in hints:
+            return None
+        tp = hints[k]
+    return tp
+
+
+def _text_type(tp: Any) -> Optional[bool]:
+    """For ``str``: False; for ``Optional[str]``: True; for anything else: None."""
+    if tp is str:
+        return False
+    if typing.get_origin(tp) is Union:
+        args = typing.get_args(tp)
+        if type(None) in args and [a for a in args if a is not type(None)] == [str]:
+            return True
+    return None
+
+
 def _parse_override(text: str) -> Tuple[List[str], Any]:
+    """``section.field=value`` as (keys, value). A string field (``str`` or ``Optional[str]``)
+    takes the text after ``=`` as it is (``data.query_prefix=query: `` gives ``"query: "``),
+    unquoted when the whole text is one YAML-quoted string (``'query: '``); an optional one
+    reads ``null`` / ``~`` as null. Every other field reads the text as YAML."""
     import yaml
 
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.field=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    keys = key.strip().split(".")
+    optional = _text_type(_field_type(keys))
+    if optional is not None:
+        stripped = raw.strip()
+        if optional and stripped in _YAML_NULLS:
+            return keys, None
+        if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+            try:
+                unquoted = yaml.safe_load(stripped)
+            except yaml.YAMLError:
+                unquoted = None
+            if isinstance(unquoted, str):
+                return keys, unquoted
+        return keys, raw
+    if not raw.strip():
+        return keys, ""
+    try:
+        return keys, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key.strip()}: {raw!r} is not a valid value ({getattr(err, 'problem', err)}); "
+                          f"lists are written [a, b], mappings {{k: v}}") from None
 
 
 def _merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
@@ -399,7 +461,33 @@ def load_config(path: Optional[Union[str, Path]] = None, *, overrides: Sequence[
     return cfg
 
 
+# train.device: what torch.device takes and the recipes run on (checked when the config is
+# read; whether this machine has that device is checked by `contrastkit train` before a run)
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:[0-9]+)?)")
+DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...: a GPU index), mps"
+# contrastkit.losses names that are building blocks, not objectives
+_NOT_OBJECTIVES = ("Objective", "Temperature")
+
+
+def objective_names() -> List[str]:
+    """The values ``objective.name`` takes: the loss module classes of ``contrastkit.losses``
+    (what :func:`contrastkit.recipes.common.build_objective` builds)."""
+    from torch import nn
+
+    from .. import losses
+
+    names = getattr(losses, "__all__", dir(losses))
+    return sorted(n for n in names if n not in _NOT_OBJECTIVES and isinstance(getattr(losses, n, None), type)
+                  and issubclass(getattr(losses, n), nn.Module))
+
+
 def _check_cross_fields(cfg: RunConfig) -> None:
+    if not _DEVICE.fullmatch(cfg.train.device):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not allowed; allowed values: {DEVICES}")
+    allowed = objective_names()
+    if cfg.objective.name not in allowed:
+        raise ConfigError(f"objective.name: {cfg.objective.name!r} is not a loss of contrastkit.losses; allowed "
+                          "values: " + ", ".join(allowed))
     start, stop = cfg.negatives.rank_window
     if not 0 <= start < stop:
         raise ConfigError(f"negatives.rank_window: [{start}, {stop}] must satisfy 0 <= start < stop")
@@ -420,13 +508,75 @@ def _check_cross_fields(cfg: RunConfig) -> None:
                           "spearman, pearson (STS recipes)")
 
 
+# The fields a resumed run may set differently from the run it continues: the output
+# flags, and output.dir (the folder is the same one, the saved text may be relative to
+# another working folder). Every other field must equal the saved config.yaml.
+RESUME_MAY_DIFFER = ("output.resume", "output.overwrite", "output.dir")
+
+
+def _fields(tree: Mapping[str, Any]) -> Dict[str, Any]:
+    """``{"section.field": value}`` of a config tree (``recipe`` at the top; a mapping field
+    such as ``objective.options`` is one value)."""
+    out: Dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}.{f}": x for f, x in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+_UNSET = object()
+
+
+def config_differences(saved: RunConfig, new: RunConfig, *, ignore: Sequence[str] = ()) -> List[Tuple[str, Any, Any]]:
+    """``(field, saved value, new value)`` for every field where the two configs differ,
+    ``ignore`` aside, in the order of the config."""
+    a, b = _fields(config_to_dict(saved)), _fields(config_to_dict(new))
+    out = []
+    for name in list(a) + [n for n in b if n not in a]:
+        if name in ignore:
+            continue
+        va, vb = a.get(name, _UNSET), b.get(name, _UNSET)
+        if va != vb:
+            out.append((name, va, vb))
+    return out
+
+
+def _show(v: Any) -> str:
+    return "(unset)" if v is _UNSET else json.dumps(v, default=str)
+
+
+def resume_mismatch(folder: Union[str, Path], diffs: Sequence[Tuple[str, Any, Any]]) -> ConfigError:
+    """The error of a resume whose settings differ from the run's saved config."""
+    listed = "; ".join(f"{name}: saved {_show(a)}, given {_show(b)}" for name, a, b in diffs)
+    return ConfigError(f"cannot resume {folder} with settings other than its run's (config.yaml): {listed}. "
+                       "Resume without them (without --config the saved config.yaml is the base), or start a new "
+                       "run (another --output, or --overwrite to replace this one)")
+
+
 def dump_config(cfg: RunConfig, path: Union[str, Path]) -> None:
-    """Write the resolved config as YAML (atomically: a temporary file, then rename)."""
+    """Write the resolved config as YAML (atomically: a temporary file, then rename).
+
+    The ``config.yaml`` of a run folder that holds a checkpoint (a resumed run) is never
+    rewritten: it is left as it is when ``cfg`` is the same run (:data:`RESUME_MAY_DIFFER`
+    aside), and a different ``cfg`` is a :class:`ConfigError` naming every differing field."""
     import yaml
 
     from .run_folder import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    path = Path(path)
+    if path.name == "config.yaml" and path.is_file() and (path.parent / "checkpoint").is_dir():
+        try:
+            saved = load_config(path)
+        except ConfigError as err:
+            raise ConfigError(f"{path} is the config of a run with a checkpoint and is not rewritten, but it "
+                              f"cannot be read to compare ({err})") from None
+        diffs = config_differences(saved, cfg, ignore=RESUME_MAY_DIFFER)
+        if diffs:
+            raise resume_mismatch(path.parent, diffs)
+        return
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def describe_fields(cls: type = RunConfig, prefix: str = "") -> List[Tuple[str, str, str, str]]:

@@ -2,6 +2,7 @@
 
 Layout (``contrastkit train --output DIR``)::
 
+    DIR/.contrastkit-run   the marker: this folder was made by a run (what --overwrite checks)
     DIR/config.yaml        the resolved configuration (repeatable)
     DIR/metrics.jsonl      one JSON record per evaluation / phase, appended as they happen
     DIR/metrics.json       the summary: before / after, intervals, wall time per phase
@@ -11,8 +12,13 @@ Layout (``contrastkit train --output DIR``)::
     DIR/report.html        the before / after report with its figures
 
 A folder that already holds a run is never overwritten unless asked (``overwrite``) and
-is continued only when asked (``resume``). Every file is written atomically (a temporary
-file in the same folder, then ``os.replace``), so a crash never leaves half a file.
+is continued only when asked (``resume``). ``overwrite`` replaces only a run folder (the
+marker, or the ``config.yaml`` + ``metrics.jsonl`` of a run made before the marker) or an
+empty folder, never a repository, the working or home folder, or a folder holding a path
+it is told to protect (the run's data and model). A run that stops before it has anything
+worth keeping removes what it wrote (:meth:`RunFolder.discard_if_unstarted`). Every file
+is written atomically (a temporary file in the same folder, then ``os.replace``), so a
+crash never leaves half a file.
 
 Example::
 
@@ -31,9 +37,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
-__all__ = ["RunFolder", "RunFolderError", "atomic_write_text", "atomic_replace_dir", "default_run_dir"]
+__all__ = ["RunFolder", "RunFolderError", "atomic_write_text", "atomic_replace_dir", "default_run_dir",
+           "is_run_folder", "MARKER"]
+
+# The file a run writes first into its folder: the proof that --overwrite may replace it.
+MARKER = ".contrastkit-run"
+# What a run that never got past its start holds (all written by the run itself).
+_UNSTARTED = frozenset({MARKER, "config.yaml", "metrics.jsonl"})
 
 
 class RunFolderError(ValueError):
@@ -88,36 +100,115 @@ def default_run_dir(root: Union[str, Path] = "runs", name: str = "train") -> Pat
     return p
 
 
+def is_run_folder(path: Union[str, Path]) -> bool:
+    """True when ``path`` is a folder made by a run: it holds the marker, or (a run made
+    before the marker) a ``config.yaml`` of a run configuration and a ``metrics.jsonl``."""
+    p = Path(path)
+    if (p / MARKER).is_file():
+        return True
+    if not ((p / "config.yaml").is_file() and (p / "metrics.jsonl").is_file()):
+        return False
+    import yaml
+
+    try:
+        saved = yaml.safe_load((p / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"recipe", "model", "output"} <= set(saved)
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _why_not_replace(p: Path, protect: Mapping[str, Any]) -> Optional[str]:
+    """Why ``--overwrite`` must not delete ``p`` (None when it may)."""
+    real = p.resolve()
+    if (p / ".git").exists():
+        return "it holds .git (a repository), not a run"
+    for name, where in (("the current folder", Path.cwd()), ("your home folder", Path.home())):
+        if _inside(where.resolve(), real):
+            return f"it is or holds {name}"
+    for field_name, value in protect.items():
+        if value and Path(str(value)).exists() and _inside(Path(str(value)).resolve(), real):
+            return (f"{field_name} ({value}) lies inside it and would be deleted; choose another --output "
+                    "(or move the data out)")
+    if not is_run_folder(p):
+        return (f"it is not a contrastkit run folder (no {MARKER} marker, nor the config.yaml + metrics.jsonl "
+                "of a run), and --overwrite replaces only run folders; choose another --output, or remove "
+                "the folder yourself if you mean to")
+    return None
+
+
 class RunFolder:
     """A run's folder (see the module doc). Use :meth:`create` to open one."""
 
     def __init__(self, path: Union[str, Path], *, is_main: bool = True) -> None:
         self.path = Path(path)
         self.is_main = is_main
+        self._fresh = False          # create() started a new run here (the folder held nothing of value)
+        self._made_folder = False    # create() made the folder itself
 
     @classmethod
     def create(cls, path: Union[str, Path], *, overwrite: bool = False, resume: bool = False,
-               is_main: bool = True) -> "RunFolder":
-        """Open ``path`` for a new run (it must not hold one unless ``overwrite``) or, with
-        ``resume``, for continuing the run it holds (its checkpoint must exist)."""
+               is_main: bool = True, protect: Optional[Mapping[str, Any]] = None) -> "RunFolder":
+        """Open ``path`` for a new run (it must not hold anything unless ``overwrite``) or,
+        with ``resume``, for continuing the run it holds (its checkpoint must exist).
+
+        ``overwrite`` replaces only a run folder (:func:`is_run_folder`), never a repository,
+        the working or home folder, or a folder holding one of the paths of ``protect``
+        (``{"data.source": ..., "model.name": ...}``; names that are no existing path are
+        skipped). A new run's folder gets the marker file first."""
         p = Path(path)
         if overwrite and resume:
             raise RunFolderError("choose either overwrite (start again) or resume (continue), not both")
-        holds_run = p.is_dir() and any(p.iterdir())
+        if p.exists() and not p.is_dir():
+            raise RunFolderError(f"run folder {p} is a file, not a folder; choose another --output")
+        # a folder holding only the marker is a new run's (the main process may have just made it)
+        holds = p.is_dir() and any(e.name != MARKER for e in p.iterdir())
         if resume:
             if not (p / "checkpoint").is_dir():
                 raise RunFolderError(f"cannot resume: {p} has no checkpoint/ (start a new run without --resume)")
-        elif holds_run:
+        elif holds and is_main:  # the main process decides (the others may look after it has written)
             if not overwrite:
-                raise RunFolderError(f"run folder {p} already exists and is not empty; pass --overwrite to replace "
-                                     "it, --resume to continue it, or choose another --output")
-            if is_main:
-                if (p / ".git").exists() or p.resolve() in (Path.cwd().resolve(), Path.home().resolve()):
-                    raise RunFolderError(f"refusing to overwrite {p}: it does not look like a run folder")
-                shutil.rmtree(p)
+                if is_run_folder(p):
+                    raise RunFolderError(f"run folder {p} already holds a run; pass --overwrite to replace it, "
+                                         "--resume to continue it, or choose another --output")
+                raise RunFolderError(f"{p} already exists and is not empty, and it is not a contrastkit run folder; "
+                                     "choose another --output (--overwrite replaces only run folders)")
+            why = _why_not_replace(p, protect or {})
+            if why:
+                raise RunFolderError(f"refusing to overwrite {p}: {why}")
+            shutil.rmtree(p)
+        run = cls(p, is_main=is_main)
         if is_main:
+            run._made_folder = not p.exists()
             p.mkdir(parents=True, exist_ok=True)
-        return cls(p, is_main=is_main)
+            if not resume:
+                run._fresh = True
+                atomic_write_text(p / MARKER, "This folder holds a contrastkit run; `contrastkit train "
+                                              "--overwrite` may replace it.\n")
+        return run
+
+    def discard_if_unstarted(self) -> bool:
+        """After a run that stopped early: when :meth:`create` started it here and the
+        folder holds nothing but what the run wrote before it had anything worth keeping
+        (the marker, ``config.yaml``, ``metrics.jsonl``; no checkpoint, no model), remove
+        those files, and the folder when :meth:`create` made it. True when removed, so
+        that the same command can simply be run again."""
+        if not (self.is_main and self._fresh and self.path.is_dir()):
+            return False
+        entries = list(self.path.iterdir())
+        if not all(e.name in _UNSTARTED and e.is_file() for e in entries):
+            return False
+        for e in entries:
+            e.unlink()
+        if self._made_folder:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+        return True
 
     def file(self, name: str) -> Path:
         return self.path / name
