@@ -285,12 +285,27 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     if cfg.negatives.guide_mask and corpus_emb is not None:
         guide = Guide(query_index={q: i for i, q in enumerate(needed_q)}, query_embeddings=query_emb_rows,
                       doc_index=task.corpus_index(), doc_embeddings=corpus_emb, margin=cfg.negatives.guide_margin)
+    chunk_tokens = None
+    if cfg.batching.chunk_memory_gb is not None:
+        from ..scale.memory import chunk_tokens_for_budget
+
+        plan = chunk_tokens_for_budget(doc_tower, cfg.batching.chunk_memory_gb * 2**30, train_doc_len,
+                                       groups=2 + h,
+                                       autocast_dtype=autocast_dtype(precision))
+        chunk_tokens = int(plan["chunk_tokens"])
+        summary["chunking"] = {"chunk_memory_gb": cfg.batching.chunk_memory_gb, **plan}
+        say(f"chunks of up to {chunk_tokens} padded tokens per encoder pass ({plan['rows_at_max_length']} rows of "
+            f"{train_doc_len}): {plan['per_token'] / 2**10:.0f} KiB of saved activations per token"
+            + (f" and {plan['per_pass'] / 2**20:.0f} MiB per pass" if plan["per_pass"] else "")
+            + f", measured; {cfg.batching.chunk_memory_gb:g} GB over {2 + h} input groups"
+            + ("" if plan["fits"] else " (less than one row per group fits: one row each)"))
     step_fn = RetrievalStep(query_encoder=query_tower, doc_encoder=doc_tower if cfg.model.separate_towers else None,
                             objective=loss_module, query_max_length=cfg.model.query_max_length,
                             doc_max_length=train_doc_len, chunk_size=cfg.batching.chunk_size,
                             autocast_dtype=autocast_dtype(precision), sort_by_length=cfg.batching.sort_by_length,
                             known_positives=known_ids, mask_duplicates=cfg.negatives.mask_duplicates, guide=guide,
-                            rank=rank, world=world, memory_steps=cfg.negatives.memory_steps)
+                            rank=rank, world=world, memory_steps=cfg.negatives.memory_steps,
+                            chunk_tokens=chunk_tokens)
     if cfg.batching.batch_size % world:
         raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} must be a multiple of the {world} processes")
     if len(examples) < cfg.batching.batch_size:
@@ -325,7 +340,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     def save_best(folder: Path) -> None:
         atomic_replace_dir(lambda tmp: save_towers(towers, tmp, cfg.model.separate_towers), folder)
 
-    say(f"training: {len(examples)} examples, batch {cfg.batching.batch_size} (chunks of {cfg.batching.chunk_size}), "
+    chunks = f"chunks of up to {chunk_tokens} tokens" if chunk_tokens else f"chunks of {cfg.batching.chunk_size}"
+    say(f"training: {len(examples)} examples, batch {cfg.batching.batch_size} ({chunks}), "
         f"{h} hard negative(s) each"
         + (f" (set e mod {cfg.negatives.pool_size} of the mined pool in epoch e)" if h and cfg.negatives.pool_size > 1
            else "")

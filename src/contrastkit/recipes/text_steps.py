@@ -97,6 +97,7 @@ class RetrievalStep:
             *hard_negatives, masks=...)`` (or a DistributedLoss around one).
         query_max_length, doc_max_length: token truncation in training.
         chunk_size: rows per gradient-cached encoder pass.
+        chunk_tokens: instead, padded tokens per pass (GradCache's token budget).
         autocast_dtype: ``torch.bfloat16`` or None.
         known_positives: query id -> ids of all its relevant documents (for the duplicate mask).
         guide: base-model embeddings for the GISTEmbed mask, or None.
@@ -116,7 +117,8 @@ class RetrievalStep:
                  doc_max_length: int, chunk_size: int, doc_encoder: Optional[nn.Module] = None,
                  autocast_dtype: Optional[torch.dtype] = None, sort_by_length: bool = True,
                  known_positives: Optional[Mapping[str, Set[str]]] = None, mask_duplicates: bool = True,
-                 guide: Optional[Guide] = None, rank: int = 0, world: int = 1, memory_steps: int = 0) -> None:
+                 guide: Optional[Guide] = None, rank: int = 0, world: int = 1, memory_steps: int = 0,
+                 chunk_tokens: Optional[int] = None) -> None:
         if int(memory_steps) < 0:
             raise ValueError(f"memory_steps must be >= 0, got {memory_steps}")
         self.query_encoder, self.doc_encoder = query_encoder, doc_encoder
@@ -126,7 +128,7 @@ class RetrievalStep:
         self.mask_duplicates, self.guide = mask_duplicates, guide
         self.rank, self.world = rank, world
         self.cache = GradCache(query_encoder, objective, doc_encoder=doc_encoder, chunk_size=chunk_size,
-                               sort_by_length=sort_by_length, autocast_dtype=autocast_dtype)
+                               chunk_tokens=chunk_tokens, sort_by_length=sort_by_length, autocast_dtype=autocast_dtype)
         self.empty_rows_skipped = 0
         self.memory_steps = int(memory_steps)
         # per remembered step: (every rank's documents, rank-major rows; their ids, one list per rank)

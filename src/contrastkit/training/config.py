@@ -152,6 +152,10 @@ class BatchingConfig:
     batch_size: int = field(default=32, metadata={**_range(2), "help": "global (query, positive) pairs per step"})
     sampler: str = field(default="no_duplicates", metadata=_choice("no_duplicates", "random", "b3"))
     chunk_size: int = field(default=32, metadata={**_range(1), "help": "rows per gradient-cached encoder pass"})
+    chunk_memory_gb: Optional[float] = field(default=None, metadata={**_range(0.0, None, open_lo=True), "help":
+                                             "instead of chunk_size: the saved activations of one step's encoder "
+                                             "passes stay within this many GB; chunks are sized by padded tokens "
+                                             "from the measured bytes per token (contrastkit.scale.memory)"})
     sort_by_length: bool = field(default=True, metadata={"help": "chunk rows of similar length together (less padding)"})
 
 
