@@ -6,9 +6,14 @@ This module depends on torch only, so every layer of the library may use it.
 
 Example::
 
+    import torch
     from contrastkit.validation import check_embeddings, check_choice
     check_embeddings("queries", torch.randn(4, 8))
     check_choice("reduction", "mean", ("mean", "sum", "none"))
+    try:
+        check_choice("reduction", "avg", ("mean", "sum", "none"))
+    except ValueError as err:
+        print(err)                      # names the argument and the allowed values
 """
 
 from __future__ import annotations

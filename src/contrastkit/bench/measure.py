@@ -154,7 +154,7 @@ def run_json_subprocess(module_args: List[str], *, env: Optional[Mapping[str, st
     Example::
 
         from contrastkit.bench.measure import run_json_subprocess
-        run_json_subprocess(["json.tool", "--help"])["status"]   # no JSON line: "error"
+        assert run_json_subprocess(["json.tool", "--help"])["status"] == "error"   # no JSON line
     """
     full_env = dict(os.environ)
     full_env.update(env or {})

@@ -8,8 +8,11 @@
 
 Example::
 
+    import json, tempfile, pathlib
     from contrastkit.diagnostics import write_report
-    write_report("runs/train-20260101-120000")      # -> runs/train-.../report.html
+    run = pathlib.Path(tempfile.mkdtemp())          # a run folder of `contrastkit train`
+    (run / "metrics.json").write_text(json.dumps({"before": {"ndcg@10": 0.64}, "after": {"ndcg@10": 0.70}}))
+    assert write_report(run) == run / "report.html"
 """
 
 from .report import STS_DROP_POINTS, RunData, read_run, render_report, write_report

@@ -25,8 +25,12 @@ scores whose mean is not the summary's) are shown with a warning at the top.
 
 Example::
 
+    import json, tempfile, pathlib
     from contrastkit.diagnostics import write_report
-    path = write_report("runs/train-20260101-120000")     # -> runs/.../report.html
+    run = pathlib.Path(tempfile.mkdtemp())          # a run folder of `contrastkit train`
+    (run / "metrics.json").write_text(json.dumps({"before": {"ndcg@10": 0.64}, "after": {"ndcg@10": 0.70}}))
+    path = write_report(run)                        # run / "report.html"
+    assert "0.64" in path.read_text()
 """
 
 from __future__ import annotations
@@ -99,8 +103,13 @@ def read_run(run_dir: Union[str, Path]) -> RunData:
 
     Example::
 
-        run = read_run("runs/train-20260101-120000")
-        [r["ndcg@10"] for r in run.records if r["phase"] == "dev"]
+        import json, tempfile, pathlib
+        from contrastkit.diagnostics import read_run
+        run_dir = pathlib.Path(tempfile.mkdtemp())
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in [
+            {"phase": "dev", "step": 100, "ndcg@10": 0.66}, {"phase": "dev", "step": 200, "ndcg@10": 0.69}]))
+        run = read_run(run_dir)
+        assert [r["ndcg@10"] for r in run.records if r["phase"] == "dev"] == [0.66, 0.69]
     """
     p = Path(run_dir)
     if not p.is_dir():
@@ -844,7 +853,12 @@ def render_report(run: RunData) -> str:
 
     Example::
 
-        html_text = render_report(read_run("runs/train-20260101-120000"))
+        import json, tempfile, pathlib
+        from contrastkit.diagnostics import read_run, render_report
+        run_dir = pathlib.Path(tempfile.mkdtemp())
+        (run_dir / "metrics.json").write_text(json.dumps({"before": {"ndcg@10": 0.64}, "after": {"ndcg@10": 0.70}}))
+        html_text = render_report(read_run(run_dir))
+        assert html_text.startswith("<!DOCTYPE html>")
     """
     return _Page(run).render()
 

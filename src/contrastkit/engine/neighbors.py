@@ -5,8 +5,11 @@ teacher space are needed. No gradient: neighbours are a discrete choice.
 
 Example::
 
+    import torch
     from contrastkit.engine.neighbors import tiled_topk
+    t = torch.nn.functional.normalize(torch.randn(100, 16), dim=-1)
     sims, idx = tiled_topk(t, t, 10, self_offset=0)     # 10 nearest others per row
+    assert idx.shape == (100, 10) and not (idx == torch.arange(100)[:, None]).any()
 """
 
 from __future__ import annotations

@@ -6,8 +6,14 @@ positives given by label equality it is a per-class sum of candidates.
 
 Example::
 
+    import torch
+    from contrastkit.engine import label_positive_logits, positive_logits
+    q, k = torch.randn(6, 4), torch.randn(6, 4)
     pos = positive_logits(q, k, torch.arange(len(q)))         # diagonal positives
+    assert torch.allclose(pos, (q * k).sum(-1))
+    z, y = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 1, 2])
     mean_pos, count = label_positive_logits(z, z, y, y, self_offset=0)
+    assert count.tolist() == [1, 1, 2, 2, 2, 0]              # same-label others per row
 """
 
 from __future__ import annotations

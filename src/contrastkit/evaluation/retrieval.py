@@ -27,7 +27,7 @@ Example::
     ranking = {"q1": [("d3", 0.9), ("d1", 0.8), ("d2", 0.1)]}
     qrels = {"q1": {"d1": 1, "d2": 2}}
     s = retrieval_metrics(ranking, qrels, ks=(1, 3))
-    s.mean["mrr@3"]          # 0.5
+    assert s.mean["mrr@3"] == 0.5           # first relevant document at rank 2
 """
 
 from __future__ import annotations
@@ -183,6 +183,7 @@ def retrieval_metrics(ranking, qrels: Qrels, ks: Sequence[int] = (1, 10, 100), *
 
     Example::
 
+        >>> from contrastkit.evaluation import retrieval_metrics
         >>> s = retrieval_metrics({"q": [("a", 2.0), ("b", 1.0)]}, {"q": {"b": 1}}, ks=(1, 2),
         ...                       require_depth=False)
         >>> round(s.mean["ndcg@2"], 4), s.mean["recall@1"], s.mean["mrr@2"]

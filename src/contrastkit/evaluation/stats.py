@@ -46,6 +46,7 @@ def paired_bootstrap(a, b, *, n_resamples: int = 10_000, confidence: float = 0.9
     Example::
 
         >>> import numpy as np
+        >>> from contrastkit.evaluation import paired_bootstrap
         >>> r = paired_bootstrap(np.zeros(50), np.r_[np.ones(25), np.zeros(25)], n_resamples=2000)
         >>> round(r["mean_diff"], 2), r["low"] > 0.3, r["p_value"] < 0.01
         (0.5, True, True)

@@ -23,8 +23,10 @@ Example::
 
     enc = ck.models.TextEncoder("all-MiniLM-L6-v2", normalize=True, max_length=64)
     module = ContrastiveModule(enc, ck.losses.MultipleNegativesRanking(scale=20.0), chunk_size=16, lr=2e-5)
+    queries = ["what do cats eat?", "how tall is mount everest?"]
+    documents = ["cats eat meat and fish", "mount everest is 8,849 m high"]
     batches = [(enc.tokenize(queries), enc.tokenize(documents))]
-    L.Trainer(max_steps=1, accelerator="cpu", logger=False).fit(
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False).fit(
         module, torch.utils.data.DataLoader(batches, batch_size=None))
 """
 
@@ -62,8 +64,15 @@ class ContrastiveModule(L.LightningModule):
 
     Example::
 
+        import lightning, torch, contrastkit as ck
+        from contrastkit.integrations.lightning import ContrastiveModule
+        encoder = torch.nn.Linear(16, 8)                   # any module: inputs in, embeddings out
         module = ContrastiveModule(encoder, ck.losses.InfoNCE(temperature=0.05), chunk_size=32)
-        lightning.Trainer(max_epochs=1, precision="bf16-mixed").fit(module, loader)
+        loader = torch.utils.data.DataLoader([(torch.randn(64, 16), torch.randn(64, 16))] * 2, batch_size=None)
+        before = encoder.weight.detach().clone()
+        lightning.Trainer(max_epochs=1, precision="bf16-mixed", logger=False,
+                          enable_checkpointing=False).fit(module, loader)
+        assert not torch.equal(encoder.weight, before)
     """
 
     def __init__(self, encoder: Union[nn.Module, Sequence[nn.Module]], objective: Optional[nn.Module] = None, *,

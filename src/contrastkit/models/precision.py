@@ -48,6 +48,7 @@ def resolve_device(device: Optional[str] = None) -> str:
 
     Example::
 
+        from contrastkit.models.precision import resolve_device
         assert resolve_device("cpu") == "cpu" and resolve_device() in ("cpu", "cuda")
     """
     if device is None or device == "auto":

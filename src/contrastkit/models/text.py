@@ -131,8 +131,12 @@ class TextEncoder(nn.Module):
 
     Example::
 
+        import contrastkit as ck
+        from contrastkit.models import TextEncoder
         enc = TextEncoder("all-MiniLM-L6-v2", normalize=True, max_length=128)
+        q, d = ["what do cats eat?", "how tall is everest?"], ["cats eat fish", "everest is 8,849 m high"]
         loss = ck.losses.MultipleNegativesRanking()(enc(**enc.tokenize(q)), enc(**enc.tokenize(d)))
+        loss.backward()                                  # gradients in enc's parameters
     """
 
     def __init__(self, path_or_name: Optional[str] = None, *, pooling: Optional[str] = None,

@@ -62,7 +62,9 @@ def mnrl_columns(examples: Sequence, *, key: str = "text") -> List[Optional[Hash
     Example::
 
         from contrastkit.data import Example
-        mnrl_columns([Example("q1", "a", ("x",)), Example("q2", "b", ("y",))])   # ['a', 'b', 'x', 'y']
+        from contrastkit.negatives import mnrl_columns
+        cols = mnrl_columns([Example("q1", "a", ("x",)), Example("q2", "b", ("y",))])
+        assert cols == ["a", "b", "x", "y"]        # positives, then negatives
     """
     if key not in ("text", "id"):
         raise ValueError(f"key must be 'text' or 'id', got {key!r}")
@@ -100,6 +102,7 @@ class DuplicatePositiveMask(TileMask):
     Example::
 
         import torch
+        from contrastkit.negatives import DuplicatePositiveMask
         m = DuplicatePositiveMask([["d1"], ["d1"]], ["d1", "d1"], torch.tensor([0, 1]))
         assert m.pairs().tolist() == [[0, 1], [1, 0]]
     """
@@ -142,6 +145,7 @@ class DuplicatePositiveMask(TileMask):
         Example::
 
             from contrastkit.data import Example
+            from contrastkit.negatives import DuplicatePositiveMask
             batch = [Example("q1", "a", ("b",)), Example("q2", "b", ("c",))]
             m = DuplicatePositiveMask.from_examples(batch)     # "b" is q2's positive: q1's negative column 2
             assert m.pairs().tolist() == [[1, 2]]
@@ -218,10 +222,12 @@ class GuideMask(TileMask):
     Example::
 
         import torch
+        from contrastkit.negatives import GuideMask
         g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        c = torch.tensor([[0.6, 0.8], [1.0, 0.1]])     # anchor 0's positive is column 0
+        c = torch.tensor([[0.6, 0.8], [1.0, 0.1]])     # anchor i's positive is column i
         m = GuideMask(g, c, torch.tensor([0, 1]))
-        assert m.dense().tolist() == [[False, True], [False, False]]
+        # the guide scores each anchor's other column above its positive: both are dropped
+        assert m.dense().tolist() == [[False, True], [True, False]]
     """
 
     def __init__(self, guide_anchors: Tensor, guide_candidates: Tensor, positive_index: Union[Tensor, Sequence[int]],

@@ -32,10 +32,11 @@ Example::
 
     import torch
     from contrastkit.negatives import mine_hard_negatives
-    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     c = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
+    q = torch.nn.functional.normalize(c[:4] + 0.3 * torch.randn(4, 8), dim=1)   # query i is near document i
     mined = mine_hard_negatives(q, c, [[0], [1], [2], [3]], num_negatives=2, rank_window=(0, 10))
     print(mined.summary())
+    assert all(len(ix) == 2 and i not in ix for i, ix in enumerate(mined.indices))
 """
 
 from __future__ import annotations
@@ -119,7 +120,13 @@ class MinedNegatives:
 
         Example::
 
-            # mined = mine_hard_negatives(...); train = mined.to_examples(examples, texts, ids)
+            import torch
+            from contrastkit.data import Example
+            from contrastkit.negatives import mine_hard_negatives
+            texts, ids = ["cats eat fish", "dogs eat meat", "the sky is blue"], ["d0", "d1", "d2"]
+            mined = mine_hard_negatives(torch.tensor([[1.0, 0.5, 0.1]]), torch.eye(3), [[0]], relative_margin=None)
+            [ex] = mined.to_examples([Example("what do cats eat?", texts[0], positive_id="d0")], texts, ids)
+            assert ex.negatives == ("dogs eat meat",) and ex.negative_ids == ("d1",)
         """
         if len(examples) != len(self.indices):
             raise ValueError(f"{len(examples)} examples for {len(self.indices)} mined rows")
@@ -183,6 +190,7 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
     Example::
 
         import torch
+        from contrastkit.negatives import mine_hard_negatives
         c = torch.eye(6)                           # 6 orthogonal documents
         q = torch.tensor([[1.0, 0.9, 0.8, 0.7, 0.0, 0.0]])
         m = mine_hard_negatives(q, c, [[0]], num_negatives=2, rank_window=(0, 5), relative_margin=None)
@@ -312,6 +320,7 @@ def known_positives(examples: Sequence, *, corpus_ids: Optional[Sequence] = None
     Example::
 
         from contrastkit.data import Example
+        from contrastkit.negatives import known_positives
         ex = [Example("q", "a", query_id="1", positive_id="d0"), Example("q", "b", query_id="1", positive_id="d2")]
         assert known_positives(ex, corpus_ids=["d0", "d1", "d2"]) == [[0, 2], [2, 0]]
     """

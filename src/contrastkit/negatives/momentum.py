@@ -7,8 +7,12 @@ The copy never receives gradients; it encodes the keys that fill a
 
 Example::
 
+    import torch
+    from contrastkit.negatives import MomentumEncoder
+    encoder = torch.nn.Linear(8, 4)
     key_encoder = MomentumEncoder(encoder, momentum=0.999)
-    k = key_encoder(x_aug)               # no grad
+    k = key_encoder(torch.randn(16, 8))  # no grad
+    assert not k.requires_grad
     key_encoder.update()                 # after optimizer.step()
 """
 
@@ -41,9 +45,15 @@ class MomentumEncoder(nn.Module):
 
     Example::
 
+        import torch
+        from contrastkit.negatives import MomentumEncoder
+        net = torch.nn.Linear(4, 2)
         ema = MomentumEncoder(net, momentum=0.99)
-        keys = ema(batch)
-        ema.update()
+        keys = ema(torch.randn(8, 4))
+        with torch.no_grad():
+            net.bias.add_(1.0)                   # as an optimizer step would
+        ema.update()                             # ema <- 0.99 ema + 0.01 net
+        assert torch.allclose(ema.ema.bias, net.bias - 0.99)
     """
 
     def __init__(self, module: nn.Module, momentum: float = 0.999) -> None:

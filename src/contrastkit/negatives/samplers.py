@@ -140,6 +140,7 @@ class RandomBatchSampler(_EpochBatchSampler):
 
     Example::
 
+        from contrastkit.negatives.samplers import RandomBatchSampler
         s = RandomBatchSampler(10, 4, seed=0)
         assert len(s) == 2 and sum(len(b) for b in s) == 8
     """
@@ -180,6 +181,7 @@ class NoDuplicatesBatchSampler(_EpochBatchSampler):
     Example::
 
         from contrastkit.data import Example
+        from contrastkit.negatives import NoDuplicatesBatchSampler
         ex = [Example(f"q{i}", f"d{i % 3}") for i in range(9)]
         s = NoDuplicatesBatchSampler(ex, 3, seed=1)
         assert sorted(i for b in s for i in b) == list(range(9))

@@ -141,7 +141,11 @@ def alignment_metric(x: Tensor, y: Tensor, *, alpha: float = 2.0, normalize: boo
 
     Example::
 
-        alignment_metric(query_emb, doc_emb)      # 0 = perfectly aligned, 4 = opposite
+        import torch
+        from contrastkit.objectives.align_uniform import alignment_metric
+        query_emb = torch.randn(32, 8)
+        assert alignment_metric(query_emb, query_emb) == 0.0     # 0 = perfectly aligned
+        assert alignment_metric(query_emb, -query_emb) == 4.0    # 4 = opposite
     """
     return float(alignment(x.detach(), y.detach(), alpha=alpha, normalize=normalize))
 
@@ -152,7 +156,11 @@ def uniformity_metric(x: Tensor, *, t: float = 2.0, normalize: bool = True, tile
 
     Example::
 
-        uniformity_metric(doc_emb)                # lower = more uniform on the sphere
+        import torch
+        from contrastkit.objectives.align_uniform import uniformity_metric
+        doc_emb = torch.randn(64, 8)
+        collapsed = doc_emb[:1] + 1e-3 * torch.randn(64, 8)     # all near one point
+        assert uniformity_metric(doc_emb) < uniformity_metric(collapsed)   # lower = more uniform
     """
     return float(uniformity(x.detach(), t=t, normalize=normalize, tile_size=tile_size))
 

@@ -7,9 +7,11 @@
 
 Example::
 
-    import contrastkit as ck
+    import torch, contrastkit as ck
+    queries, documents = torch.randn(8, 32), torch.randn(8, 32)     # row i of each is a pair
     loss = ck.functional.info_nce(queries, documents, temperature=0.05)
-    loss = ck.losses.InfoNCE(temperature=0.07, symmetric=True)(images, texts)
+    images, texts = torch.randn(8, 32), torch.randn(8, 32)
+    loss = ck.losses.InfoNCE(temperature=0.07, symmetric=True)(images, texts)   # CLIP
 """
 
 from __future__ import annotations

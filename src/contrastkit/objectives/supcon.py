@@ -72,8 +72,10 @@ class SupConStats:
 
     Example::
 
-        loss, stats = supcon(z, y, temperature=0.1, return_stats=True)
-        print(stats.n_rows_without_positive)
+        import torch, contrastkit as ck
+        z, y = torch.randn(6, 8), torch.tensor([0, 0, 1, 1, 1, 2])   # one view; label 2 is alone
+        loss, stats = ck.functional.supcon(z, y, temperature=0.1, return_stats=True)
+        assert stats.n_rows == 6 and stats.n_rows_without_positive == 1
     """
 
     n_rows: int

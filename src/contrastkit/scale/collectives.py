@@ -51,7 +51,10 @@ def check_same_shapes(group=None, **named: Tensor) -> None:
 
     Example::
 
-        check_same_shapes(anchors=q, candidates=k)
+        import torch
+        from contrastkit.scale import check_same_shapes
+        q, k = torch.randn(4, 8), torch.randn(4, 8)
+        check_same_shapes(anchors=q, candidates=k)   # one process: nothing to compare
     """
     rank, world = rank_and_world(group)
     if world == 1:

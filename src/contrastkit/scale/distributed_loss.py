@@ -26,11 +26,18 @@ gradients, which the averaging divides again.)
 
 Example (``torchrun --nproc-per-node 2 train.py``)::
 
-    dist.init_process_group("gloo")
+    import os, torch, torch.distributed as dist, contrastkit as ck
+    if "RANK" in os.environ:                    # under torchrun (run plainly: one process)
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)                        # the same initial weights on every rank
+    encoder = torch.nn.Linear(16, 8)
     loss_fn = ck.scale.DistributedLoss(ck.losses.InfoNCE(temperature=0.05, learn_temperature=True))
-    model = DDP(TwoThings(encoder, loss_fn))            # or average_gradients(...) by hand
-    loss = loss_fn(encoder(q_local), encoder(d_local))  # local batch, same size on every rank
+    opt = torch.optim.SGD([*encoder.parameters(), *loss_fn.parameters()], lr=0.1)
+    q_local, d_local = torch.randn(8, 16), torch.randn(8, 16)   # local batch, same size on every rank
+    loss = loss_fn(encoder(q_local), encoder(d_local))          # the loss of all ranks' rows
     loss.backward()
+    ck.scale.average_gradients([encoder, loss_fn])              # or wrap both in one DDP module
+    opt.step()
 """
 
 from __future__ import annotations

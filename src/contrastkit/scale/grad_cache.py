@@ -27,6 +27,8 @@ Example::
     enc = ck.models.TextEncoder("all-MiniLM-L6-v2", normalize=True, max_length=128)
     gc = ck.scale.GradCache(enc, ck.losses.MultipleNegativesRanking(scale=20.0), chunk_size=32)
     opt = torch.optim.AdamW(enc.parameters(), lr=2e-5)
+    queries = ["what do cats eat?", "how tall is mount everest?"]
+    documents = ["cats eat meat and fish", "mount everest is 8,849 m high"]
     loss = gc.step(enc.tokenize(queries), enc.tokenize(documents))   # grads are in .grad
     torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
     opt.step(); opt.zero_grad()
@@ -411,6 +413,26 @@ class GradCache:
 
     Example::
 
+        import torch, contrastkit as ck
+        from contrastkit.scale import GradCache
+
+        class Tower(torch.nn.Module):             # a toy text encoder: mean of token embeddings
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(1000, 32)
+            def forward(self, input_ids, attention_mask):
+                m = attention_mask.unsqueeze(-1).float()
+                return (self.emb(input_ids) * m).sum(1) / m.sum(1)
+
+        def tokens(n, length):                    # what a tokenizer returns
+            return {"input_ids": torch.randint(0, 1000, (n, length)),
+                    "attention_mask": torch.ones(n, length, dtype=torch.long)}
+
+        query_tower, doc_tower = Tower(), Tower()
+        optimizer = torch.optim.AdamW([*query_tower.parameters(), *doc_tower.parameters()])
+        q_batch, d_batch, negatives_batch = tokens(64, 16), tokens(64, 128), tokens(64, 128)
+        queue = torch.randn(256, 32)
+
         gc = GradCache(query_tower, ck.losses.InfoNCE(temperature=0.05), doc_encoder=doc_tower,
                        chunk_tokens=4096, sort_by_length=True, autocast_dtype=torch.bfloat16)
         loss = gc.step(q_batch, d_batch)
@@ -511,9 +533,17 @@ class GradCache:
 
         Example::
 
+            import torch, contrastkit as ck
+            encoder, objective = torch.nn.Linear(16, 8), ck.losses.InfoNCE(temperature=0.05)
+            gc = ck.scale.GradCache(encoder, chunk_size=4)
+            q_batch, d_batch = torch.randn(10, 16), torch.randn(10, 16)
             q, d = gc.embed(q_batch, d_batch)
             loss = objective(q, d)
             loss.backward()          # the encoder's gradients of the whole batch
+            plain = torch.nn.Linear(16, 8)
+            plain.load_state_dict(encoder.state_dict())
+            objective(plain(q_batch), plain(d_batch)).backward()    # the same, without chunks
+            assert torch.allclose(encoder.weight.grad, plain.weight.grad, atol=1e-5)
         """
         self._check_inputs(inputs, "embed")
         batch = _CachedBatch(self, inputs)

@@ -58,7 +58,12 @@ def build_faiss_index(corpus: Tensor, method: str = "faiss-ivf", *, nlist: Optio
 
     Example::
 
-        index = build_faiss_index(torch.randn(10000, 32), "faiss-ivf")
+        import torch
+        from contrastkit.search import build_faiss_index, topk
+        corpus = torch.randn(10000, 32)
+        index = build_faiss_index(corpus, "faiss-ivf")
+        assert index.ntotal == 10000
+        scores, idx = topk(torch.randn(4, 32), corpus, 10, method="faiss-ivf", index=index)   # reused
     """
     faiss = _import_faiss()
     if corpus.dim() != 2:
@@ -118,6 +123,7 @@ def topk(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto", faiss
     Example::
 
         >>> import torch
+        >>> from contrastkit.search import topk
         >>> q, c = torch.randn(2, 8), torch.randn(300, 8)
         >>> s, i = topk(q, c, 5, method="faiss-flat")
         >>> bool((i == topk(q, c, 5, method="exact")[1]).all())

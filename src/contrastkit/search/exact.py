@@ -138,6 +138,7 @@ def exact_topk(queries: Tensor, corpus: Tensor, k: int, *, block_size: Optional[
     Example::
 
         >>> import torch
+        >>> from contrastkit.search import exact_topk
         >>> q = torch.tensor([[1.0, 0.0]]); c = torch.tensor([[0.5, 0.0], [1.0, 0.0], [1.0, 0.0]])
         >>> exact_topk(q, c, 2)[1].tolist()       # tie between rows 1 and 2: lower index first
         [[1, 2]]

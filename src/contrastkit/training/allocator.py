@@ -23,6 +23,7 @@ variable or a ``glibc.malloc`` tunable is set, or when another allocator (jemall
 
 Example::
 
+    # not run: it retunes the calling process's allocator for good (tests/test_allocator.py runs it in a subprocess)
     from contrastkit.training.allocator import tune_malloc
     print(tune_malloc())   # what it did, or why it did nothing
 """

@@ -57,6 +57,7 @@ def choose_alpha(alphas, scores, *, tolerance: float = 0.0) -> int:
 
     Example::
 
+        from contrastkit.training.interpolation import choose_alpha
         assert choose_alpha([0.5, 0.85, 1.0], [0.74, 0.7698, 0.7699], tolerance=0.002) == 1
     """
     alphas, scores = [float(a) for a in alphas], [float(s) for s in scores]
