@@ -24,6 +24,15 @@ def test_bundled_name_resolves_offline():
     assert resolve_model_path("some-org/not-bundled") == "some-org/not-bundled"  # left for the hub
 
 
+@pytest.mark.parametrize("name", ["/no/such/model", "./missing", "../missing", "~/missing", "runs/x/model"])
+def test_a_path_that_is_no_folder_is_named_not_sent_to_the_hub(name, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"model '{name}': no such folder"):
+        resolve_model_path(name)
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(FileNotFoundError, match="a file, not a model folder"):
+        TextEncoder(str(tmp_path / "weights.bin"))
+
+
 def test_minilm_matches_sentence_transformers(minilm_encoder):
     st = pytest.importorskip("sentence_transformers")
     texts = ["A claim about stem cells.", "Completely different words here, and a longer sentence too."]

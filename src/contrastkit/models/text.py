@@ -43,9 +43,17 @@ BUNDLED_MODELS = {
 
 def resolve_model_path(path_or_name: str) -> str:
     """A local folder stays as is; a bundled name (``all-MiniLM-L6-v2``) becomes the
-    folder of its package when installed; anything else is returned for the hub."""
+    folder of its package when installed; anything else is returned for the hub. A name
+    that can only be a path (absolute, ``./``, ``../``, ``~``, or more than one ``/``: a
+    hub id is ``namespace/name``) and is no folder is a FileNotFoundError naming it."""
     if os.path.isdir(path_or_name):
         return path_or_name
+    text = str(path_or_name)
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        what = "a file, not a model folder" if os.path.exists(os.path.expanduser(text)) else "no such folder"
+        raise FileNotFoundError(f"model {text!r}: {what} (a model is a local folder in the Hugging Face or "
+                                "sentence-transformers layout, a bundled name such as all-MiniLM-L6-v2, or a hub "
+                                "id namespace/name)")
     package = BUNDLED_MODELS.get(path_or_name)
     if package is not None:
         try:
