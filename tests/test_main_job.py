@@ -234,6 +234,14 @@ def test_pairs_file_and_corpus_only_runs(tiny, tmp_path, capsys, monkeypatch):
     assert main(_args(data, model, out, "--max-steps", "2", "--format", "corpus", "--set", "data.sts=false")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert "after" in m and "mining" not in m and any("independent crops" in n for n in m["notes"])
+    # what needs the crops' base-model embeddings is refused before anything is encoded
+    capsys.readouterr()
+    for extra, field in ((("--set", "batching.sampler=b3"), "batching.sampler: b3"),
+                         (("--set", "negatives.guide_mask=true"), "negatives.guide_mask")):
+        assert main(_args(data, model, tmp_path / "refused", "--max-steps", "2", "--format", "corpus", *extra)) == 2
+        err = capsys.readouterr()
+        assert field in err.err and "crops of data.format: corpus are not encoded" in err.err
+        assert "encode corpus" not in err.out + err.err
 
 
 def test_negative_pool_gives_each_epoch_its_own_set_and_resumes_exactly(tiny, tmp_path, monkeypatch):

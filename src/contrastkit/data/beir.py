@@ -228,6 +228,25 @@ class BeirDataset:
             if score >= min_score:
                 yield qid, did, where
 
+    def relevant_qrels(self, split: str, *, min_score: int = 1, skip_bad_records: bool = False,
+                       stats=None) -> Dict[str, Dict[str, int]]:
+        """``{query_id: {doc_id: score}}`` of the judged pairs with score >= ``min_score``,
+        queries in the order of their first qrels line. Every line is checked first (score 0
+        included): a query-id not in the queries file or a corpus-id not in the corpus is a
+        ValueError naming the qrels file and line (counted in ``stats`` and skipped with
+        ``skip_bad_records``).
+
+        Example::
+
+            import contrastkit as ck
+            qrels = ck.data.load_beir("scifact").relevant_qrels("train")
+            assert len(qrels) == 809
+        """
+        out: Dict[str, Dict[str, int]] = {}
+        for qid, did, _ in self._judged(split, min_score, skip_bad_records, stats):
+            out.setdefault(qid, {})[did] = self.qrels[split][qid][did]
+        return out
+
     def pairs(self, split: str = "train", min_score: int = 1, *, skip_bad_records: bool = False,
               stats=None) -> List[Tuple[str, str]]:
         """(query text, positive document text) for every judged pair with score >= ``min_score``,
@@ -244,7 +263,9 @@ class BeirDataset:
 
         Example::
 
-            ex = ck.data.load_beir("scifact").examples("train")   # 919 examples
+            import contrastkit as ck
+            ex = ck.data.load_beir("scifact").examples("train")
+            assert len(ex) == 919
         """
         return [Example(self.queries[q], self.document(d), query_id=q, positive_id=d, source=where)
                 for q, d, where in self._judged(split, min_score, skip_bad_records, stats)]
@@ -254,8 +275,10 @@ def load_beir(path: Optional[PathLike] = None, *, name: str = "scifact", skip_ba
               stats=None) -> BeirDataset:
     """Read a BEIR folder (default: the bundled ``contrastkit/bundled/<name>``; a bare
     name such as ``"scifact"`` is looked up in the bundled data folder). A malformed
-    corpus / query line is a ValueError naming file and line; ``skip_bad_records``
-    counts it in ``stats`` (a :class:`~contrastkit.data.BadRecords`) and skips it."""
+    corpus / query line (bad JSON, a missing or non-string field, an empty id, an empty
+    query or a document with neither title nor text, a duplicate id) is a ValueError
+    naming file and line; ``skip_bad_records`` counts it in ``stats`` (a
+    :class:`~contrastkit.data.BadRecords`) and skips it."""
     folder = _resolve(path, name)
     corpus_file, queries_file = _find(folder, "corpus"), _find(folder, "queries")
     corpus: Dict[str, Tuple[str, str]] = {}
@@ -266,6 +289,10 @@ def load_beir(path: Optional[PathLike] = None, *, name: str = "scifact", skip_ba
                 title = ""
             if not isinstance(title, str):
                 raise ValueError(f"{corpus_file}:{lineno}: field 'title' must be a string, got {type(title).__name__}")
+            if not rec["_id"].strip():
+                raise ValueError(f"{corpus_file}:{lineno}: field '_id' is empty")
+            if not title.strip() and not rec["text"].strip():
+                raise ValueError(f"{corpus_file}:{lineno}: empty document (no title or text)")
             if rec["_id"] in corpus:
                 raise ValueError(f"{corpus_file}:{lineno}: duplicate _id {rec['_id']!r}")
         except ValueError as err:
@@ -276,8 +303,15 @@ def load_beir(path: Optional[PathLike] = None, *, name: str = "scifact", skip_ba
         corpus[rec["_id"]] = (title, rec["text"])
     queries: Dict[str, str] = {}
     for lineno, rec in read_jsonl(queries_file, ("_id", "text"), skip_bad_records=skip_bad_records, stats=stats):
-        if rec["_id"] in queries:
+        if not rec["_id"].strip():
+            err = ValueError(f"{queries_file}:{lineno}: field '_id' is empty")
+        elif not rec["text"].strip():
+            err = ValueError(f"{queries_file}:{lineno}: field 'text' is empty")
+        elif rec["_id"] in queries:
             err = ValueError(f"{queries_file}:{lineno}: duplicate _id {rec['_id']!r}")
+        else:
+            err = None
+        if err is not None:
             if not skip_bad_records:
                 raise err
             _count(stats, err)
@@ -291,6 +325,8 @@ def scifact_pairs(split: str = "train", path: Optional[PathLike] = None) -> List
 
     Example::
 
-        pairs = scifact_pairs("train")      # 919 pairs
+        from contrastkit.data import scifact_pairs
+        pairs = scifact_pairs("train")
+        assert len(pairs) == 919
     """
     return load_beir(path, name="scifact").pairs(split)

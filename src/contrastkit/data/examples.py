@@ -37,6 +37,7 @@ class Example:
 
     Example::
 
+        from contrastkit.data import Example
         Example("what is x?", "x is ...", negatives=("y is ...",))
     """
 
@@ -60,6 +61,7 @@ class Example:
 
         Example::
 
+            from contrastkit.data import Example
             e = Example("q", "p", negatives=("a", "b", "c", "d"))
             assert e.negative_set(2, 1).negatives == ("c", "d")
             assert e.negative_set(2, 2).negatives == ("a", "b")
@@ -84,6 +86,7 @@ class BadRecords:
 
     Example::
 
+        from contrastkit.data import BadRecords
         stats = BadRecords()
         # examples = list(read_examples("pairs.jsonl", skip_bad_records=True, stats=stats))
         print(stats)            # "0 bad records skipped"
@@ -132,7 +135,9 @@ def split_dev(examples_or_query_ids: Sequence[T], *, fraction: float = 0.1, seed
 
     Example::
 
+        from contrastkit.data import split_dev
         train, dev = split_dev(["q1", "q2", "q3", "q4"], fraction=0.25, seed=1)
+        assert len(train) == 3 and len(dev) == 1
     """
     if not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) < 1.0:
         raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction!r}")
@@ -168,6 +173,7 @@ def independent_crops(documents: Sequence[str], *, min_ratio: float = 0.1, max_r
 
     Example::
 
+        from contrastkit.data import independent_crops
         pairs = independent_crops(["a b c d e f g h i j", "k l m n o p q r"], seed=0)
         assert len(pairs) == 2 and set(pairs[0].query.split()) <= set("abcdefghij")
     """

@@ -71,8 +71,9 @@ def negative_column_names(columns: Sequence[str]) -> List[str]:
 
     Example::
 
-        negative_column_names(["query", "positive", "negative_10", "negative_2", "negative_ids"])
-        # ['negative_2', 'negative_10']
+        from contrastkit.data import negative_column_names
+        names = negative_column_names(["query", "positive", "negative_10", "negative_2", "negative_ids"])
+        assert names == ["negative_2", "negative_10"]
     """
     out = []
     for c in columns:
@@ -202,6 +203,7 @@ def read_examples(path: PathLike, *, format: Optional[str] = None, query_column:
     Example::
 
         import tempfile, os
+        from contrastkit.data import read_examples
         path = os.path.join(tempfile.mkdtemp(), "t.csv")
         open(path, "w").write("query,positive,negative_1,negative_2\\nq,p,n1,n2\\n")
         [ex] = list(read_examples(path))
@@ -323,6 +325,7 @@ def load_corpus(path: PathLike, *, text_field: str = "text", title_field: Option
     Example::
 
         import tempfile, os
+        from contrastkit.data import load_corpus
         path = os.path.join(tempfile.mkdtemp(), "docs.txt")
         open(path, "w").write("first document\\n\\nsecond one\\n")
         ids, texts = load_corpus(path)

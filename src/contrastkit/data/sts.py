@@ -74,8 +74,9 @@ def load_sts(split: str = "test", path: Optional[Union[str, os.PathLike]] = None
 
     Example::
 
+        from contrastkit.data import load_sts
         sts = load_sts("dev")
-        len(sts), sts.scores[:3]
+        assert len(sts) == len(sts.sentences1) == len(sts.scores) and all(0 <= s <= 5 for s in sts.scores)
     """
     file = _sts_file(split, path)
     if not file.is_file():

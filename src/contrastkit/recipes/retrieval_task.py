@@ -10,9 +10,20 @@ test, plus the training examples. Every source ends up in this shape:
 - a pairs / triplets / n-tuples file: every distinct query text becomes a query, every
   distinct positive / negative text a corpus document; dev and a held-out test split are
   both carved from the file by query (the report says so: there is no separate test set).
-- ``format: corpus`` on a BEIR folder: unsupervised adaptation, training pairs are two
-  independent random crops of the same document (Contriever); dev and test come from the
-  folder's qrels as above.
+- ``format: corpus``: unsupervised adaptation, training pairs are two independent random
+  crops of the same document (Contriever). On a BEIR folder (or bundled name) dev and test
+  come from its qrels as above; on a corpus alone (a ``corpus.jsonl[.gz]`` / JSON-lines /
+  text file, or a folder holding only ``corpus.jsonl``) there is no dev or test evaluation
+  (a note says so). A crop pair's ``query_id`` is ``"crop:<doc id>"`` (never a real query
+  id, so it inherits no query's qrels) and its ``positive_id`` the document's id, so the
+  duplicate mask drops other crops of the same document in a batch and random negatives
+  never draw the source document.
+
+With ``skip_bad_records`` every reader (pairs file; BEIR corpus, queries and qrels; corpus
+file) counts and skips a malformed record instead of raising; a qrels line naming a query
+or document that is not in the folder is malformed too (``file:line``). The count and the
+first messages are in ``task.bad_records`` and in a note (``"skipped 2 bad records
+(data.skip_bad_records):"`` then one ``file:line: why`` a line).
 
 Example::
 
@@ -30,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..data import BadRecords, Example, independent_crops, load_beir, read_examples, split_dev
+from ..data import BadRecords, Example, independent_crops, load_beir, load_corpus, read_examples, split_dev
 from ..training.config import ConfigError, DataConfig
 
 __all__ = ["RetrievalTask", "build_retrieval_task"]
@@ -53,6 +64,7 @@ class RetrievalTask:
     test_is_held_out_from_train_file: bool = False
     bad_records: Optional[BadRecords] = None
     notes: List[str] = field(default_factory=list)
+    unsupervised: bool = False  # format: corpus: the training queries are crops, not in ``queries``
 
     def corpus_index(self) -> Dict[str, int]:
         return {d: j for j, d in enumerate(self.corpus_ids)}
@@ -67,11 +79,6 @@ class RetrievalTask:
         return out
 
 
-def _relevant(qrels: Qrels) -> Qrels:
-    return {q: {d: s for d, s in docs.items() if s > 0} for q, docs in qrels.items()
-            if any(s > 0 for s in docs.values())}
-
-
 def is_beir_folder(source: str) -> bool:
     p = Path(source)
     if p.is_dir():
@@ -79,13 +86,64 @@ def is_beir_folder(source: str) -> bool:
     return "/" not in source and "." not in Path(source).name  # a bundled name such as "scifact"
 
 
-def _load_beir(source: str):
+def _load_beir(source: str, cfg: DataConfig, bad: BadRecords):
     p = Path(source)
     try:
-        return load_beir(p) if p.is_dir() else load_beir(name=source)
+        if p.is_dir():
+            return load_beir(p, skip_bad_records=cfg.skip_bad_records, stats=bad)
+        return load_beir(name=source, skip_bad_records=cfg.skip_bad_records, stats=bad)
     except FileNotFoundError as err:
-        raise ConfigError(f"data.source: {source!r} is not a BEIR folder, a bundled dataset name or a file ({err})") \
-            from None
+        hint = "; for a corpus alone use data.format: corpus" if p.is_dir() and _corpus_file(p) else ""
+        raise ConfigError(f"data.source: {source!r} is not a BEIR folder, a bundled dataset name or a file "
+                          f"({err}){hint}") from None
+
+
+def _corpus_file(folder: Path) -> Optional[Path]:
+    for name in ("corpus.jsonl", "corpus.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _has_queries_and_qrels(folder: Path) -> bool:
+    return ((folder / "queries.jsonl").is_file() or (folder / "queries.jsonl.gz").is_file()) \
+        and (folder / "qrels").is_dir()
+
+
+def _qrels(ds, split: str, key: str, cfg: DataConfig, bad: BadRecords) -> Qrels:
+    """The relevant (score > 0) judgements of ``split``; every line checked (file:line)."""
+    try:
+        return ds.relevant_qrels(split, skip_bad_records=cfg.skip_bad_records, stats=bad)
+    except FileNotFoundError as err:
+        extra = " (null: no test split)" if key == "test_split" else ""
+        raise ConfigError(f"data.{key}: {err}{extra}") from None
+
+
+def _skipped_note(bad: BadRecords) -> str:
+    """``"skipped 2 bad records (data.skip_bad_records):"`` then the first ``file:line: why``s."""
+    s = "s" if bad.count != 1 else ""
+    head = f"skipped {bad.count} bad record{s} (data.skip_bad_records)"
+    if not bad.reasons:
+        return head
+    more = "" if bad.count <= len(bad.reasons) else f"\n  ... and {bad.count - len(bad.reasons)} more"
+    return head + ":\n  " + "\n  ".join(bad.reasons) + more
+
+
+def _crop_prefix(query_ids) -> str:
+    """``"crop:"``, lengthened until no real query id starts with it."""
+    prefix = "crop:"
+    while any(str(q).startswith(prefix) for q in query_ids):
+        prefix = "_" + prefix
+    return prefix
+
+
+def _crop_examples(cfg: DataConfig, doc_ids: Sequence[str], texts: Sequence[str], seed: int,
+                   prefix: str) -> List[Example]:
+    """Two independent crops of each document; query id ``prefix + doc id``, positive id the doc id."""
+    crops = independent_crops(list(texts), seed=seed, ids=list(doc_ids))
+    return [dataclasses.replace(ex, query=cfg.query_prefix + ex.query, positive=cfg.document_prefix + ex.positive,
+                                query_id=prefix + ex.positive_id, source=f"crops of document {ex.positive_id!r}")
+            for ex in crops]
 
 
 def text_id(prefix: str, text: str) -> str:
@@ -97,11 +155,13 @@ def build_retrieval_task(cfg: DataConfig, *, seed: int = 0) -> RetrievalTask:
     fmt = cfg.format
     if fmt == "auto":
         fmt = "beir" if is_beir_folder(cfg.source) else "pairs"
-    if fmt in ("beir", "corpus") and is_beir_folder(cfg.source):
-        return _from_beir(cfg, seed=seed, unsupervised=(fmt == "corpus"))
     if fmt == "corpus":
-        raise ConfigError("data.format: corpus needs data.source to be a BEIR folder (its qrels give the dev and test "
-                          "evaluation); a bare corpus file has nothing to measure against")
+        p = Path(cfg.source)
+        if p.is_file() or (p.is_dir() and _corpus_file(p) and not _has_queries_and_qrels(p)):
+            return _from_corpus_file(cfg, seed=seed)
+        return _from_beir(cfg, seed=seed, unsupervised=True)
+    if fmt == "beir":
+        return _from_beir(cfg, seed=seed, unsupervised=False)
     return _from_pairs_file(cfg, seed=seed)
 
 
@@ -111,20 +171,14 @@ def _split_queries(qids: Sequence[str], fraction: float, seed: int) -> tuple:
 
 
 def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTask:
-    ds = _load_beir(cfg.source)
+    bad = BadRecords()
+    ds = _load_beir(cfg.source, cfg, bad)
     corpus_ids = list(ds.corpus)
     corpus_texts = [cfg.document_prefix + ds.document(d) for d in corpus_ids]
-    known = set(corpus_ids)
-    train_all = _relevant(ds.load_qrels(cfg.train_split))
-    test_qrels = _relevant(ds.load_qrels(cfg.test_split)) if cfg.test_split else {}
-    for split, qrels in ((cfg.train_split, train_all), (cfg.test_split, test_qrels)):
-        for q, docs in qrels.items():
-            if q not in ds.queries:
-                raise ValueError(f"{ds.folder}/qrels/{split}.tsv: query id {q!r} is not in queries")
-            missing = [d for d in docs if d not in known]
-            if missing:
-                raise ValueError(f"{ds.folder}/qrels/{split}.tsv: document id {missing[0]!r} (query {q!r}) is not in "
-                                 "the corpus")
+    # unknown query / document ids are ValueErrors naming the qrels file:line (or, with
+    # skip_bad_records, counted and skipped), every line checked, score 0 included
+    train_all = _qrels(ds, cfg.train_split, "train_split", cfg, bad)
+    test_qrels = _qrels(ds, cfg.test_split, "test_split", cfg, bad) if cfg.test_split else {}
     train_q, dev_q = _split_queries(list(train_all), cfg.dev_fraction, seed)
     overlap = set(train_q) & set(test_qrels)
     notes = []
@@ -136,23 +190,48 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
     dev_qrels = {q: train_all[q] for q in dev_q}
     if unsupervised:
         texts = [ds.document(d) for d in corpus_ids]
-        crops = independent_crops(texts, seed=seed)
-        examples = [dataclasses.replace(ex, query=cfg.query_prefix + ex.query,
-                                        positive=cfg.document_prefix + ex.positive) for ex in crops]
+        examples = _crop_examples(cfg, corpus_ids, texts, seed, _crop_prefix(ds.queries))
         description = f"{ds.folder.name}: {len(examples)} independent-crop pairs from {len(corpus_ids)} documents"
         notes.append("unsupervised: training pairs are independent crops of corpus documents (Contriever); "
                      "the train qrels give only the dev split")
     else:
         index = {d: j for j, d in enumerate(corpus_ids)}
         examples = [Example(query=queries[q], positive=corpus_texts[index[d]], query_id=q, positive_id=d,
-                            source=f"{ds.folder}/qrels/{cfg.train_split}.tsv")
+                            source=f"{ds.qrels_path(cfg.train_split)}:{ds.qrel_lines[cfg.train_split][(q, d)]}")
                     for q in train_q for d in sorted(train_all[q])]
         description = (f"{ds.folder.name}: {len(examples)} (query, relevant document) pairs from {len(train_q)} train "
                        f"queries; dev {len(dev_q)} queries carved from train; test {len(test_qrels)} queries")
     if cfg.max_train_examples is not None:
         examples = examples[:cfg.max_train_examples]
+    if bad.count:
+        notes.append(_skipped_note(bad))
     return RetrievalTask(corpus_ids, corpus_texts, queries, examples, train_qrels, dev_qrels, test_qrels,
-                         description, notes=notes)
+                         description, bad_records=bad, notes=notes, unsupervised=unsupervised)
+
+
+def _from_corpus_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
+    """``format: corpus`` on a corpus alone: crops to train on, nothing to evaluate on."""
+    path = Path(cfg.source)
+    bad = BadRecords()
+    doc_ids, texts = load_corpus(path, skip_bad_records=cfg.skip_bad_records, stats=bad)
+    where = _corpus_file(path) if path.is_dir() else path
+    if not doc_ids:
+        raise ValueError(f"{where}: no usable document")
+    examples = _crop_examples(cfg, doc_ids, texts, seed, "crop:")
+    if not examples:
+        raise ValueError(f"{where}: no document has the 2 words two crops need")
+    if cfg.max_train_examples is not None:
+        examples = examples[:cfg.max_train_examples]
+    corpus_texts = [cfg.document_prefix + t for t in texts]
+    task = RetrievalTask(list(doc_ids), corpus_texts, {}, examples, {}, {}, {},
+                         f"{where.name}: {len(examples)} independent-crop pairs from {len(doc_ids)} documents; "
+                         "no qrels, so no dev or test evaluation", bad_records=bad, unsupervised=True)
+    task.notes.append("unsupervised: training pairs are independent crops of corpus documents (Contriever)")
+    task.notes.append("a corpus alone has no qrels: no dev evaluation (no checkpoint selection, no WiSE-FT "
+                      "interpolation) and no before / after test numbers; the model of the last step is saved")
+    if bad.count:
+        task.notes.append(_skipped_note(bad))
+    return task
 
 
 def _from_pairs_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
@@ -199,5 +278,5 @@ def _from_pairs_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
     task.notes.append("the test split is a held-out share of the training file (no separate test set was given); "
                       "its corpus is every document text in the file")
     if bad.count:
-        task.notes.append(f"skipped {bad}")
+        task.notes.append(_skipped_note(bad))
     return task

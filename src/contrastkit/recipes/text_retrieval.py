@@ -168,6 +168,14 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     # 1. load --------------------------------------------------------------------------------
     with timer("load"):
         task = build_retrieval_task(cfg.data, seed=cfg.train.seed)
+        if task.unsupervised:  # the crops are not encoded: what needs their base-model embeddings cannot run
+            if cfg.batching.sampler == "b3":
+                raise ConfigError("batching.sampler: b3 groups training queries by their base-model embeddings; "
+                                  "the crops of data.format: corpus are not encoded (use no_duplicates or random)")
+            if cfg.negatives.guide_mask:
+                raise ConfigError("negatives.guide_mask: the GISTEmbed guide scores training queries with the base "
+                                  "model; the crops of data.format: corpus are not encoded, so it would mask nothing "
+                                  "(set it to false)")
         say(task.description)
         for note in task.notes:
             say(f"note: {note}")
@@ -272,8 +280,9 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                 for i, m in zip(short, mined.to_examples(need, task.corpus_texts, task.corpus_ids)):
                     examples[i] = _after_brought(examples[i], m, pool)
             elif cfg.negatives.mine and h > 0 and short:
-                say("note: mining skipped (the training pairs have no query / document ids in the corpus); "
-                    "negatives are drawn at random")
+                why = "the crops of data.format: corpus are not encoded" if task.unsupervised else \
+                    "the training pairs have no query / document ids in the corpus"
+                say(f"note: mining skipped ({why}); negatives are drawn at random")
             if h > 0:
                 examples = fill_negatives(examples, pool, task.corpus_ids, task.corpus_texts, known_ids,
                                           seed=cfg.train.seed)
@@ -406,7 +415,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                                                    sts)
     summary["phases"] = dict(timer.seconds)
     summary["wall_seconds"] = round(timer.total(), 2)
-    summary["test_split"] = cfg.data.test_split if not task.test_is_held_out_from_train_file else "held-out share"
+    summary["test_split"] = None if not task.test_qrels else \
+        cfg.data.test_split if not task.test_is_held_out_from_train_file else "held-out share"
     summary["versions"] = versions()
     run.write_json("metrics.json", summary)
     return summary
