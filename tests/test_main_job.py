@@ -50,13 +50,14 @@ def test_recipe_defaults_apply_under_what_the_user_wrote(tmp_path):
     assert load_config(overrides=["recipe=simcse"]).optim.lr == 3e-5        # the table is not mutated
 
 
-def test_an_epoch_without_a_full_batch_is_an_error_not_a_hang(tiny, tmp_path):
+def test_an_epoch_without_a_full_batch_is_an_error_not_a_hang(tiny, tmp_path, capsys):
     # the tiny random model's top-ranked negatives are a few hub documents shared by most
-    # queries, so no-duplicate batches of 8 cannot be filled: the loop must say so
+    # queries, so no-duplicate batches of 8 cannot be filled: the loop must say so, in one line
     data, model = tiny
-    with pytest.raises(RuntimeError, match="epoch 0 gave no batch.*batching.batch_size"):
-        main(_args(data, model, tmp_path / "run", "--max-steps", "4", "--set", "negatives.sampling=top",
-                   "--set", "data.sts=false"))
+    assert main(_args(data, model, tmp_path / "run", "--max-steps", "4", "--set", "negatives.sampling=top",
+                      "--set", "data.sts=false")) == 2
+    err = capsys.readouterr().err
+    assert "epoch 0 gave no batch" in err and "batching.batch_size" in err and "Traceback" not in err
 
 
 def test_train_writes_the_run_folder(tiny, tmp_path, capsys):
@@ -484,3 +485,48 @@ def test_an_objective_that_does_not_fit_is_a_config_error_before_encoding(tiny, 
     err = capsys.readouterr()
     assert message in err.err
     assert "encode corpus" not in err.out + err.err
+
+
+def test_train_file_of_mined_records_trains_on_them_and_evaluates_on_the_folder(tiny, tmp_path, capsys, monkeypatch):
+    """`contrastkit mine` then `train --set data.train_file=...`: the file's records (by id)
+    are the training examples with their negatives, texts from the folder; dev and test
+    queries' records are left out; the test numbers are the folder's test split."""
+    from contrastkit.recipes.common import ExampleBatches
+    from contrastkit.recipes.retrieval_task import build_retrieval_task
+    from contrastkit.training.config import load_config
+
+    data, model = tiny
+    mined = tmp_path / "mined.jsonl"
+    assert main(["mine", "--data", str(data), "--model", str(model), "--output", str(mined), "--num-negatives", "2",
+                 "--rank-window", "0", "10", "--relative-margin", "none"]) == 0
+    records = {json.loads(x)["query_id"]: json.loads(x) for x in mined.read_text().splitlines()}
+    seen = []
+    original_iter = ExampleBatches.__iter__
+
+    def spy(self):
+        for batch in original_iter(self):
+            seen.extend(batch)
+            yield batch
+
+    monkeypatch.setattr(ExampleBatches, "__iter__", spy)
+    out = tmp_path / "run"
+    assert main(_args(data, model, out, "--max-steps", "3", "--set", "data.sts=false", "--set", f"data.train_file={mined}",
+                      "--set", "negatives.num_negatives=2", "--set", "batching.sampler=random")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_split"] == "test" and "mining" not in m and m["negatives_brought"]["short"] == 0
+    task = build_retrieval_task(load_config(overrides=[f"data.source={data}", "data.dev_fraction=0.25"]).data)
+    assert seen and {e.query_id for e in seen} <= {e.query_id for e in task.train_examples}
+    for e in seen:   # the file's negatives, by id, with the folder's texts
+        assert list(e.negative_ids) == records[e.query_id]["negative_ids"] and e.positive_id == records[e.query_id]["positive_id"]
+    # a record naming a document the folder does not have: file and line
+    lines = mined.read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["negative_ids"] = ["nope", bad["negative_ids"][1]]
+    lines[2] = json.dumps(bad)
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(_args(data, model, tmp_path / "bad", "--set", f"data.train_file={tmp_path / 'bad.jsonl'}")) == 2
+    assert "bad.jsonl:3: document id 'nope' is not in" in capsys.readouterr().err
+    # only with a BEIR source
+    assert main(_args(tmp_path / "bad.jsonl", model, tmp_path / "x", "--set", f"data.train_file={mined}")) == 2
+    assert "data.train_file: training records by the ids of a BEIR folder" in capsys.readouterr().err

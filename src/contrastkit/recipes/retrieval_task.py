@@ -155,6 +155,10 @@ def build_retrieval_task(cfg: DataConfig, *, seed: int = 0) -> RetrievalTask:
     fmt = cfg.format
     if fmt == "auto":
         fmt = "beir" if is_beir_folder(cfg.source) else "pairs"
+    if cfg.train_file and fmt != "beir":
+        raise ConfigError(f"data.train_file: training records by the ids of a BEIR folder need data.source to be one "
+                          f"(and data.format beir or auto), got source {cfg.source!r} with format {cfg.format!r}; "
+                          "to train on the file alone, give it as data.source")
     if fmt == "corpus":
         p = Path(cfg.source)
         if p.is_file() or (p.is_dir() and _corpus_file(p) and not _has_queries_and_qrels(p)):
@@ -194,6 +198,13 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
         description = f"{ds.folder.name}: {len(examples)} independent-crop pairs from {len(corpus_ids)} documents"
         notes.append("unsupervised: training pairs are independent crops of corpus documents (Contriever); "
                      "the train qrels give only the dev split")
+    elif cfg.train_file:
+        examples = _file_examples(cfg, ds, corpus_ids, corpus_texts, queries, set(train_q), bad)
+        description = (f"{ds.folder.name}: {len(examples)} training records of {Path(cfg.train_file).name} for "
+                       f"{len({e.query_id for e in examples})} train queries; dev {len(dev_q)} queries carved from "
+                       f"train; test {len(test_qrels)} queries")
+        notes.append(f"training records from {cfg.train_file} (data.train_file), texts from {ds.folder.name}; records "
+                     "of dev or test queries are left out of training")
     else:
         index = {d: j for j, d in enumerate(corpus_ids)}
         examples = [Example(query=queries[q], positive=corpus_texts[index[d]], query_id=q, positive_id=d,
@@ -207,6 +218,45 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
         notes.append(_skipped_note(bad))
     return RetrievalTask(corpus_ids, corpus_texts, queries, examples, train_qrels, dev_qrels, test_qrels,
                          description, bad_records=bad, notes=notes, unsupervised=unsupervised)
+
+
+def _file_examples(cfg: DataConfig, ds, corpus_ids: Sequence[str], corpus_texts: Sequence[str],
+                   queries: Dict[str, str], train_q: set, bad: BadRecords) -> List[Example]:
+    """The records of ``data.train_file`` as training examples of the BEIR task: each names
+    the folder's query and documents by id (texts taken from the folder, prefixes applied);
+    an unknown id is a bad record (file:line); records of queries outside ``train_q`` (dev,
+    test) are left out."""
+    path = Path(cfg.train_file)
+    if not path.is_file():
+        raise ConfigError(f"data.train_file: {cfg.train_file!r} is not a file")
+    index = {d: j for j, d in enumerate(corpus_ids)}
+    out: List[Example] = []
+    for ex in read_examples(path, query_column=cfg.query_column, positive_column=cfg.positive_column,
+                            negative_columns=cfg.negative_columns, skip_bad_records=cfg.skip_bad_records, stats=bad):
+        problem = None
+        if ex.query_id is None or ex.positive_id is None or len(ex.negative_ids) != len(ex.negatives):
+            problem = ("needs query_id and positive_id (and negative_ids for its negatives) naming the folder's "
+                       "queries and documents, as `contrastkit mine` writes them")
+        elif ex.query_id not in ds.queries:
+            problem = f"query_id {ex.query_id!r} is not in {ds.folder.name}'s queries"
+        else:
+            unknown = [d for d in (ex.positive_id, *ex.negative_ids) if d not in index]
+            if unknown:
+                problem = f"document id {unknown[0]!r} is not in {ds.folder.name}'s corpus"
+        if problem is not None:
+            if not cfg.skip_bad_records:
+                raise ValueError(f"{ex.source}: {problem}")
+            bad.add(f"{ex.source}: {problem}")
+            continue
+        if ex.query_id not in train_q:
+            continue
+        out.append(dataclasses.replace(
+            ex, query=queries.get(ex.query_id, cfg.query_prefix + ds.queries[ex.query_id]),
+            positive=corpus_texts[index[ex.positive_id]],
+            negatives=tuple(corpus_texts[index[d]] for d in ex.negative_ids)))
+    if not out:
+        raise ValueError(f"{path}: no record for a train query of {ds.folder.name} (dev and test queries are left out)")
+    return out
 
 
 def _from_corpus_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:

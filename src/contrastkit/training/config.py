@@ -84,6 +84,10 @@ class DataConfig:
     format: str = field(default="auto", metadata={**_choice("auto", "beir", "pairs", "corpus"),
                         "help": "auto: a folder is BEIR, a file is pairs"})
     train_split: str = field(default="train", metadata={"help": "BEIR qrels split trained on"})
+    train_file: Optional[str] = field(default=None, metadata={"help": "with a BEIR source: train on the records "
+                                      "of this pairs / n-tuple file (e.g. written by `contrastkit mine`; query_id, "
+                                      "positive_id, negative_ids columns naming the folder's queries and documents) "
+                                      "instead of the train qrels; dev and test as for the folder"})
     test_split: Optional[str] = field(default="test", metadata={"help": "BEIR qrels split for the final before/after "
                                       "numbers only (never trained, mined, tuned or selected on); null: none"})
     dev_fraction: float = field(default=0.1, metadata={**_range(0.0, 0.5, open_lo=True),

@@ -351,7 +351,7 @@ class Trainer:
                 else:
                     # the epoch ended without reaching total_steps
                     if whole_epoch and self.step == stepped:
-                        raise RuntimeError(
+                        raise ValueError(
                             f"epoch {self.epoch} gave no batch: the batch sampler formed no full batch "
                             f"from the training examples (with batching.sampler=no_duplicates, examples whose "
                             f"texts repeat across examples cannot share a batch, and incomplete batches are "
