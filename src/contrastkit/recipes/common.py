@@ -240,20 +240,13 @@ def refuse_unread_fields(cfg: RunConfig, reads, recipe: str, reasons: Optional[D
     and default, and why (``reasons[field]`` where given). The ``output`` section (read by
     the command line) is not checked. What a recipe declares it reads is tested against what
     it does read (tests/test_simcse.py records the reads of a run)."""
-    import dataclasses
+    from ..training.config import config_differences
 
-    defaults = RunConfig()
     reads = set(reads)
-    for section in dataclasses.fields(RunConfig):
-        ours, default = getattr(cfg, section.name), getattr(defaults, section.name)
-        if section.name == "output" or not dataclasses.is_dataclass(ours):
-            continue
-        for f in dataclasses.fields(ours):
-            name = f"{section.name}.{f.name}"
-            value, dflt = getattr(ours, f.name), getattr(default, f.name)
-            if name not in reads and value != dflt:
-                why = (reasons or {}).get(name, f"the {recipe} recipe does not read it")
-                raise ConfigError(f"{name}: {why}; leave it at its default {dflt!r} (got {value!r})")
+    for name, default, value in config_differences(RunConfig(), cfg):
+        if "." in name and not name.startswith("output.") and name not in reads:
+            why = (reasons or {}).get(name, f"the {recipe} recipe does not read it")
+            raise ConfigError(f"{name}: {why}; leave it at its default {default!r} (got {value!r})")
 
 
 def save_towers(towers: Dict[str, TextEncoder], folder: Path, separate: bool) -> None:

@@ -192,6 +192,7 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
     queries = {q: cfg.query_prefix + ds.queries[q] for q in set(train_all) | set(test_qrels)}
     train_qrels = {q: train_all[q] for q in train_q}
     dev_qrels = {q: train_all[q] for q in dev_q}
+    index = {d: j for j, d in enumerate(corpus_ids)}
     if unsupervised:
         texts = [ds.document(d) for d in corpus_ids]
         examples = _crop_examples(cfg, corpus_ids, texts, seed, _crop_prefix(ds.queries))
@@ -199,14 +200,13 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
         notes.append("unsupervised: training pairs are independent crops of corpus documents (Contriever); "
                      "the train qrels give only the dev split")
     elif cfg.train_file:
-        examples = _file_examples(cfg, ds, corpus_ids, corpus_texts, queries, set(train_q), bad)
+        examples = _file_examples(cfg, ds, index, corpus_texts, queries, set(train_q), bad)
         description = (f"{ds.folder.name}: {len(examples)} training records of {Path(cfg.train_file).name} for "
                        f"{len({e.query_id for e in examples})} train queries; dev {len(dev_q)} queries carved from "
                        f"train; test {len(test_qrels)} queries")
         notes.append(f"training records from {cfg.train_file} (data.train_file), texts from {ds.folder.name}; records "
                      "of dev or test queries are left out of training")
     else:
-        index = {d: j for j, d in enumerate(corpus_ids)}
         examples = [Example(query=queries[q], positive=corpus_texts[index[d]], query_id=q, positive_id=d,
                             source=f"{ds.qrels_path(cfg.train_split)}:{ds.qrel_lines[cfg.train_split][(q, d)]}")
                     for q in train_q for d in sorted(train_all[q])]
@@ -220,7 +220,7 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
                          description, bad_records=bad, notes=notes, unsupervised=unsupervised)
 
 
-def _file_examples(cfg: DataConfig, ds, corpus_ids: Sequence[str], corpus_texts: Sequence[str],
+def _file_examples(cfg: DataConfig, ds, index: Dict[str, int], corpus_texts: Sequence[str],
                    queries: Dict[str, str], train_q: set, bad: BadRecords) -> List[Example]:
     """The records of ``data.train_file`` as training examples of the BEIR task: each names
     the folder's query and documents by id (texts taken from the folder, prefixes applied);
@@ -229,7 +229,6 @@ def _file_examples(cfg: DataConfig, ds, corpus_ids: Sequence[str], corpus_texts:
     path = Path(cfg.train_file)
     if not path.is_file():
         raise ConfigError(f"data.train_file: {cfg.train_file!r} is not a file")
-    index = {d: j for j, d in enumerate(corpus_ids)}
     out: List[Example] = []
     for ex in read_examples(path, query_column=cfg.query_column, positive_column=cfg.positive_column,
                             negative_columns=cfg.negative_columns, skip_bad_records=cfg.skip_bad_records, stats=bad):
@@ -251,7 +250,7 @@ def _file_examples(cfg: DataConfig, ds, corpus_ids: Sequence[str], corpus_texts:
         if ex.query_id not in train_q:
             continue
         out.append(dataclasses.replace(
-            ex, query=queries.get(ex.query_id, cfg.query_prefix + ds.queries[ex.query_id]),
+            ex, query=queries[ex.query_id],   # a train query: prefixed in ``queries``
             positive=corpus_texts[index[ex.positive_id]],
             negatives=tuple(corpus_texts[index[d]] for d in ex.negative_ids)))
     if not out:

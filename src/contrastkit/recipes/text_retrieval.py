@@ -119,9 +119,6 @@ def _after_brought(example: Example, mined: Example, pool: int) -> Example:
     taken = {d for d in own_ids if d is not None} | {example.positive_id}
     extra = [(t, d) for t, d in zip(mined.negatives, mined.negative_ids) if d not in taken]
     extra = extra[:max(0, pool - len(example.negatives))]
-    if not example.negatives:
-        return dataclasses.replace(example, negatives=tuple(t for t, _ in extra),
-                                   negative_ids=tuple(d for _, d in extra))
     return dataclasses.replace(example, negatives=example.negatives + tuple(t for t, _ in extra),
                                negative_ids=tuple(own_ids) + tuple(d for _, d in extra))
 
