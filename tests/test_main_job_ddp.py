@@ -149,11 +149,14 @@ def _train_initial(model_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_end_to_end_equals_one(tmp_path):
+@pytest.mark.parametrize("source", ["beir", "stream"])
+def test_torchrun_two_processes_end_to_end_equals_one(tmp_path, source):
     """The whole main job (load, encode, mine on rank 0 and broadcast, train with
     DistributedLoss and averaged gradients, dev evaluation, save) under torchrun with 2 gloo
     processes, against the same command in one process: same weights to float32 rounding
-    (they move 1000x more than that), same test figures, one run folder."""
+    (they move 1000x more than that), same test figures, one run folder. ``stream``: a
+    pairs file read lazily (data.stream): every process reads it through the same shuffle
+    buffer and encodes its slice of each batch."""
     import json
     import subprocess
     import sys
@@ -163,13 +166,22 @@ def test_torchrun_two_processes_end_to_end_equals_one(tmp_path):
     from contrastkit.cli import main
     from main_job_fixtures import make_beir, make_tiny_model
 
-    data, model = make_beir(tmp_path / "beir"), make_tiny_model(tmp_path / "model", dropout=False)
+    model = make_tiny_model(tmp_path / "model", dropout=False)
+    if source == "beir":
+        data = make_beir(tmp_path / "beir")
+        extra = ["--set", "data.dev_fraction=0.25", "--set", "negatives.rank_window=[0, 10]",
+                 "--set", "negatives.sampling=random"]
+    else:
+        from test_stream_training import _write_pairs
+
+        data = _write_pairs(tmp_path / "pairs.jsonl")
+        extra = ["--set", "data.stream=true", "--set", "data.shuffle_buffer=16", "--set", "data.stream_eval_queries=6",
+                 "--set", "data.stream_distractors=40"]
     args = ["train", "--data", str(data), "--model", str(model), "--batch-size", "8", "--chunk-size", "3", "--lr", "1e-3",
             "--precision", "fp32", "--max-steps", "4", "--no-interpolation", "--set", "data.sts=false",
             "--set", "model.query_max_length=16", "--set", "model.document_max_length=32",
-            "--set", "train.dev_corpus_size=20", "--set", "train.eval_every=2", "--set", "data.dev_fraction=0.25",
-            "--set", "negatives.rank_window=[0, 10]", "--set", "negatives.sampling=random",
-            "--set", "evaluation.bootstrap_resamples=200"]
+            "--set", "train.dev_corpus_size=20", "--set", "train.eval_every=2",
+            "--set", "evaluation.bootstrap_resamples=200", *extra]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "contrastkit", *args, "--output", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)

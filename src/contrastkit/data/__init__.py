@@ -10,10 +10,10 @@ Example::
 
 from .beir import BeirDataset, data_dir, iter_qrels, load_beir, read_jsonl, read_qrels, scifact_pairs
 from .examples import BadRecords, Example, independent_crops, split_dev
-from .readers import load_corpus, load_corpus_texts, negative_column_names, read_examples
+from .readers import iter_corpus, load_corpus, load_corpus_texts, negative_column_names, read_examples
 from .sts import StsData, load_sts
 
 __all__ = ["BeirDataset", "load_beir", "scifact_pairs", "data_dir", "read_jsonl", "read_qrels", "iter_qrels",
            "Example", "BadRecords", "split_dev", "independent_crops",
-           "read_examples", "load_corpus", "load_corpus_texts", "negative_column_names",
+           "read_examples", "iter_corpus", "load_corpus", "load_corpus_texts", "negative_column_names",
            "StsData", "load_sts"]

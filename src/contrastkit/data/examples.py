@@ -156,7 +156,7 @@ def split_dev(examples_or_query_ids: Sequence[T], *, fraction: float = 0.1, seed
 
 
 def independent_crops(documents: Sequence[str], *, min_ratio: float = 0.1, max_ratio: float = 0.5,
-                      seed: int = 0, ids: Optional[Sequence[Union[str, int]]] = None, min_words: int = 2,
+                      seed: Union[int, str] = 0, ids: Optional[Sequence[Union[str, int]]] = None, min_words: int = 2,
                       pairs_per_document: int = 1) -> List[Example]:
     """Unsupervised (query, positive) pairs from a corpus alone: two independent random
     crops of the same document (Contriever's "independent cropping").
@@ -166,7 +166,8 @@ def independent_crops(documents: Sequence[str], *, min_ratio: float = 0.1, max_r
     of the two spans independently draws a length ``max(1, round(r * n))`` with
     ``r ~ U[min_ratio, max_ratio]`` and a uniform start; the spans may overlap (the paper
     notes overlap is what makes the pairs learnable). Words are re-joined with single
-    spaces. Documents with fewer than ``min_words`` words are skipped. Seeded: the same
+    spaces. Documents with fewer than ``min_words`` words are skipped. Seeded (an int or a
+    string, as ``random.Random`` takes): the same
     documents and seed give the same pairs. ``query_id`` and ``positive_id`` are the
     document's id (``ids[i]``, default its index), so :func:`split_dev` keeps the pairs
     of one document on one side.

@@ -321,6 +321,7 @@ def load_corpus(path: PathLike, *, text_field: str = "text", title_field: Option
 
     A malformed line (bad JSON, no / empty / non-string text, duplicate id) is a
     ValueError naming file and line; ``skip_bad_records`` counts and skips it.
+    :func:`iter_corpus` reads the same documents lazily.
 
     Example::
 
@@ -331,6 +332,17 @@ def load_corpus(path: PathLike, *, text_field: str = "text", title_field: Option
         ids, texts = load_corpus(path)
         assert ids == ["1", "3"] and texts == ["first document", "second one"]
     """
+    ids: List[str] = []
+    texts: List[str] = []
+    for doc_id, text in iter_corpus(path, text_field=text_field, title_field=title_field, id_field=id_field,
+                                    skip_bad_records=skip_bad_records, stats=stats):
+        ids.append(doc_id)
+        texts.append(text)
+    return ids, texts
+
+
+def corpus_file(path: PathLike) -> Path:
+    """The corpus file a path names: the path itself, or a BEIR folder's ``corpus.jsonl[.gz]``."""
     p = Path(path)
     if p.is_dir():
         from .beir import _find
@@ -338,14 +350,31 @@ def load_corpus(path: PathLike, *, text_field: str = "text", title_field: Option
         p = _find(p, "corpus")
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
+    return p
+
+
+def iter_corpus(path: PathLike, *, text_field: str = "text", title_field: Optional[str] = "title",
+                id_field: str = "_id", skip_bad_records: bool = False, stats: Optional[BadRecords] = None,
+                check_duplicate_ids: bool = True) -> Iterator[Tuple[str, str]]:
+    """``(id, text)`` of each document of a corpus-only file, read lazily, in file order
+    (the formats and errors of :func:`load_corpus`). ``check_duplicate_ids=False`` leaves
+    out the duplicate-id check, whose set of every id seen grows with the file.
+
+    Example::
+
+        import tempfile, os
+        from contrastkit.data import iter_corpus
+        path = os.path.join(tempfile.mkdtemp(), "docs.jsonl")
+        open(path, "w").write('{"_id": "a", "title": "T", "text": "body"}\\n"bare text"\\n')
+        assert list(iter_corpus(path)) == [("a", "T body"), ("2", "bare text")]
+    """
+    p = corpus_file(path)
     if stats is None:
         stats = BadRecords()
     suffixes = [s.lower() for s in p.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
     jsonl = bool(suffixes) and suffixes[-1] in (".jsonl", ".json", ".ndjson")
-    ids: List[str] = []
-    texts: List[str] = []
     seen = set()
     with _open_text(p) as f:
         for lineno, line in enumerate(f, 1):
@@ -376,15 +405,14 @@ def load_corpus(path: PathLike, *, text_field: str = "text", title_field: Option
                         doc_id = _opt_id(raw_id, id_field) or str(lineno)
                     else:
                         raise _Bad(f"expected a JSON object or string, got {type(rec).__name__}")
-                if doc_id in seen:
+                if check_duplicate_ids and doc_id in seen:
                     raise _Bad(f"duplicate id {doc_id!r}")
             except _Bad as err:
                 _handle(err, where, skip_bad_records, stats)
                 continue
-            seen.add(doc_id)
-            ids.append(doc_id)
-            texts.append(text)
-    return ids, texts
+            if check_duplicate_ids:
+                seen.add(doc_id)
+            yield doc_id, text
 
 
 def load_corpus_texts(path: PathLike, **kwargs) -> List[str]:

@@ -39,9 +39,12 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+import itertools
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-from ..data import BadRecords, Example, independent_crops, load_beir, load_corpus, read_examples, split_dev
+from ..data import (BadRecords, Example, independent_crops, iter_corpus, load_beir, load_corpus, read_examples,
+                    split_dev)
+from ..data.stream import Reservoir, hold_out
 from ..training.config import ConfigError, DataConfig
 
 __all__ = ["RetrievalTask", "build_retrieval_task"]
@@ -65,6 +68,14 @@ class RetrievalTask:
     bad_records: Optional[BadRecords] = None
     notes: List[str] = field(default_factory=list)
     unsupervised: bool = False  # format: corpus: the training queries are crops, not in ``queries``
+    # data.stream: the training records are not held (``train_examples`` is empty); each call
+    # of ``train_stream()`` reads them again, lazily, in file order; there are ``train_count``
+    train_stream: Optional[Callable[[], Iterator[Example]]] = None
+    train_count: int = 0
+
+    @property
+    def num_train_examples(self) -> int:
+        return self.train_count if self.train_stream is not None else len(self.train_examples)
 
     def corpus_index(self) -> Dict[str, int]:
         return {d: j for j, d in enumerate(self.corpus_ids)}
@@ -137,7 +148,7 @@ def _crop_prefix(query_ids) -> str:
     return prefix
 
 
-def _crop_examples(cfg: DataConfig, doc_ids: Sequence[str], texts: Sequence[str], seed: int,
+def _crop_examples(cfg: DataConfig, doc_ids: Sequence[str], texts: Sequence[str], seed: Union[int, str],
                    prefix: str) -> List[Example]:
     """Two independent crops of each document; query id ``prefix + doc id``, positive id the doc id."""
     crops = independent_crops(list(texts), seed=seed, ids=list(doc_ids))
@@ -162,10 +173,17 @@ def build_retrieval_task(cfg: DataConfig, *, seed: int = 0) -> RetrievalTask:
     if fmt == "corpus":
         p = Path(cfg.source)
         if p.is_file() or (p.is_dir() and _corpus_file(p) and not _has_queries_and_qrels(p)):
-            return _from_corpus_file(cfg, seed=seed)
+            return _from_corpus_stream(cfg, seed=seed) if cfg.stream else _from_corpus_file(cfg, seed=seed)
+    if cfg.stream and fmt != "pairs":
+        raise ConfigError(f"data.stream: reads a pairs / triplets / n-tuples file, or a corpus alone with format "
+                          f"corpus, lazily; data.source {cfg.source!r} is read as a BEIR folder ({fmt}), whose "
+                          "corpus the evaluation holds in memory (set data.stream: false)")
+    if fmt == "corpus":
         return _from_beir(cfg, seed=seed, unsupervised=True)
     if fmt == "beir":
         return _from_beir(cfg, seed=seed, unsupervised=False)
+    if cfg.stream:
+        return _from_pairs_stream(cfg, seed=seed)
     return _from_pairs_file(cfg, seed=seed)
 
 
@@ -283,34 +301,163 @@ def _from_corpus_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
     return task
 
 
-def _from_pairs_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
+def _pairs_path(cfg: DataConfig) -> Path:
     path = Path(cfg.source)
     if not path.is_file():
         raise ConfigError(f"data.source: {cfg.source!r} is not a file, a BEIR folder or a bundled dataset name")
+    return path
+
+
+def _read_pairs(cfg: DataConfig, path: Path, bad: BadRecords) -> Iterator[Example]:
+    return read_examples(path, query_column=cfg.query_column, positive_column=cfg.positive_column,
+                         negative_columns=cfg.negative_columns, skip_bad_records=cfg.skip_bad_records, stats=bad)
+
+
+def _with_ids(cfg: DataConfig, ex: Example) -> Example:
+    """The record with every id set (a hash of the text where the file gives none) and the prefixes applied."""
+    nids = [ex.negative_ids[j] if j < len(ex.negative_ids) and ex.negative_ids[j] else text_id("d", neg)
+            for j, neg in enumerate(ex.negatives)]
+    return dataclasses.replace(ex, query=cfg.query_prefix + ex.query, positive=cfg.document_prefix + ex.positive,
+                               negatives=tuple(cfg.document_prefix + n for n in ex.negatives),
+                               query_id=ex.query_id or text_id("q", ex.query),
+                               positive_id=ex.positive_id or text_id("d", ex.positive), negative_ids=tuple(nids))
+
+
+def _from_corpus_stream(cfg: DataConfig, *, seed: int) -> RetrievalTask:
+    """``format: corpus`` with ``data.stream`` on a corpus alone: one pass counts the documents
+    that give crops and samples ``data.stream_distractors`` of them (random negatives); each
+    call of ``task.train_stream()`` reads the corpus again and crops each document as it comes
+    (seeded by the seed and the document's id, so every pass gives the same crops)."""
+    path = Path(cfg.source)
+    where = _corpus_file(path) if path.is_dir() else path
     bad = BadRecords()
-    rows = list(read_examples(path, query_column=cfg.query_column, positive_column=cfg.positive_column,
-                              negative_columns=cfg.negative_columns, skip_bad_records=cfg.skip_bad_records,
-                              stats=bad))
+
+    def documents(stats: BadRecords):
+        # no duplicate-id check: its set of every id would grow with the file
+        return iter_corpus(path, skip_bad_records=cfg.skip_bad_records, stats=stats, check_duplicate_ids=False)
+
+    sample = Reservoir(cfg.stream_distractors, seed)
+    croppable = 0
+    for doc_id, text in documents(bad):
+        sample.offer(doc_id, cfg.document_prefix + text)
+        croppable += len(text.split()) >= 2       # independent_crops' min_words
+    if not croppable:
+        raise ValueError(f"{where}: no document has the 2 words two crops need")
+    count = croppable if cfg.max_train_examples is None else min(croppable, cfg.max_train_examples)
+
+    def train_stream() -> Iterator[Example]:
+        crops = (ex for doc_id, text in documents(BadRecords())
+                 for ex in _crop_examples(cfg, [doc_id], [text], f"{seed}:{doc_id}", "crop:"))
+        return itertools.islice(crops, count)
+
+    ids = list(sample.items)
+    task = RetrievalTask(ids, [sample.items[d] for d in ids], {}, [], {}, {}, {},
+                         f"{where.name} (streamed): {count} independent-crop pairs, one per document; no qrels, so "
+                         "no dev or test evaluation", bad_records=bad, unsupervised=True, train_stream=train_stream,
+                         train_count=count)
+    task.notes.append("unsupervised: training pairs are independent crops of corpus documents (Contriever), cut as "
+                      "each document is read (data.stream); duplicate document ids are not checked")
+    task.notes.append("a corpus alone has no qrels: no dev evaluation (no checkpoint selection, no WiSE-FT "
+                      "interpolation) and no before / after test numbers; the model of the last step is saved")
+    if bad.count:
+        task.notes.append(_skipped_note(bad))
+    return task
+
+
+def _from_pairs_stream(cfg: DataConfig, *, seed: int) -> RetrievalTask:
+    """``data.stream``: one bounded pass holds out dev and test queries and samples distractor
+    documents (:func:`contrastkit.data.stream.hold_out`); the training records are read again,
+    lazily, each time ``task.train_stream()`` is called."""
+    path = _pairs_path(cfg)
+    bad = BadRecords()
+    split = hold_out(lambda: (_with_ids(cfg, e) for e in _read_pairs(cfg, path, bad)), seed=seed,
+                     num_dev=cfg.stream_eval_queries, num_test=cfg.stream_eval_queries, fraction=cfg.dev_fraction,
+                     num_distractors=cfg.stream_distractors, document_id=lambda text: text_id("d", text))
+    if not split.records:
+        raise ValueError(f"{path}: no usable record")
+    count = split.train_records if cfg.max_train_examples is None else min(split.train_records,
+                                                                           cfg.max_train_examples)
+    if not count:
+        raise ValueError(f"{path}: no record is left for training after holding out {len(split.test_keys)} test and "
+                         f"{len(split.dev_keys)} dev queries (data.stream_eval_queries, data.dev_fraction)")
+
+    def train_stream() -> Iterator[Example]:
+        # bad records were counted (or raised) by the first pass; later passes skip them silently
+        records = (e for e in (_with_ids(cfg, x) for x in _read_pairs(cfg, path, BadRecords()))
+                   if not split.is_held_out(e))
+        return itertools.islice(records, count)
+
+    corpus: Dict[str, str] = {}
+    queries: Dict[str, str] = {}
+    qrels: Dict[str, Qrels] = {"test": {}, "dev": {}}
+    for name, records in (("test", split.test), ("dev", split.dev)):
+        for ex in records:
+            queries[ex.query_id] = ex.query
+            qrels[name].setdefault(ex.query_id, {})[ex.positive_id] = 1
+            corpus.setdefault(ex.positive_id, ex.positive)
+            for d, t in zip(ex.negative_ids, ex.negatives):
+                corpus.setdefault(d, t)
+    held_docs = len(corpus)
+    for d, t in split.distractors.items():
+        corpus.setdefault(d, t)
+    corpus_ids = list(corpus)
+    task = RetrievalTask(corpus_ids, [corpus[d] for d in corpus_ids], queries, [], {}, qrels["dev"], qrels["test"],
+                         f"{path.name} (streamed): {count} training records of {split.records}; dev "
+                         f"{len(qrels['dev'])} and held-out test {len(qrels['test'])} queries carved from the same "
+                         f"file by a seeded hash of the query",
+                         test_is_held_out_from_train_file=True, bad_records=bad, train_stream=train_stream,
+                         train_count=count)
+    task.notes.append(f"data.stream: the training records are read again each epoch through a shuffle buffer of "
+                      f"{cfg.shuffle_buffer}; the dev / test corpus is the held-out queries' {held_docs} documents and "
+                      f"{len(corpus_ids) - held_docs} documents sampled from the file (data.stream_distractors)")
+    task.notes.extend(split.notes)
+    if bad.count:
+        task.notes.append(_skipped_note(bad))
+    return task
+
+
+def physical_memory_bytes() -> Optional[int]:
+    """This machine's memory (None where the OS does not say)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _refuse_file_larger_than_memory(path: Path) -> None:
+    """The in-memory reader holds every record's text several times over (records, corpus,
+    queries) and then their embeddings: a file over a quarter of the machine's memory
+    (a ``.gz`` counted at 4x its size) is refused with the streamed reader as the way out."""
+    gz = path.suffix.lower() == ".gz"
+    size = path.stat().st_size * (4 if gz else 1)
+    memory = physical_memory_bytes()
+    if memory and size > memory / 4:
+        raise ConfigError(f"data.stream: {path} ({size / 2**30:.1f} GB{' uncompressed, estimated' if gz else ''}) "
+                          f"is more than a quarter of this machine's {memory / 2**30:.1f} GB of memory, too large to "
+                          "hold; set data.stream: true to read it lazily")
+
+
+def _from_pairs_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
+    path = _pairs_path(cfg)
+    _refuse_file_larger_than_memory(path)
+    bad = BadRecords()
+    rows = list(_read_pairs(cfg, path, bad))
     if not rows:
         raise ValueError(f"{path}: no usable record")
     corpus: Dict[str, str] = {}
     queries: Dict[str, str] = {}
     qrels: Qrels = {}
     examples: List[Example] = []
-    for ex in rows:
-        qid = ex.query_id or text_id("q", ex.query)
-        queries[qid] = cfg.query_prefix + ex.query
-        pid = ex.positive_id or text_id("d", ex.positive)
-        corpus.setdefault(pid, cfg.document_prefix + ex.positive)
-        nids = []
-        for j, neg in enumerate(ex.negatives):
-            nid = ex.negative_ids[j] if j < len(ex.negative_ids) and ex.negative_ids[j] else text_id("d", neg)
-            corpus.setdefault(nid, cfg.document_prefix + neg)
-            nids.append(nid)
-        qrels.setdefault(qid, {})[pid] = 1
-        examples.append(dataclasses.replace(ex, query=queries[qid], positive=corpus[pid], query_id=qid,
-                                            positive_id=pid, negatives=tuple(corpus[n] for n in nids),
-                                            negative_ids=tuple(nids)))
+    for raw in rows:
+        ex = _with_ids(cfg, raw)
+        queries[ex.query_id] = ex.query
+        for d, t in zip((ex.positive_id, *ex.negative_ids), (ex.positive, *ex.negatives)):
+            corpus.setdefault(d, t)   # an id's first text is its text
+        qrels.setdefault(ex.query_id, {})[ex.positive_id] = 1
+        examples.append(dataclasses.replace(ex, positive=corpus[ex.positive_id],
+                                            negatives=tuple(corpus[n] for n in ex.negative_ids)))
     # dev and a held-out "test" share of the queries, both carved from the file
     rest, test_q = _split_queries(list(qrels), cfg.dev_fraction, seed + 1)
     train_q, dev_q = _split_queries(rest, cfg.dev_fraction / max(1e-9, 1 - cfg.dev_fraction), seed)

@@ -42,6 +42,7 @@ from ..models import TextEncoder
 from ..models.precision import autocast_dtype, cpu_has_fast_bf16
 from ..negatives.mining import known_positives, mine_hard_negatives
 from ..negatives.samplers import B3BatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
+from ..negatives.stream_sampler import ShuffleBufferBatches
 from ..training.config import ConfigError, RunConfig, dump_config
 from ..training.interpolation import snapshot
 from ..training.loop import Trainer, build_schedule
@@ -123,6 +124,32 @@ def _after_brought(example: Example, mined: Example, pool: int) -> Example:
                                negative_ids=tuple(own_ids) + tuple(d for _, d in extra))
 
 
+def _streamed_batches(task: RetrievalTask, cfg: RunConfig, pool: int) -> ShuffleBufferBatches:
+    """data.stream: the training records read again each epoch through a shuffle buffer, each
+    filled to ``pool`` negatives with random sampled documents (never its query's held-out
+    documents: only the distractors that are no held-out query's document), seeded per record."""
+    h = cfg.negatives.num_negatives
+    held = {d for qrels in (task.dev_qrels, task.test_qrels) for docs in qrels.values() for d in docs}
+    rows = [j for j, d in enumerate(task.corpus_ids) if d not in held]
+    ids, texts = [task.corpus_ids[j] for j in rows], [task.corpus_texts[j] for j in rows]
+    if h and not ids:
+        raise ConfigError("negatives.num_negatives: records short of negatives get random ones from the sampled "
+                          "documents, and data.stream_distractors is 0 (raise it, or set num_negatives to 0)")
+    seed = cfg.train.seed
+
+    def records():
+        for ex in task.train_stream():
+            if len(ex.negatives) != pool:
+                [ex] = fill_negatives([ex], pool, ids, texts, {}, seed=f"{seed}:{ex.query_id}:{ex.positive_id}")
+            yield ex
+
+    source = Path(cfg.data.source)
+    return ShuffleBufferBatches(records, cfg.batching.batch_size, num_records=task.train_count, seed=seed,
+                                buffer_size=cfg.data.shuffle_buffer,
+                                no_duplicates=cfg.batching.sampler == "no_duplicates", num_negatives=h or None,
+                                fingerprint=f"{source.name}:{source.stat().st_size}:{task.train_count}")
+
+
 def _metrics(scores) -> Dict[str, float]:
     return {k: float(v) for k, v in scores.to_dict().items()}
 
@@ -165,14 +192,16 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     # 1. load --------------------------------------------------------------------------------
     with timer("load"):
         task = build_retrieval_task(cfg.data, seed=cfg.train.seed)
-        if task.unsupervised:  # the crops are not encoded: what needs their base-model embeddings cannot run
+        if task.unsupervised or task.train_stream is not None:
+            # the training queries are not encoded: what needs their base-model embeddings cannot run
+            which = "the crops of data.format: corpus" if task.unsupervised else "streamed training records " \
+                "(data.stream)"
             if cfg.batching.sampler == "b3":
-                raise ConfigError("batching.sampler: b3 groups training queries by their base-model embeddings; "
-                                  "the crops of data.format: corpus are not encoded (use no_duplicates or random)")
+                raise ConfigError(f"batching.sampler: b3 groups training queries by their base-model embeddings; "
+                                  f"{which} are not encoded (use no_duplicates or random)")
             if cfg.negatives.guide_mask:
-                raise ConfigError("negatives.guide_mask: the GISTEmbed guide scores training queries with the base "
-                                  "model; the crops of data.format: corpus are not encoded, so it would mask nothing "
-                                  "(set it to false)")
+                raise ConfigError(f"negatives.guide_mask: the GISTEmbed guide scores training queries with the base "
+                                  f"model; {which} are not encoded, so it would mask nothing (set it to false)")
         say(task.description)
         for note in task.notes:
             say(f"note: {note}")
@@ -186,7 +215,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     summary["task"] = task.description
     summary["notes"] = task.notes
     objective = build_objective(cfg).to(device)
-    with_ids = all(e.query_id is not None for e in task.train_examples)
+    with_ids = task.train_stream is not None or all(e.query_id is not None for e in task.train_examples)
     check_objective_fits(cfg, objective, num_negatives=cfg.negatives.num_negatives,
                          masks_possible=cfg.negatives.guide_mask or (cfg.negatives.mask_duplicates and with_ids))
 
@@ -195,10 +224,15 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                       | {e.query_id for e in task.train_examples if e.query_id in task.queries})
     corpus_emb = query_emb_rows = before_scores = None
     query_emb: Dict[str, Tensor] = {}
+    # the base corpus embeddings serve evaluation, mining and the guide; a corpus alone (crops,
+    # no qrels) needs none of them, and its corpus may be the whole of a large file
+    corpus_needed = bool(task.dev_qrels or task.test_qrels) or not (task.unsupervised or task.train_stream is not None)
     if main:
         with timer("encode_corpus"):
             key = _corpus_key(cfg, device, precision, task) if embedding_cache is not None else None
-            if key is not None and key in embedding_cache:
+            if not corpus_needed:
+                say("corpus not encoded: a corpus alone has nothing to evaluate or mine with it")
+            elif key is not None and key in embedding_cache:
                 corpus_emb = embedding_cache[key]
                 say("corpus embeddings of the base model: reused from this process's cache")
             else:
@@ -253,7 +287,11 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     h = cfg.negatives.num_negatives
     pool = h * cfg.negatives.pool_size  # negatives held per example: pool_size sets, one per epoch in turn
     with timer("mine"):
-        if main:
+        if main and task.train_stream is not None:
+            if h > 0:
+                say(f"note: data.stream: no mining (the corpus is not held); each record keeps its own negatives and "
+                    f"one short of {pool} gets random ones from the {len(task.corpus_ids)} sampled documents")
+        elif main:
             # negatives the training file brings are the user's: kept, first; mining only fills the rest
             brought = sum(1 for e in examples if e.negatives)
             short = [i for i, e in enumerate(examples) if len(e.negatives) < pool]
@@ -280,9 +318,12 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                 why = "the crops of data.format: corpus are not encoded" if task.unsupervised else \
                     "the training pairs have no query / document ids in the corpus"
                 say(f"note: mining skipped ({why}); negatives are drawn at random")
-            if h > 0:
-                examples = fill_negatives(examples, pool, task.corpus_ids, task.corpus_texts, known_ids,
-                                          seed=cfg.train.seed)
+            if brought and h == 0:
+                say(f"note: negatives.num_negatives is 0: the negatives {brought} training examples bring are not "
+                    "used (in-batch negatives only)")
+            # every example gets exactly `pool` negatives (0: none), the objective's column count
+            examples = fill_negatives(examples, pool, task.corpus_ids, task.corpus_texts, known_ids,
+                                      seed=cfg.train.seed)
         examples = broadcast(examples, rank, world)
 
     # 5. train --------------------------------------------------------------------------------------
@@ -314,10 +355,13 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                             chunk_tokens=chunk_tokens)
     if cfg.batching.batch_size % world:
         raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} must be a multiple of the {world} processes")
-    if len(examples) < cfg.batching.batch_size:
-        raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} is larger than the {len(examples)} "
+    n_train = task.num_train_examples
+    if n_train < cfg.batching.batch_size:
+        raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} is larger than the {n_train} "
                           "training examples")
-    if cfg.batching.sampler == "no_duplicates":
+    if task.train_stream is not None:
+        batches = _streamed_batches(task, cfg, pool)
+    elif cfg.batching.sampler == "no_duplicates":
         sampler = NoDuplicatesBatchSampler(examples, cfg.batching.batch_size, seed=cfg.train.seed, drop_last=True,
                                            num_negatives=h or None)
     elif cfg.batching.sampler == "b3":
@@ -327,7 +371,8 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
         sampler = B3BatchSampler(examples, cfg.batching.batch_size, query_embeddings=teacher, seed=cfg.train.seed)
     else:
         sampler = RandomBatchSampler(len(examples), cfg.batching.batch_size, seed=cfg.train.seed)
-    batches = ExampleBatches(sampler, examples, num_negatives=h or None)
+    if task.train_stream is None:
+        batches = ExampleBatches(sampler, examples, num_negatives=h or None)
     steps_per_epoch = max(1, len(batches))
     total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
     trainable = {"query": query_tower}
@@ -347,7 +392,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
         atomic_replace_dir(lambda tmp: save_towers(towers, tmp, cfg.model.separate_towers), folder)
 
     chunks = f"chunks of up to {chunk_tokens} tokens" if chunk_tokens else f"chunks of {cfg.batching.chunk_size}"
-    say(f"training: {len(examples)} examples, batch {cfg.batching.batch_size} ({chunks}), "
+    say(f"training: {n_train} examples, batch {cfg.batching.batch_size} ({chunks}), "
         f"{h} hard negative(s) each"
         + (f" (set e mod {cfg.negatives.pool_size} of the mined pool in epoch e)" if h and cfg.negatives.pool_size > 1
            else "")
@@ -362,7 +407,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     with timer("train"):
         result = trainer.fit(resume=cfg.output.resume)
     train_losses = [r["loss"] for r in run.records() if r.get("phase") == "train"] if main else []
-    summary["train"] = {"steps": result.steps, "examples": len(examples), "batch_size": cfg.batching.batch_size,
+    summary["train"] = {"steps": result.steps, "examples": n_train, "batch_size": cfg.batching.batch_size,
                         "epochs": cfg.optim.epochs, "steps_per_epoch": steps_per_epoch,
                         "loss_first": train_losses[0] if train_losses else None,
                         "loss_last": train_losses[-1] if train_losses else None, **result.stats}

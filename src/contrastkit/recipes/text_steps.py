@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,10 +61,12 @@ class Guide:
 
 
 def fill_negatives(examples: Sequence[Example], num_negatives: int, corpus_ids: Sequence[str],
-                   corpus_texts: Sequence[str], known: Mapping[str, Set[str]], *, seed: int = 0) -> List[Example]:
+                   corpus_texts: Sequence[str], known: Mapping[str, Set[str]], *,
+                   seed: Union[int, str] = 0) -> List[Example]:
     """Give every example exactly ``num_negatives`` negatives (the objective's columns
     need one count): extra ones are cut, missing ones (the mining window ran out) are
-    drawn uniformly from the corpus, never a known positive of the query; seeded."""
+    drawn uniformly from the corpus, never a known positive of the query; seeded
+    (``random.Random(seed)``: an int or a string, the same on every machine)."""
     import dataclasses
 
     rng = random.Random(seed)
@@ -99,7 +101,8 @@ class RetrievalStep:
         chunk_size: rows per gradient-cached encoder pass.
         chunk_tokens: instead, padded tokens per pass (GradCache's token budget).
         autocast_dtype: ``torch.bfloat16`` or None.
-        known_positives: query id -> ids of all its relevant documents (for the duplicate mask).
+        known_positives: query id -> ids of all its relevant documents (for the duplicate mask);
+            the positives the batch itself shows for a query are added to them.
         guide: base-model embeddings for the GISTEmbed mask, or None.
         rank, world: this process's slice of the global batch.
         memory_steps: keep the document embeddings of this many past steps as extra
@@ -184,7 +187,13 @@ class RetrievalStep:
         cols = mnrl_columns(batch, key="id") + list(memory_ids)
         out = []
         if self.mask_duplicates and all(e.query_id is not None for e in batch):
-            rows = [set(self.known.get(e.query_id, ())) for e in batch]
+            # what the run knows of each query, and what the batch itself shows (a query twice
+            # in the batch with two positives: each is the other's false negative)
+            in_batch: Dict[str, Set[str]] = {}
+            for e in batch:
+                if e.positive_id is not None:
+                    in_batch.setdefault(e.query_id, set()).add(e.positive_id)
+            rows = [set(self.known.get(e.query_id, ())) | in_batch.get(e.query_id, set()) for e in batch]
             out.append(DuplicatePositiveMask(rows, cols, positive_index))
         elif memory_ids:
             # the memory may hold this very pair from an earlier step (an epoch boundary):

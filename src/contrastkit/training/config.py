@@ -101,6 +101,16 @@ class DataConfig:
                                    "stopping at the first (file:line in the error)"})
     max_train_examples: Optional[int] = field(default=None, metadata={**_range(1), "help": "use only the first n training examples"})
     sts: bool = field(default=True, metadata={"help": "forgetting guard: STS-B test Spearman before and after"})
+    stream: bool = field(default=False, metadata={"help": "read a pairs file (or, with format corpus, a corpus "
+                         "alone) lazily, for files larger than memory: one bounded pass holds out dev and test queries "
+                         "(seeded hash) and counts the records, then each epoch reads the file again through a shuffle "
+                         "buffer; no mining (the file's negatives, else random ones from the sampled documents)"})
+    shuffle_buffer: int = field(default=10000, metadata={**_range(1), "help": "with stream: records held to shuffle "
+                                "the file's order (a local shuffle, like tf.data's)"})
+    stream_eval_queries: int = field(default=500, metadata={**_range(1), "help": "with stream: the most queries held "
+                                     "out as dev and as many as test (each also at most dev_fraction of the records)"})
+    stream_distractors: int = field(default=5000, metadata={**_range(0), "help": "with stream: documents of the file "
+                                    "sampled (reservoir) into the dev / test corpus beside the held-out queries' own"})
 
 
 @dataclass
@@ -496,6 +506,11 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     if cfg.objective.name not in allowed:
         raise ConfigError(f"objective.name: {cfg.objective.name!r} is not a loss of contrastkit.losses; allowed "
                           "values: " + ", ".join(allowed))
+    if not cfg.data.stream:
+        for name in ("shuffle_buffer", "stream_eval_queries", "stream_distractors"):
+            if getattr(cfg.data, name) != getattr(DataConfig(), name):
+                raise ConfigError(f"data.{name}: only read with data.stream: true (got {getattr(cfg.data, name)!r} "
+                                  "with stream false)")
     start, stop = cfg.negatives.rank_window
     if not 0 <= start < stop:
         raise ConfigError(f"negatives.rank_window: [{start}, {stop}] must satisfy 0 <= start < stop")

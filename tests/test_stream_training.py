@@ -1,0 +1,125 @@
+"""data.stream end to end: `contrastkit train` on a pairs file read lazily (tiny model),
+its report, exact resume, and the settings it cannot honour refused by name."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from contrastkit.cli import main
+from main_job_fixtures import TOPICS, make_tiny_model
+
+
+def _write_pairs(path, n_queries=80, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n_queries):
+            a, b = rng.sample(TOPICS, 2)
+            for k in range(1 + (i % 3 == 0)):        # every third query has two positives
+                rec = {"query": f"what about {a} {i}?", "positive": f"we measured {a} and {b} in patients {i}.{k}"}
+                if i % 2:
+                    rec["negative"] = f"an unrelated note about {b} number {i}"
+                f.write(json.dumps(rec) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    return _write_pairs(root / "pairs.jsonl"), make_tiny_model(root / "model", dropout=False)
+
+
+def _args(data, model, out, *extra, stream=True):
+    streamed = ["--set", "data.stream=true", "--set", "data.shuffle_buffer=16", "--set", "data.stream_eval_queries=6",
+                "--set", "data.stream_distractors=40"] if stream else []
+    return ["train", "--data", str(data), "--model", str(model), "--output", str(out), "--batch-size", "8",
+            "--chunk-size", "4", "--lr", "1e-3", "--precision", "fp32", "--no-interpolation", *streamed,
+            "--set", "data.sts=false",
+            "--set", "model.query_max_length=16", "--set", "model.document_max_length=32",
+            "--set", "train.dev_corpus_size=30", "--set", "train.eval_every=3",
+            "--set", "evaluation.bootstrap_resamples=100", *extra]
+
+
+def test_streamed_run_reports_before_and_after_on_the_held_out_queries(tiny, tmp_path, capsys):
+    data, model = tiny
+    assert main(_args(data, model, tmp_path / "run", "--max-steps", "6")) == 0
+    out = capsys.readouterr().out
+    assert "(streamed)" in out and "no mining" in out
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["test_split"] == "held-out share"
+    assert set(m["before"]) >= {"ndcg@10", "mrr@10"} and set(m["after"]) >= {"ndcg@10", "mrr@10"}
+    assert m["train"]["steps"] == 6 and m["train"]["examples"] > 0
+    assert "mining" not in m
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("phase") == "dev"] == [0, 3, 6]
+
+
+def test_streamed_run_resumes_to_the_same_weights(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    import contrastkit.training.loop as loop
+
+    data, model = tiny
+    # 32 records: at most 4 batches an epoch, so the kill at step 5 lands inside epoch 1
+    common = ["--max-steps", "7", "--set", "train.checkpoint_every=1", "--set", "data.max_train_examples=32"]
+    assert main(_args(data, model, tmp_path / "full", *common)) == 0
+    original = loop.Trainer.save
+
+    def save_then_die(self):
+        original(self)
+        if self.step == 5:        # past an epoch boundary: the shuffle buffer replays epoch 1 to its position
+            raise KeyboardInterrupt("simulated kill")
+
+    loop.Trainer.save = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(_args(data, model, tmp_path / "part", *common))
+    finally:
+        loop.Trainer.save = original
+    state = torch.load(tmp_path / "part" / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["batches"]["position"] >= 1       # inside epoch 1
+    assert main(_args(data, model, tmp_path / "part", *common, "--resume")) == 0
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("batching.sampler=b3", "batching.sampler: b3"),
+    ("negatives.guide_mask=true", "negatives.guide_mask"),
+])
+def test_streamed_run_refuses_what_needs_the_whole_file(tiny, tmp_path, capsys, setting, message):
+    data, model = tiny
+    assert main(_args(data, model, tmp_path / "run", "--max-steps", "2", "--set", setting)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "data.stream" in err and "Traceback" not in err
+
+
+def test_streamed_corpus_alone_trains_on_crops_without_encoding_the_corpus(tmp_path, capsys):
+    from test_stream_data import _write_corpus
+
+    model = make_tiny_model(tmp_path / "model")
+    corpus = _write_corpus(tmp_path / "corpus.jsonl")
+    assert main(["train", "--data", str(corpus), "--format", "corpus", "--model", str(model), "--output",
+                 str(tmp_path / "run"), "--batch-size", "8", "--chunk-size", "4", "--precision", "fp32",
+                 "--max-steps", "3", "--set", "data.stream=true", "--set", "data.shuffle_buffer=20",
+                 "--set", "data.sts=false", "--set", "model.query_max_length=16",
+                 "--set", "model.document_max_length=32"]) == 0
+    out = capsys.readouterr().out
+    assert "(streamed): 60 independent-crop pairs" in out and "corpus not encoded" in out
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["train"]["steps"] == 3 and m["train"]["examples"] == 60 and "before" not in m
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_hard_negatives_means_the_files_negatives_are_left_out(tiny, tmp_path, capsys, stream):
+    # half the records bring a negative: with num_negatives 0 none is used (before, the
+    # in-memory path trained on them and failed on a batch mixing 0 and 1 negatives)
+    data, model = tiny
+    assert main(_args(data, model, tmp_path / "run", "--max-steps", "2", "--set", "negatives.num_negatives=0",
+                      stream=stream)) == 0
+    out = capsys.readouterr().out
+    assert ("training examples bring are not used" in out) != stream
