@@ -58,3 +58,26 @@ def make_tiny_model(folder: Path, *, dropout: bool = True) -> Path:
                                   **({} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
     transformers.BertModel(cfg).save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def run_killed_after_checkpoint(argv, step: int) -> None:
+    """Run ``contrastkit <argv>`` and kill it (KeyboardInterrupt) right after its checkpoint
+    at ``step``, as a crash would: the run folder keeps that checkpoint."""
+    import pytest
+
+    import contrastkit.training.loop as loop
+    from contrastkit.cli import main
+
+    original = loop.Trainer.save
+
+    def save_then_die(self):
+        original(self)
+        if self.step == step:
+            raise KeyboardInterrupt("simulated kill")
+
+    loop.Trainer.save = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    finally:
+        loop.Trainer.save = original

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from contrastkit.cli import main
-from main_job_fixtures import make_beir, make_tiny_model
+from main_job_fixtures import make_beir, make_tiny_model, run_killed_after_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -140,22 +140,7 @@ def test_resume_gives_the_same_final_weights(tiny, tmp_path, memory_steps):
               "--set", "train.checkpoint_every=1", "--set", f"negatives.memory_steps={memory_steps}"]
     assert main(_args(data, model, tmp_path / "full", *common)) == 0
     # a run that is killed after its step-3 checkpoint, then resumed
-    import contrastkit.training.loop as loop
-
-    original = loop.Trainer.save
-    calls = {"n": 0}
-
-    def save_then_die(self):
-        original(self)
-        if self.step == 3:
-            raise KeyboardInterrupt("simulated kill")
-
-    loop.Trainer.save = save_then_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            main(_args(data, model, tmp_path / "part", *common))
-    finally:
-        loop.Trainer.save = original
+    run_killed_after_checkpoint(_args(data, model, tmp_path / "part", *common), step=3)
     assert main(_args(data, model, tmp_path / "part", *common, "--resume")) == 0
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
@@ -250,7 +235,6 @@ def test_negative_pool_gives_each_epoch_its_own_set_and_resumes_exactly(tiny, tm
     # set e mod 2; 8 steps span several epochs and the kill after step 5 lands mid-epoch
     from safetensors.torch import load_file
 
-    import contrastkit.training.loop as loop
     from contrastkit.recipes.common import ExampleBatches
 
     data, model = tiny
@@ -280,18 +264,8 @@ def test_negative_pool_gives_each_epoch_its_own_set_and_resumes_exactly(tiny, tm
     assert all(by_epoch[2][q] == by_epoch[0][q] for q in set(by_epoch[2]) & set(by_epoch[0]))  # set 0 again
     full_batches = seen[:8]
 
-    original_save = loop.Trainer.save
-
-    def save_then_die(self):
-        original_save(self)
-        if self.step == 5:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(loop.Trainer, "save", save_then_die)
     seen.clear()
-    with pytest.raises(KeyboardInterrupt):
-        main(_args(data, model, tmp_path / "part", *common))
-    monkeypatch.setattr(loop.Trainer, "save", original_save)
+    run_killed_after_checkpoint(_args(data, model, tmp_path / "part", *common), step=5)
     assert main(_args(data, model, tmp_path / "part", *common, "--resume")) == 0
     assert seen[:5] + seen[-3:] == full_batches                             # the same batches and negatives
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))

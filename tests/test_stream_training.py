@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from contrastkit.cli import main
-from main_job_fixtures import TOPICS, make_tiny_model
+from main_job_fixtures import TOPICS, make_tiny_model, run_killed_after_checkpoint
 
 
 def _write_pairs(path, n_queries=80, seed=0):
@@ -58,25 +58,12 @@ def test_streamed_run_reports_before_and_after_on_the_held_out_queries(tiny, tmp
 def test_streamed_run_resumes_to_the_same_weights(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    import contrastkit.training.loop as loop
-
     data, model = tiny
     # 32 records: at most 4 batches an epoch, so the kill at step 5 lands inside epoch 1
     common = ["--max-steps", "7", "--set", "train.checkpoint_every=1", "--set", "data.max_train_examples=32"]
     assert main(_args(data, model, tmp_path / "full", *common)) == 0
-    original = loop.Trainer.save
-
-    def save_then_die(self):
-        original(self)
-        if self.step == 5:        # past an epoch boundary: the shuffle buffer replays epoch 1 to its position
-            raise KeyboardInterrupt("simulated kill")
-
-    loop.Trainer.save = save_then_die
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            main(_args(data, model, tmp_path / "part", *common))
-    finally:
-        loop.Trainer.save = original
+    # past an epoch boundary: the shuffle buffer replays epoch 1 to its position
+    run_killed_after_checkpoint(_args(data, model, tmp_path / "part", *common), step=5)
     state = torch.load(tmp_path / "part" / "checkpoint" / "trainer.pt", weights_only=True)
     assert state["epoch"] == 1 and state["batches"]["position"] >= 1       # inside epoch 1
     assert main(_args(data, model, tmp_path / "part", *common, "--resume")) == 0

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..data import Example, load_sts
+from ..data.readers import corpus_file
 from ..evaluation import evaluate_retrieval, evaluate_sts, paired_bootstrap
 from ..models import TextEncoder
 from ..models.precision import autocast_dtype, cpu_has_fast_bf16
@@ -124,6 +125,18 @@ def _after_brought(example: Example, mined: Example, pool: int) -> Example:
                                negative_ids=tuple(own_ids) + tuple(d for _, d in extra))
 
 
+def _in_memory_sampler(cfg: RunConfig, examples: Sequence[Example], query_emb: Dict[str, Tensor]):
+    """``batching.sampler``'s batch sampler over the held examples (B3's teacher: the base
+    model's query embeddings)."""
+    bs, seed, h = cfg.batching.batch_size, cfg.train.seed, cfg.negatives.num_negatives
+    if cfg.batching.sampler == "no_duplicates":
+        return NoDuplicatesBatchSampler(examples, bs, seed=seed, drop_last=True, num_negatives=h or None)
+    if cfg.batching.sampler == "b3":
+        teacher = torch.stack([query_emb[e.query_id] for e in examples])
+        return B3BatchSampler(examples, bs, query_embeddings=teacher, seed=seed)
+    return RandomBatchSampler(len(examples), bs, seed=seed)
+
+
 def _streamed_batches(task: RetrievalTask, cfg: RunConfig, pool: int) -> ShuffleBufferBatches:
     """data.stream: the training records read again each epoch through a shuffle buffer, each
     filled to ``pool`` negatives with random sampled documents (never its query's held-out
@@ -143,7 +156,7 @@ def _streamed_batches(task: RetrievalTask, cfg: RunConfig, pool: int) -> Shuffle
                 [ex] = fill_negatives([ex], pool, ids, texts, {}, seed=f"{seed}:{ex.query_id}:{ex.positive_id}")
             yield ex
 
-    source = Path(cfg.data.source)
+    source = corpus_file(cfg.data.source) if Path(cfg.data.source).is_dir() else Path(cfg.data.source)
     return ShuffleBufferBatches(records, cfg.batching.batch_size, num_records=task.train_count, seed=seed,
                                 buffer_size=cfg.data.shuffle_buffer,
                                 no_duplicates=cfg.batching.sampler == "no_duplicates", num_negatives=h or None,
@@ -361,18 +374,10 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                           "training examples")
     if task.train_stream is not None:
         batches = _streamed_batches(task, cfg, pool)
-    elif cfg.batching.sampler == "no_duplicates":
-        sampler = NoDuplicatesBatchSampler(examples, cfg.batching.batch_size, seed=cfg.train.seed, drop_last=True,
-                                           num_negatives=h or None)
-    elif cfg.batching.sampler == "b3":
-        if corpus_emb is None and world > 1:
-            raise ConfigError("batching.sampler: b3 is not available with several processes yet")
-        teacher = torch.stack([query_emb[e.query_id] for e in examples])
-        sampler = B3BatchSampler(examples, cfg.batching.batch_size, query_embeddings=teacher, seed=cfg.train.seed)
     else:
-        sampler = RandomBatchSampler(len(examples), cfg.batching.batch_size, seed=cfg.train.seed)
-    if task.train_stream is None:
-        batches = ExampleBatches(sampler, examples, num_negatives=h or None)
+        if cfg.batching.sampler == "b3" and corpus_emb is None and world > 1:
+            raise ConfigError("batching.sampler: b3 is not available with several processes yet")
+        batches = ExampleBatches(_in_memory_sampler(cfg, examples, query_emb), examples, num_negatives=h or None)
     steps_per_epoch = max(1, len(batches))
     total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
     trainable = {"query": query_tower}
