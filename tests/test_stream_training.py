@@ -110,3 +110,41 @@ def test_no_hard_negatives_means_the_files_negatives_are_left_out(tiny, tmp_path
                       stream=stream)) == 0
     out = capsys.readouterr().out
     assert ("training examples bring are not used" in out) != stream
+
+
+def test_streamed_train_file_beside_a_beir_folder(tmp_path, capsys):
+    """data.train_file + data.stream: the mined records are read lazily (the same records as
+    the in-memory reader keeps), dev and test come from the folder, the guide mask works (the
+    train queries are the folder's, encoded), and a bad record is named in the first pass."""
+    from contrastkit.recipes.retrieval_task import build_retrieval_task
+    from contrastkit.training.config import load_config
+    from main_job_fixtures import make_beir
+
+    data, model = make_beir(tmp_path / "beir"), make_tiny_model(tmp_path / "model")
+    mined = tmp_path / "mined.jsonl"
+    assert main(["mine", "--data", str(data), "--model", str(model), "--output", str(mined), "--num-negatives", "2",
+                 "--rank-window", "0", "10", "--relative-margin", "none"]) == 0
+    sets = [f"data.source={data}", f"data.train_file={mined}", "data.dev_fraction=0.25"]
+    held = build_retrieval_task(load_config(overrides=sets).data, seed=0)
+    streamed = build_retrieval_task(load_config(overrides=sets + ["data.stream=true"]).data, seed=0)
+    assert streamed.train_examples == [] and list(streamed.train_stream()) == held.train_examples
+    assert (streamed.dev_qrels, streamed.test_qrels) == (held.dev_qrels, held.test_qrels)
+    args = ["train", "--data", str(data), "--model", str(model), "--output", str(tmp_path / "run"), "--batch-size", "8",
+            "--chunk-size", "4", "--precision", "fp32", "--max-steps", "3", "--no-interpolation",
+            "--set", f"data.train_file={mined}", "--set", "data.stream=true", "--set", "data.dev_fraction=0.25",
+            "--set", "negatives.num_negatives=2", "--set", "negatives.guide_mask=true", "--set", "data.sts=false",
+            "--set", "batching.sampler=random",   # the tiny model mines a few hub documents for every query
+            "--set", "model.query_max_length=16", "--set", "model.document_max_length=32",
+            "--set", "train.dev_corpus_size=20"]
+    assert main(args) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["test_split"] == "test" and m["train"]["examples"] == len(held.train_examples)
+    lines = mined.read_text().splitlines()
+    rec = json.loads(lines[4])
+    rec["positive_id"] = "nope"
+    lines[4] = json.dumps(rec)
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    bad = [a if not a.startswith("data.train_file=") else f"data.train_file={tmp_path / 'bad.jsonl'}" for a in args]
+    assert main(bad[:6] + [str(tmp_path / "bad2")] + bad[7:]) == 2
+    assert "bad.jsonl:5: document id 'nope' is not in" in capsys.readouterr().err

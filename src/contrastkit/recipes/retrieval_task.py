@@ -174,10 +174,11 @@ def build_retrieval_task(cfg: DataConfig, *, seed: int = 0) -> RetrievalTask:
         p = Path(cfg.source)
         if p.is_file() or (p.is_dir() and _corpus_file(p) and not _has_queries_and_qrels(p)):
             return _from_corpus_stream(cfg, seed=seed) if cfg.stream else _from_corpus_file(cfg, seed=seed)
-    if cfg.stream and fmt != "pairs":
-        raise ConfigError(f"data.stream: reads a pairs / triplets / n-tuples file, or a corpus alone with format "
-                          f"corpus, lazily; data.source {cfg.source!r} is read as a BEIR folder ({fmt}), whose "
-                          "corpus the evaluation holds in memory (set data.stream: false)")
+    if cfg.stream and fmt != "pairs" and not (fmt == "beir" and cfg.train_file):
+        raise ConfigError(f"data.stream: reads a pairs / triplets / n-tuples file (data.source, or data.train_file "
+                          f"beside a BEIR folder), or a corpus alone with format corpus, lazily; data.source "
+                          f"{cfg.source!r} is read as a BEIR folder ({fmt}), whose qrels and corpus are held in memory "
+                          "(set data.stream: false)")
     if fmt == "corpus":
         return _from_beir(cfg, seed=seed, unsupervised=True)
     if fmt == "beir":
@@ -217,8 +218,29 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
         description = f"{ds.folder.name}: {len(examples)} independent-crop pairs from {len(corpus_ids)} documents"
         notes.append("unsupervised: training pairs are independent crops of corpus documents (Contriever); "
                      "the train qrels give only the dev split")
+    elif cfg.train_file and cfg.stream:
+        # one pass checks every record (file:line) and counts them; training reads the file again
+        train_set = set(train_q)
+        stream_count = sum(1 for _ in _file_examples(cfg, ds, index, corpus_texts, queries, train_set, bad))
+        if not stream_count:
+            raise _no_file_record(cfg, ds)
+        if cfg.max_train_examples is not None:
+            stream_count = min(stream_count, cfg.max_train_examples)
+
+        def train_stream() -> Iterator[Example]:
+            return itertools.islice(_file_examples(cfg, ds, index, corpus_texts, queries, train_set, BadRecords()),
+                                    stream_count)
+
+        examples = []
+        description = (f"{ds.folder.name}: {stream_count} training records of {Path(cfg.train_file).name} "
+                       f"(streamed); dev {len(dev_q)} queries carved from train; test {len(test_qrels)} queries")
+        notes.append(f"training records from {cfg.train_file} (data.train_file), read again each epoch through a "
+                     f"shuffle buffer of {cfg.shuffle_buffer} (data.stream), texts from {ds.folder.name}; records of "
+                     "dev or test queries are left out of training")
     elif cfg.train_file:
-        examples = _file_examples(cfg, ds, index, corpus_texts, queries, set(train_q), bad)
+        examples = list(_file_examples(cfg, ds, index, corpus_texts, queries, set(train_q), bad))
+        if not examples:
+            raise _no_file_record(cfg, ds)
         description = (f"{ds.folder.name}: {len(examples)} training records of {Path(cfg.train_file).name} for "
                        f"{len({e.query_id for e in examples})} train queries; dev {len(dev_q)} queries carved from "
                        f"train; test {len(test_qrels)} queries")
@@ -234,20 +256,22 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
         examples = examples[:cfg.max_train_examples]
     if bad.count:
         notes.append(_skipped_note(bad))
-    return RetrievalTask(corpus_ids, corpus_texts, queries, examples, train_qrels, dev_qrels, test_qrels,
+    task = RetrievalTask(corpus_ids, corpus_texts, queries, examples, train_qrels, dev_qrels, test_qrels,
                          description, bad_records=bad, notes=notes, unsupervised=unsupervised)
+    if cfg.train_file and cfg.stream:
+        task.train_stream, task.train_count = train_stream, stream_count
+    return task
 
 
 def _file_examples(cfg: DataConfig, ds, index: Dict[str, int], corpus_texts: Sequence[str],
-                   queries: Dict[str, str], train_q: set, bad: BadRecords) -> List[Example]:
-    """The records of ``data.train_file`` as training examples of the BEIR task: each names
-    the folder's query and documents by id (texts taken from the folder, prefixes applied);
-    an unknown id is a bad record (file:line); records of queries outside ``train_q`` (dev,
-    test) are left out."""
+                   queries: Dict[str, str], train_q: set, bad: BadRecords) -> Iterator[Example]:
+    """The records of ``data.train_file`` as training examples of the BEIR task, lazily: each
+    names the folder's query and documents by id (texts taken from the folder, prefixes
+    applied); an unknown id is a bad record (file:line); records of queries outside
+    ``train_q`` (dev, test) are left out."""
     path = Path(cfg.train_file)
     if not path.is_file():
         raise ConfigError(f"data.train_file: {cfg.train_file!r} is not a file")
-    out: List[Example] = []
     for ex in read_examples(path, query_column=cfg.query_column, positive_column=cfg.positive_column,
                             negative_columns=cfg.negative_columns, skip_bad_records=cfg.skip_bad_records, stats=bad):
         problem = None
@@ -267,13 +291,15 @@ def _file_examples(cfg: DataConfig, ds, index: Dict[str, int], corpus_texts: Seq
             continue
         if ex.query_id not in train_q:
             continue
-        out.append(dataclasses.replace(
+        yield dataclasses.replace(
             ex, query=queries[ex.query_id],   # a train query: prefixed in ``queries``
             positive=corpus_texts[index[ex.positive_id]],
-            negatives=tuple(corpus_texts[index[d]] for d in ex.negative_ids)))
-    if not out:
-        raise ValueError(f"{path}: no record for a train query of {ds.folder.name} (dev and test queries are left out)")
-    return out
+            negatives=tuple(corpus_texts[index[d]] for d in ex.negative_ids))
+
+
+def _no_file_record(cfg: DataConfig, ds) -> ValueError:
+    return ValueError(f"{cfg.train_file}: no record for a train query of {ds.folder.name} (dev and test queries are "
+                      "left out)")
 
 
 def _from_corpus_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:

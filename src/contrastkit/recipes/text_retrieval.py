@@ -156,7 +156,8 @@ def _streamed_batches(task: RetrievalTask, cfg: RunConfig, pool: int) -> Shuffle
                 [ex] = fill_negatives([ex], pool, ids, texts, {}, seed=f"{seed}:{ex.query_id}:{ex.positive_id}")
             yield ex
 
-    source = corpus_file(cfg.data.source) if Path(cfg.data.source).is_dir() else Path(cfg.data.source)
+    source = Path(cfg.data.train_file or cfg.data.source)
+    source = corpus_file(source) if source.is_dir() else source
     return ShuffleBufferBatches(records, cfg.batching.batch_size, num_records=task.train_count, seed=seed,
                                 buffer_size=cfg.data.shuffle_buffer,
                                 no_duplicates=cfg.batching.sampler == "no_duplicates", num_negatives=h or None,
@@ -206,13 +207,15 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     with timer("load"):
         task = build_retrieval_task(cfg.data, seed=cfg.train.seed)
         if task.unsupervised or task.train_stream is not None:
-            # the training queries are not encoded: what needs their base-model embeddings cannot run
+            # b3 partitions the held training examples; the guide needs the training queries'
+            # base-model embeddings, which only a BEIR folder's train qrels give (data.train_file)
             which = "the crops of data.format: corpus" if task.unsupervised else "streamed training records " \
                 "(data.stream)"
             if cfg.batching.sampler == "b3":
+                why = "are not encoded" if task.unsupervised else "are not held"
                 raise ConfigError(f"batching.sampler: b3 groups training queries by their base-model embeddings; "
-                                  f"{which} are not encoded (use no_duplicates or random)")
-            if cfg.negatives.guide_mask:
+                                  f"{which} {why} (use no_duplicates or random)")
+            if cfg.negatives.guide_mask and (task.unsupervised or not task.train_qrels):
                 raise ConfigError(f"negatives.guide_mask: the GISTEmbed guide scores training queries with the base "
                                   f"model; {which} are not encoded, so it would mask nothing (set it to false)")
         say(task.description)
