@@ -295,7 +295,7 @@ def test_config_errors_exit_with_code_2(tiny_model, small_sts, tmp_path, capsys)
               "negatives.relative_margin": "0.95", "negatives.absolute_margin": "0.1", "negatives.guide_mask": "true",
               "negatives.guide_margin": "0.1", "negatives.memory_steps": "2", "negatives.mine": "false",
               "data.sts": "false", "data.dev_fraction": "0.2", "data.train_split": "dev", "data.test_split": "dev",
-              "evaluation.ks": "[5]", "evaluation.bootstrap_resamples": "100",
+              "evaluation.ks": "[5]", "evaluation.bootstrap_resamples": "100", "data.stream": "true",
               # fields without a reason of their own get the generic one
               "train.dev_document_max_length": "64", "train.dev_corpus_size": "100"}
     assert set(UNREAD_FIELDS) <= set(values)

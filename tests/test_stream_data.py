@@ -217,3 +217,4 @@ def test_streamed_corpus_memory_does_not_grow_with_the_file(tmp_path):
 
     small, large = peak(5_000), peak(40_000)
     assert large < 1.5 * small, (small, large)
+

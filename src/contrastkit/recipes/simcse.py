@@ -358,6 +358,8 @@ UNREAD_FIELDS = {
     "negatives.guide_margin": "the GISTEmbed guide needs the base model's corpus embeddings of the text_retrieval recipe",
     "negatives.memory_steps": "the cross-batch memory is a text_retrieval option",
     "data.sts": "STS-B dev and test are SimCSE's evaluation; it always runs",
+    "data.stream": "SimCSE holds its sentences or pairs in memory (STS-B, NLI-sized files: it masks a sentence's "
+                   "positives from every record); reading a file larger than memory is a text_retrieval option",
     "data.dev_fraction": "SimCSE's dev split is STS-B dev, not a share of the training data",
     "data.train_split": "SimCSE trains on STS-B train sentences or the given file",
     "data.test_split": "SimCSE's test split is STS-B test",
