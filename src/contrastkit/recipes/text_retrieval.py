@@ -305,8 +305,10 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     with timer("mine"):
         if main and task.train_stream is not None:
             if h > 0:
-                say(f"note: data.stream: no mining (the corpus is not held); each record keeps its own negatives and "
-                    f"one short of {pool} gets random ones from the {len(task.corpus_ids)} sampled documents")
+                source = "corpus's" if task.train_qrels else "sampled"
+                say(f"note: data.stream: no mining (the training records are not held); each record keeps its own "
+                    f"negatives, and a record with fewer than {pool} gets random ones from the "
+                    f"{len(task.corpus_ids)} {source} documents (no dev or test query's)")
         elif main:
             # negatives the training file brings are the user's: kept, first; mining only fills the rest
             brought = sum(1 for e in examples if e.negatives)
