@@ -19,6 +19,13 @@ test, plus the training examples. Every source ends up in this shape:
   duplicate mask drops other crops of the same document in a batch and random negatives
   never draw the source document.
 
+With ``data.stream`` (files larger than memory) the training records are not held:
+``task.train_examples`` is empty and ``task.train_stream()`` reads them again, lazily, each
+time it is called (``task.train_count`` of them). A pairs file's dev and test are the queries
+:func:`contrastkit.data.stream.hold_out` holds out in one bounded pass, with a sample of the
+file's documents as the evaluation corpus; a ``data.train_file`` beside a BEIR folder keeps
+the folder's splits; a corpus alone is cropped as each document is read.
+
 With ``skip_bad_records`` every reader (pairs file; BEIR corpus, queries and qrels; corpus
 file) counts and skips a malformed record instead of raising; a qrels line naming a query
 or document that is not in the folder is malformed too (``file:line``). The count and the
