@@ -148,3 +148,46 @@ def test_streamed_train_file_beside_a_beir_folder(tmp_path, capsys):
     bad = [a if not a.startswith("data.train_file=") else f"data.train_file={tmp_path / 'bad.jsonl'}" for a in args]
     assert main(bad[:6] + [str(tmp_path / "bad2")] + bad[7:]) == 2
     assert "bad.jsonl:5: document id 'nope' is not in" in capsys.readouterr().err
+
+
+def test_streamed_train_file_short_records_get_the_same_mined_negatives_as_in_memory(tmp_path, monkeypatch):
+    """Records of 2 negatives, num_negatives 3: beside a BEIR folder the streamed run mines per
+    (query, document) of the train qrels and gives each record, after its own two, the
+    negative the in-memory run mines for it."""
+    from contrastkit.negatives.stream_sampler import ShuffleBufferBatches
+    from contrastkit.recipes.common import ExampleBatches
+    from main_job_fixtures import make_beir
+
+    data, model = make_beir(tmp_path / "beir"), make_tiny_model(tmp_path / "model")
+    mined = tmp_path / "mined.jsonl"
+    assert main(["mine", "--data", str(data), "--model", str(model), "--output", str(mined), "--num-negatives", "2",
+                 "--rank-window", "0", "10", "--relative-margin", "none"]) == 0
+    seen = {"memory": {}, "stream": {}}
+
+    def spy(cls, name):
+        original = cls.__iter__
+
+        def it(self):
+            for batch in original(self):
+                seen[name].update({e.query_id: e.negative_ids for e in batch})
+                yield batch
+        monkeypatch.setattr(cls, "__iter__", it)
+
+    spy(ExampleBatches, "memory")
+    spy(ShuffleBufferBatches, "stream")
+    for name, extra in (("memory", []), ("stream", ["--set", "data.stream=true"])):
+        assert main(["train", "--data", str(data), "--model", str(model), "--output", str(tmp_path / name),
+                     "--batch-size", "8", "--chunk-size", "4", "--precision", "fp32", "--max-steps", "6",
+                     "--no-interpolation", "--set", f"data.train_file={mined}", "--set", "data.dev_fraction=0.25",
+                     "--set", "negatives.num_negatives=3", "--set", "negatives.rank_window=[0, 10]",
+                     "--set", "batching.sampler=random", "--set", "data.sts=false",
+                     "--set", "model.query_max_length=16", "--set", "model.document_max_length=32",
+                     "--set", "train.dev_corpus_size=20", *extra]) == 0
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert m["mining"]["num_negatives"] == 3
+    records = {json.loads(x)["query_id"]: json.loads(x)["negative_ids"] for x in mined.read_text().splitlines()}
+    both = set(seen["memory"]) & set(seen["stream"])
+    assert len(both) >= 8
+    for q in both:
+        assert len(seen["stream"][q]) == 3 and list(seen["stream"][q][:2]) == records[q]   # its own, then mined
+        assert seen["stream"][q] == seen["memory"][q]

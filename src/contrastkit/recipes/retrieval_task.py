@@ -79,6 +79,7 @@ class RetrievalTask:
     # of ``train_stream()`` reads them again, lazily, in file order; there are ``train_count``
     train_stream: Optional[Callable[[], Iterator[Example]]] = None
     train_count: int = 0
+    train_min_negatives: Optional[int] = None  # the fewest negatives a streamed record brings (None: not counted)
 
     @property
     def num_train_examples(self) -> int:
@@ -228,7 +229,10 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
     elif cfg.train_file and cfg.stream:
         # one pass checks every record (file:line) and counts them; training reads the file again
         train_set = set(train_q)
-        stream_count = sum(1 for _ in _file_examples(cfg, ds, index, corpus_texts, queries, train_set, bad))
+        stream_count, min_negatives = 0, None
+        for ex in _file_examples(cfg, ds, index, corpus_texts, queries, train_set, bad):
+            stream_count += 1
+            min_negatives = len(ex.negatives) if min_negatives is None else min(min_negatives, len(ex.negatives))
         if not stream_count:
             raise _no_file_record(cfg, ds)
         if cfg.max_train_examples is not None:
@@ -266,7 +270,7 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
     task = RetrievalTask(corpus_ids, corpus_texts, queries, examples, train_qrels, dev_qrels, test_qrels,
                          description, bad_records=bad, notes=notes, unsupervised=unsupervised)
     if cfg.train_file and cfg.stream:
-        task.train_stream, task.train_count = train_stream, stream_count
+        task.train_stream, task.train_count, task.train_min_negatives = train_stream, stream_count, min_negatives
     return task
 
 

@@ -137,10 +137,23 @@ def _in_memory_sampler(cfg: RunConfig, examples: Sequence[Example], query_emb: D
     return RandomBatchSampler(len(examples), bs, seed=seed)
 
 
-def _streamed_batches(task: RetrievalTask, cfg: RunConfig, pool: int) -> ShuffleBufferBatches:
-    """data.stream: the training records read again each epoch through a shuffle buffer, each
-    filled to ``pool`` negatives with random sampled documents (never its query's held-out
-    documents: only the distractors that are no held-out query's document), seeded per record."""
+def _mine(cfg: RunConfig, need: Sequence[Example], task: RetrievalTask, query_emb: Dict[str, Tensor],
+          corpus_emb: Tensor, pool: int):
+    """Hard negatives for ``need`` (each query's known positives excluded), by ``negatives``'s settings."""
+    positives = known_positives(need, corpus_ids=task.corpus_ids)
+    q = torch.stack([query_emb[e.query_id] for e in need])
+    return mine_hard_negatives(q, corpus_emb, positives, num_negatives=pool,
+                               rank_window=tuple(cfg.negatives.rank_window), sampling=cfg.negatives.sampling,
+                               relative_margin=cfg.negatives.relative_margin,
+                               absolute_margin=cfg.negatives.absolute_margin, seed=cfg.train.seed)
+
+
+def _streamed_batches(task: RetrievalTask, cfg: RunConfig, pool: int,
+                      mined_for: Dict[tuple, Example]) -> ShuffleBufferBatches:
+    """data.stream: the training records read again each epoch through a shuffle buffer. A
+    record short of ``pool`` negatives takes, after its own, the mined ones of its (query,
+    document) in ``mined_for`` (beside a BEIR folder), then random documents (never a dev or
+    test query's: only the documents that are no held-out query's), seeded per record."""
     h = cfg.negatives.num_negatives
     held = {d for qrels in (task.dev_qrels, task.test_qrels) for docs in qrels.values() for d in docs}
     rows = [j for j, d in enumerate(task.corpus_ids) if d not in held]
@@ -152,6 +165,9 @@ def _streamed_batches(task: RetrievalTask, cfg: RunConfig, pool: int) -> Shuffle
 
     def records():
         for ex in task.train_stream():
+            mined = mined_for.get((ex.query_id, ex.positive_id)) if len(ex.negatives) < pool else None
+            if mined is not None:
+                ex = _after_brought(ex, mined, pool)
             if len(ex.negatives) != pool:
                 [ex] = fill_negatives([ex], pool, ids, texts, {}, seed=f"{seed}:{ex.query_id}:{ex.positive_id}")
             yield ex
@@ -302,11 +318,26 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
     known_ids = {q: {d for d, s in docs.items() if s > 0} for q, docs in {**task.train_qrels, **task.dev_qrels}.items()}
     h = cfg.negatives.num_negatives
     pool = h * cfg.negatives.pool_size  # negatives held per example: pool_size sets, one per epoch in turn
+    mined_for: Dict[tuple, Example] = {}  # data.stream beside a BEIR folder: (query id, document id) -> mined
     with timer("mine"):
         if main and task.train_stream is not None:
-            if h > 0:
+            may_be_short = task.train_min_negatives is None or task.train_min_negatives < pool
+            if h > 0 and cfg.negatives.mine and task.train_qrels and may_be_short:
+                # beside a BEIR folder the train queries and the corpus are encoded: mine for each
+                # (query, relevant document) of the train qrels; a streamed record short of
+                # negatives takes those of its pair, after its own
+                pairs = [Example(query=task.queries[q], positive="", query_id=q, positive_id=d)
+                         for q in sorted(task.train_qrels) for d in sorted(task.train_qrels[q])]
+                mined = _mine(cfg, pairs, task, query_emb, corpus_emb, pool)
+                say(mined.summary())
+                summary["mining"] = mined.stats
+                mined_for = {(e.query_id, e.positive_id): m
+                             for e, m in zip(pairs, mined.to_examples(pairs, task.corpus_texts, task.corpus_ids))}
+                say(f"data.stream: a record with fewer than {pool} negatives gets its (query, document)'s mined ones "
+                    "after its own")
+            elif h > 0 and may_be_short:
                 source = "corpus's" if task.train_qrels else "sampled"
-                say(f"note: data.stream: no mining (the training records are not held); each record keeps its own "
+                say(f"note: data.stream: no mining (the training queries are not encoded); each record keeps its own "
                     f"negatives, and a record with fewer than {pool} gets random ones from the "
                     f"{len(task.corpus_ids)} {source} documents (no dev or test query's)")
         elif main:
@@ -321,13 +352,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
             have_ids = all(examples[i].query_id in query_emb and examples[i].positive_id is not None for i in short)
             if cfg.negatives.mine and h > 0 and have_ids and short:
                 need = [examples[i] for i in short]
-                positives = known_positives(need, corpus_ids=task.corpus_ids)
-                q = torch.stack([query_emb[e.query_id] for e in need])
-                mined = mine_hard_negatives(q, corpus_emb, positives, num_negatives=pool,
-                                            rank_window=tuple(cfg.negatives.rank_window),
-                                            sampling=cfg.negatives.sampling,
-                                            relative_margin=cfg.negatives.relative_margin,
-                                            absolute_margin=cfg.negatives.absolute_margin, seed=cfg.train.seed)
+                mined = _mine(cfg, need, task, query_emb, corpus_emb, pool)
                 say(mined.summary())
                 summary["mining"] = mined.stats
                 for i, m in zip(short, mined.to_examples(need, task.corpus_texts, task.corpus_ids)):
@@ -343,6 +368,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
             examples = fill_negatives(examples, pool, task.corpus_ids, task.corpus_texts, known_ids,
                                       seed=cfg.train.seed)
         examples = broadcast(examples, rank, world)
+        mined_for = broadcast(mined_for, rank, world) if task.train_stream is not None else {}
 
     # 5. train --------------------------------------------------------------------------------------
     loss_module = column_loss(objective, world)
@@ -378,7 +404,7 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
         raise ConfigError(f"batching.batch_size: {cfg.batching.batch_size} is larger than the {n_train} "
                           "training examples")
     if task.train_stream is not None:
-        batches = _streamed_batches(task, cfg, pool)
+        batches = _streamed_batches(task, cfg, pool, mined_for)
     else:
         if cfg.batching.sampler == "b3" and corpus_emb is None and world > 1:
             raise ConfigError("batching.sampler: b3 is not available with several processes yet")
