@@ -51,6 +51,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..data import (BadRecords, Example, independent_crops, iter_corpus, load_beir, load_corpus, read_examples,
                     split_dev)
+from ..data.readers import corpus_file
 from ..data.stream import Reservoir, hold_out
 from ..training.config import ConfigError, DataConfig
 
@@ -112,16 +113,17 @@ def _load_beir(source: str, cfg: DataConfig, bad: BadRecords):
             return load_beir(p, skip_bad_records=cfg.skip_bad_records, stats=bad)
         return load_beir(name=source, skip_bad_records=cfg.skip_bad_records, stats=bad)
     except FileNotFoundError as err:
-        hint = "; for a corpus alone use data.format: corpus" if p.is_dir() and _corpus_file(p) else ""
+        hint = "; for a corpus alone use data.format: corpus" if p.is_dir() and _has_corpus_file(p) else ""
         raise ConfigError(f"data.source: {source!r} is not a BEIR folder, a bundled dataset name or a file "
                           f"({err}){hint}") from None
 
 
-def _corpus_file(folder: Path) -> Optional[Path]:
-    for name in ("corpus.jsonl", "corpus.jsonl.gz"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+def _has_corpus_file(folder: Path) -> bool:
+    try:
+        corpus_file(folder)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _has_queries_and_qrels(folder: Path) -> bool:
@@ -180,7 +182,7 @@ def build_retrieval_task(cfg: DataConfig, *, seed: int = 0) -> RetrievalTask:
                           "to train on the file alone, give it as data.source")
     if fmt == "corpus":
         p = Path(cfg.source)
-        if p.is_file() or (p.is_dir() and _corpus_file(p) and not _has_queries_and_qrels(p)):
+        if p.is_file() or (p.is_dir() and _has_corpus_file(p) and not _has_queries_and_qrels(p)):
             return _from_corpus_stream(cfg, seed=seed) if cfg.stream else _from_corpus_file(cfg, seed=seed)
     if cfg.stream and fmt != "pairs" and not (fmt == "beir" and cfg.train_file):
         raise ConfigError(f"data.stream: reads a pairs / triplets / n-tuples file (data.source, or data.train_file "
@@ -318,7 +320,7 @@ def _from_corpus_file(cfg: DataConfig, *, seed: int) -> RetrievalTask:
     path = Path(cfg.source)
     bad = BadRecords()
     doc_ids, texts = load_corpus(path, skip_bad_records=cfg.skip_bad_records, stats=bad)
-    where = _corpus_file(path) if path.is_dir() else path
+    where = corpus_file(path)
     if not doc_ids:
         raise ValueError(f"{where}: no usable document")
     examples = _crop_examples(cfg, doc_ids, texts, seed, "crop:")
@@ -366,7 +368,7 @@ def _from_corpus_stream(cfg: DataConfig, *, seed: int) -> RetrievalTask:
     call of ``task.train_stream()`` reads the corpus again and crops each document as it comes
     (seeded by the seed and the document's id, so every pass gives the same crops)."""
     path = Path(cfg.source)
-    where = _corpus_file(path) if path.is_dir() else path
+    where = corpus_file(path)
     bad = BadRecords()
 
     def documents(stats: BadRecords):

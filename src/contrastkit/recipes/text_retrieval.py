@@ -337,9 +337,10 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
                     "after its own")
             elif h > 0 and may_be_short:
                 source = "corpus's" if task.train_qrels else "sampled"
-                say(f"note: data.stream: no mining (the training queries are not encoded); each record keeps its own "
-                    f"negatives, and a record with fewer than {pool} gets random ones from the "
-                    f"{len(task.corpus_ids)} {source} documents (no dev or test query's)")
+                why = "negatives.mine is false" if task.train_qrels else "the training queries are not encoded"
+                say(f"note: data.stream: no mining ({why}); each record keeps its own negatives, and a record with "
+                    f"fewer than {pool} gets random ones from the {len(task.corpus_ids)} {source} documents (no dev "
+                    "or test query's)")
         elif main:
             # negatives the training file brings are the user's: kept, first; mining only fills the rest
             brought = sum(1 for e in examples if e.negatives)

@@ -104,8 +104,8 @@ class DataConfig:
     stream: bool = field(default=False, metadata={"help": "read a pairs file (or, with format corpus, a corpus "
                          "alone) lazily, for files larger than memory: one bounded pass holds out dev and test queries "
                          "(seeded hash) and counts the records, then each epoch reads the file again through a shuffle "
-                         "buffer; a record short of negatives gets mined ones beside a BEIR folder (data.train_file), else random "
-                         "ones from the sampled documents"})
+                         "buffer; a record short of negatives gets mined ones beside a BEIR folder (data.train_file), "
+                         "else random ones from the sampled documents"})
     shuffle_buffer: int = field(default=10000, metadata={**_range(1), "help": "with stream: records held to shuffle "
                                 "the file's order (a local shuffle, like tf.data's)"})
     stream_eval_queries: int = field(default=500, metadata={**_range(1), "help": "with stream: the most queries held "
