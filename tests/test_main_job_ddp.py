@@ -149,14 +149,16 @@ def _train_initial(model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["beir", "stream"])
+@pytest.mark.parametrize("source", ["beir", "stream", "train_file_stream"])
 def test_torchrun_two_processes_end_to_end_equals_one(tmp_path, source):
     """The whole main job (load, encode, mine on rank 0 and broadcast, train with
     DistributedLoss and averaged gradients, dev evaluation, save) under torchrun with 2 gloo
     processes, against the same command in one process: same weights to float32 rounding
     (they move 1000x more than that), same test figures, one run folder. ``stream``: a
     pairs file read lazily (data.stream): every process reads it through the same shuffle
-    buffer and encodes its slice of each batch."""
+    buffer and encodes its slice of each batch. ``train_file_stream``: a mined file of one
+    negative per record streamed beside the BEIR folder, two negatives asked: rank 0 mines
+    per (query, document) and every process fills the short records from the broadcast map."""
     import json
     import subprocess
     import sys
@@ -171,6 +173,14 @@ def test_torchrun_two_processes_end_to_end_equals_one(tmp_path, source):
         data = make_beir(tmp_path / "beir")
         extra = ["--set", "data.dev_fraction=0.25", "--set", "negatives.rank_window=[0, 10]",
                  "--set", "negatives.sampling=random"]
+    elif source == "train_file_stream":
+        data = make_beir(tmp_path / "beir")
+        mined = tmp_path / "mined.jsonl"
+        assert main(["mine", "--data", str(data), "--model", str(model), "--output", str(mined), "--num-negatives",
+                     "1", "--rank-window", "0", "10", "--relative-margin", "none"]) == 0
+        extra = ["--set", "data.dev_fraction=0.25", "--set", f"data.train_file={mined}", "--set", "data.stream=true",
+                 "--set", "data.shuffle_buffer=16", "--set", "negatives.num_negatives=2",
+                 "--set", "negatives.rank_window=[0, 10]", "--set", "batching.sampler=random"]
     else:
         from test_stream_training import _write_pairs
 
@@ -189,6 +199,8 @@ def test_torchrun_two_processes_end_to_end_equals_one(tmp_path, source):
     assert main(args + ["--output", str(tmp_path / "one")]) == 0
     one, two = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    if source == "train_file_stream":
+        assert one["mining"]["num_negatives"] == two["mining"]["num_negatives"] == 2
     for key in ("ndcg@10", "mrr@10", "recall@100"):
         assert two["after"][key] == pytest.approx(one["after"][key], abs=1e-6), key
     assert two["train"]["steps"] == one["train"]["steps"] == 4

@@ -2,6 +2,7 @@
 bounded memory) and the streamed retrieval task (the same records, ids and prefixes as
 the in-memory reader, held-out queries never trained on)."""
 
+import dataclasses
 import json
 import random
 import tracemalloc
@@ -28,7 +29,9 @@ def _records(n, n_queries, seed=0, negatives=0):
 @given(n=st.integers(1, 120), n_queries=st.integers(1, 40), num_dev=st.integers(0, 6), num_test=st.integers(0, 6),
        fraction=st.floats(0.01, 0.5), seed=st.integers(0, 5))
 def test_hold_out_takes_the_smallest_hashes_by_query(n, n_queries, num_dev, num_test, fraction, seed):
-    records = list(_records(n, n_queries, seed))
+    rng = random.Random(seed)
+    records = [dataclasses.replace(e, negatives=tuple(f"doc n{k}" for k in range(rng.randrange(4))))
+               for e in _records(n, n_queries, seed)]
     split = hold_out(lambda: iter(records), seed=seed, num_dev=num_dev, num_test=num_test, fraction=fraction,
                      num_distractors=5, document_id=lambda t: t)
     keys = sorted({query_key(e) for e in records}, key=lambda k: key_hash(k, seed))   # the naive split
@@ -40,6 +43,8 @@ def test_hold_out_takes_the_smallest_hashes_by_query(n, n_queries, num_dev, num_
     assert sorted(map(repr, split.test)) == sorted(repr(e) for e in records if query_key(e) in split.test_keys)
     assert sorted(map(repr, split.dev)) == sorted(repr(e) for e in records if query_key(e) in split.dev_keys)
     assert split.train_records == sum(1 for e in records if not split.is_held_out(e))
+    assert split.train_min_negatives == min((len(e.negatives) for e in records if not split.is_held_out(e)),
+                                            default=None)
     assert split.records == n
     docs = {t for e in records for t in (e.positive, *e.negatives)}
     assert len(split.distractors) == min(5, len(docs)) and set(split.distractors) <= docs

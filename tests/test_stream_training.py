@@ -101,6 +101,34 @@ def test_streamed_corpus_alone_trains_on_crops_without_encoding_the_corpus(tmp_p
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
+def test_no_distractors_is_refused_only_when_a_record_is_short_of_negatives(tiny, tmp_path, capsys):
+    # with data.stream_distractors=0 the random negatives of a short record come from the
+    # held-out queries' negatives; where they bring none, nothing is left to draw from. That
+    # is refused only when some training record is short (before: whenever nothing was left)
+    from contrastkit.recipes.retrieval_task import build_retrieval_task
+    from contrastkit.training.config import load_config
+
+    data, model = tiny
+    plain = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in plain:
+        r.pop("negative", None)
+    (tmp_path / "none.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    sets = ["data.stream=true", "data.stream_eval_queries=6", "data.stream_distractors=0"]
+    task = build_retrieval_task(load_config(overrides=[f"data.source={tmp_path / 'none.jsonl'}", *sets]).data)
+    held = {task.queries[q] for q in (*task.dev_qrels, *task.test_qrels)}
+    assert held
+    with open(tmp_path / "train_only.jsonl", "w") as f:   # every training record brings a negative
+        for r in plain:
+            neg = {} if r["query"] in held else {"negative": "a note about nothing " + r["query"]}
+            f.write(json.dumps({**r, **neg}) + "\n")
+    for name, code in (("none", 2), ("train_only", 0)):
+        assert main(_args(tmp_path / f"{name}.jsonl", model, tmp_path / name, "--max-steps", "2",
+                          "--set", "data.stream_distractors=0")) == code
+        err = capsys.readouterr().err
+        assert ("some records bring fewer than 1 negatives" in err and "data.stream_distractors is 0" in err) == (
+            code == 2)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_no_hard_negatives_means_the_files_negatives_are_left_out(tiny, tmp_path, capsys, stream):
     # half the records bring a negative: with num_negatives 0 none is used (before, the
@@ -152,8 +180,10 @@ def test_streamed_train_file_beside_a_beir_folder(tmp_path, capsys):
 
 def test_streamed_train_file_short_records_get_the_same_mined_negatives_as_in_memory(tmp_path, monkeypatch):
     """Records of 2 negatives, num_negatives 3: beside a BEIR folder the streamed run mines per
-    (query, document) of the train qrels and gives each record, after its own two, the
-    negative the in-memory run mines for it."""
+    (query, document) of the train qrels and of each record outside them, and gives each
+    record, after its own, the negatives the in-memory run mines for it. Records whose
+    document the qrels do not list (one with no negative, one with all three) are mined for
+    too, and no record's negatives hold a known positive of its query."""
     from contrastkit.negatives.stream_sampler import ShuffleBufferBatches
     from contrastkit.recipes.common import ExampleBatches
     from main_job_fixtures import make_beir
@@ -162,6 +192,18 @@ def test_streamed_train_file_short_records_get_the_same_mined_negatives_as_in_me
     mined = tmp_path / "mined.jsonl"
     assert main(["mine", "--data", str(data), "--model", str(model), "--output", str(mined), "--num-negatives", "2",
                  "--rank-window", "0", "10", "--relative-margin", "none"]) == 0
+    lines = mined.read_text().splitlines()
+    off = []   # (query, document) pairs of records outside the train qrels
+    for n, line in enumerate(lines[:6]):
+        r = json.loads(line)
+        x = r["positive_id"].replace("d", "x")     # the query's topic's "other" note: not in the qrels
+        negs = [] if n % 2 else [d for d in ("d0", "d1", "d2", "d3") if d not in (r["positive_id"], x)][:3]
+        record = {"query_id": r["query_id"], "query": r["query"], "positive_id": x, "positive": "from the folder"}
+        if negs:
+            record.update(negative_ids=negs, negatives=["from the folder"] * len(negs))
+        lines.append(json.dumps(record))
+        off.append((r["query_id"], x))
+    mined.write_text("\n".join(lines) + "\n")
     seen = {"memory": {}, "stream": {}}
 
     def spy(cls, name):
@@ -169,7 +211,7 @@ def test_streamed_train_file_short_records_get_the_same_mined_negatives_as_in_me
 
         def it(self):
             for batch in original(self):
-                seen[name].update({e.query_id: e.negative_ids for e in batch})
+                seen[name].update({(e.query_id, e.positive_id): e.negative_ids for e in batch})
                 yield batch
         monkeypatch.setattr(cls, "__iter__", it)
 
@@ -185,9 +227,14 @@ def test_streamed_train_file_short_records_get_the_same_mined_negatives_as_in_me
                      "--set", "train.dev_corpus_size=20", *extra]) == 0
         m = json.loads((tmp_path / name / "metrics.json").read_text())
         assert m["mining"]["num_negatives"] == 3
-    records = {json.loads(x)["query_id"]: json.loads(x)["negative_ids"] for x in mined.read_text().splitlines()}
+    records = {(r["query_id"], r["positive_id"]): r.get("negative_ids", []) for r in map(json.loads, lines)}
+    positives = {}
+    for q, d in records:
+        positives.setdefault(q, set()).add(d)
     both = set(seen["memory"]) & set(seen["stream"])
-    assert len(both) >= 8
-    for q in both:
-        assert len(seen["stream"][q]) == 3 and list(seen["stream"][q][:2]) == records[q]   # its own, then mined
-        assert seen["stream"][q] == seen["memory"][q]
+    assert len(both) >= 8 and len(both & set(off)) >= 2
+    for key in both:
+        own = records[key]
+        assert len(seen["stream"][key]) == 3 and list(seen["stream"][key][:len(own)]) == own  # its own, then mined
+        assert seen["stream"][key] == seen["memory"][key]
+        assert not set(seen["stream"][key][len(own):]) & positives[key[0]]   # mined: no known positive

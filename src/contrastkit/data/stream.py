@@ -40,8 +40,9 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from .examples import Example
 
@@ -71,6 +72,7 @@ class HeldOut:
     train_records: int
     records: int
     notes: List[str] = field(default_factory=list)
+    train_min_negatives: Optional[int] = None   # the fewest negatives a training record brings (None: no record)
 
     def is_held_out(self, example: Example) -> bool:
         key = query_key(example)
@@ -143,8 +145,10 @@ def hold_out(records: Callable[[], Iterable[Example]], *, seed: int, num_dev: in
     held: Dict[str, List[Example]] = {}
     reservoir = Reservoir(num_distractors, seed)
     total = 0
+    by_negatives: "Counter[int]" = Counter()   # records per negative count (few distinct counts)
     for ex in records():
         total += 1
+        by_negatives[len(ex.negatives)] += 1
         key = query_key(ex)
         if key in held:
             held[key].append(ex)
@@ -166,8 +170,10 @@ def hold_out(records: Callable[[], Iterable[Example]], *, seed: int, num_dev: in
     dev_keys = {k for _, k in order[n_test:n_test + n_dev]}
     test = [e for k in sorted(test_keys) for e in held[k]]
     dev = [e for k in sorted(dev_keys) for e in held[k]]
+    by_negatives.subtract(len(e.negatives) for e in test + dev)
     notes = []
     if len(order) < cap:
         notes.append(f"the file has only {len(order)} distinct queries for {num_test} test + {num_dev} dev")
     return HeldOut(test=test, dev=dev, test_keys=test_keys, dev_keys=dev_keys, distractors=reservoir.items,
-                   train_records=total - len(test) - len(dev), records=total, notes=notes)
+                   train_records=total - len(test) - len(dev), records=total, notes=notes,
+                   train_min_negatives=min((k for k, n in by_negatives.items() if n > 0), default=None))

@@ -47,7 +47,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import itertools
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from ..data import (BadRecords, Example, independent_crops, iter_corpus, load_beir, load_corpus, read_examples,
                     split_dev)
@@ -81,6 +81,9 @@ class RetrievalTask:
     train_stream: Optional[Callable[[], Iterator[Example]]] = None
     train_count: int = 0
     train_min_negatives: Optional[int] = None  # the fewest negatives a streamed record brings (None: not counted)
+    # data.train_file + data.stream: the (query id, document id) of streamed records whose
+    # document is not a relevant one of the train qrels (mined for beside the qrels pairs)
+    train_pairs_off_qrels: List[Tuple[str, str]] = field(default_factory=list)
 
     @property
     def num_train_examples(self) -> int:
@@ -158,10 +161,13 @@ def _crop_prefix(query_ids) -> str:
     return prefix
 
 
+CROP_MIN_WORDS = 2  # a document gives crops from this many words on (the streamed count uses it too)
+
+
 def _crop_examples(cfg: DataConfig, doc_ids: Sequence[str], texts: Sequence[str], seed: Union[int, str],
                    prefix: str) -> List[Example]:
     """Two independent crops of each document; query id ``prefix + doc id``, positive id the doc id."""
-    crops = independent_crops(list(texts), seed=seed, ids=list(doc_ids))
+    crops = independent_crops(list(texts), seed=seed, ids=list(doc_ids), min_words=CROP_MIN_WORDS)
     return [dataclasses.replace(ex, query=cfg.query_prefix + ex.query, positive=cfg.document_prefix + ex.positive,
                                 query_id=prefix + ex.positive_id, source=f"crops of document {ex.positive_id!r}")
             for ex in crops]
@@ -232,13 +238,16 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
         # one pass checks every record (file:line) and counts them; training reads the file again
         train_set = set(train_q)
         stream_count, min_negatives = 0, None
+        off_qrels: Set[Tuple[str, str]] = set()
         for ex in _file_examples(cfg, ds, index, corpus_texts, queries, train_set, bad):
+            if cfg.max_train_examples is not None and stream_count == cfg.max_train_examples:
+                continue  # checked (file:line), not trained on
             stream_count += 1
             min_negatives = len(ex.negatives) if min_negatives is None else min(min_negatives, len(ex.negatives))
+            if train_all[ex.query_id].get(ex.positive_id, 0) <= 0:
+                off_qrels.add((ex.query_id, ex.positive_id))
         if not stream_count:
             raise _no_file_record(cfg, ds)
-        if cfg.max_train_examples is not None:
-            stream_count = min(stream_count, cfg.max_train_examples)
 
         def train_stream() -> Iterator[Example]:
             return itertools.islice(_file_examples(cfg, ds, index, corpus_texts, queries, train_set, BadRecords()),
@@ -273,6 +282,7 @@ def _from_beir(cfg: DataConfig, *, seed: int, unsupervised: bool) -> RetrievalTa
                          description, bad_records=bad, notes=notes, unsupervised=unsupervised)
     if cfg.train_file and cfg.stream:
         task.train_stream, task.train_count, task.train_min_negatives = train_stream, stream_count, min_negatives
+        task.train_pairs_off_qrels = sorted(off_qrels)
     return task
 
 
@@ -379,9 +389,9 @@ def _from_corpus_stream(cfg: DataConfig, *, seed: int) -> RetrievalTask:
     croppable = 0
     for doc_id, text in documents(bad):
         sample.offer(doc_id, cfg.document_prefix + text)
-        croppable += len(text.split()) >= 2       # independent_crops' min_words
+        croppable += len(text.split()) >= CROP_MIN_WORDS
     if not croppable:
-        raise ValueError(f"{where}: no document has the 2 words two crops need")
+        raise ValueError(f"{where}: no document has the {CROP_MIN_WORDS} words two crops need")
     count = croppable if cfg.max_train_examples is None else min(croppable, cfg.max_train_examples)
 
     def train_stream() -> Iterator[Example]:
@@ -445,7 +455,7 @@ def _from_pairs_stream(cfg: DataConfig, *, seed: int) -> RetrievalTask:
                          f"{len(qrels['dev'])} and held-out test {len(qrels['test'])} queries carved from the same "
                          f"file by a seeded hash of the query",
                          test_is_held_out_from_train_file=True, bad_records=bad, train_stream=train_stream,
-                         train_count=count)
+                         train_count=count, train_min_negatives=split.train_min_negatives)
     task.notes.append(f"data.stream: the training records are read again each epoch through a shuffle buffer of "
                       f"{cfg.shuffle_buffer}; the dev / test corpus is the held-out queries' {held_docs} documents and "
                       f"{len(corpus_ids) - held_docs} documents sampled from the file (data.stream_distractors)")

@@ -31,7 +31,7 @@ import dataclasses
 import math
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 from torch import Tensor
@@ -138,9 +138,13 @@ def _in_memory_sampler(cfg: RunConfig, examples: Sequence[Example], query_emb: D
 
 
 def _mine(cfg: RunConfig, need: Sequence[Example], task: RetrievalTask, query_emb: Dict[str, Tensor],
-          corpus_emb: Tensor, pool: int):
-    """Hard negatives for ``need`` (each query's known positives excluded), by ``negatives``'s settings."""
-    positives = known_positives(need, corpus_ids=task.corpus_ids)
+          corpus_emb: Tensor, pool: int, known: Dict[str, Set[str]]):
+    """Hard negatives for ``need`` by ``negatives``'s settings, excluding each query's known
+    positives: those of ``need`` and ``known`` (query id -> document ids: the qrels' and every
+    training record's, short of negatives or not)."""
+    index = task.corpus_index()
+    positives = [row + sorted({index[d] for d in known.get(e.query_id, ()) if d in index} - set(row))
+                 for e, row in zip(need, known_positives(need, corpus_ids=task.corpus_ids))]
     q = torch.stack([query_emb[e.query_id] for e in need])
     return mine_hard_negatives(q, corpus_emb, positives, num_negatives=pool,
                                rank_window=tuple(cfg.negatives.rank_window), sampling=cfg.negatives.sampling,
@@ -158,9 +162,11 @@ def _streamed_batches(task: RetrievalTask, cfg: RunConfig, pool: int,
     held = {d for qrels in (task.dev_qrels, task.test_qrels) for docs in qrels.values() for d in docs}
     rows = [j for j, d in enumerate(task.corpus_ids) if d not in held]
     ids, texts = [task.corpus_ids[j] for j in rows], [task.corpus_texts[j] for j in rows]
-    if h and not ids:
-        raise ConfigError("negatives.num_negatives: records short of negatives get random ones from the sampled "
-                          "documents, and data.stream_distractors is 0 (raise it, or set num_negatives to 0)")
+    short = task.train_min_negatives is None or task.train_min_negatives < pool
+    if h and short and not ids:
+        raise ConfigError(f"negatives.num_negatives: some records bring fewer than {pool} negatives and get random "
+                          "ones from the sampled documents, and data.stream_distractors is 0 (raise it, or set "
+                          "num_negatives to 0)")
     seed = cfg.train.seed
 
     def records():
@@ -324,11 +330,13 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
             may_be_short = task.train_min_negatives is None or task.train_min_negatives < pool
             if h > 0 and cfg.negatives.mine and task.train_qrels and may_be_short:
                 # beside a BEIR folder the train queries and the corpus are encoded: mine for each
-                # (query, relevant document) of the train qrels; a streamed record short of
-                # negatives takes those of its pair, after its own
+                # (query, relevant document) of the train qrels and each (query, document) of a
+                # record outside them; a streamed record short of negatives takes those of its
+                # pair, after its own
+                listed = {(q, d) for q, docs in task.train_qrels.items() for d, score in docs.items() if score > 0}
                 pairs = [Example(query=task.queries[q], positive="", query_id=q, positive_id=d)
-                         for q in sorted(task.train_qrels) for d in sorted(task.train_qrels[q])]
-                mined = _mine(cfg, pairs, task, query_emb, corpus_emb, pool)
+                         for q, d in sorted(listed | set(task.train_pairs_off_qrels))]
+                mined = _mine(cfg, pairs, task, query_emb, corpus_emb, pool, known_ids)
                 say(mined.summary())
                 summary["mining"] = mined.stats
                 mined_for = {(e.query_id, e.positive_id): m
@@ -353,7 +361,10 @@ def run_text_retrieval(cfg: RunConfig, run: RunFolder, *, echo: Callable[[str], 
             have_ids = all(examples[i].query_id in query_emb and examples[i].positive_id is not None for i in short)
             if cfg.negatives.mine and h > 0 and have_ids and short:
                 need = [examples[i] for i in short]
-                mined = _mine(cfg, need, task, query_emb, corpus_emb, pool)
+                known = {q: set(docs) for q, docs in known_ids.items()}
+                for e in examples:  # a record's positive is known for its query, short of negatives or not
+                    known.setdefault(e.query_id, set()).add(e.positive_id)
+                mined = _mine(cfg, need, task, query_emb, corpus_emb, pool, known)
                 say(mined.summary())
                 summary["mining"] = mined.stats
                 for i, m in zip(short, mined.to_examples(need, task.corpus_texts, task.corpus_ids)):
