@@ -142,12 +142,27 @@ def test_approximate_recall(method):
     assert (s[:, 1:] <= s[:, :-1] + 1e-6).all()
 
 
+def test_auto_is_exact_unless_a_faiss_threshold_is_given():
+    from contrastkit.search import resolve_method
+
+    assert resolve_method("auto", 10**9) == "exact"                      # no threshold: exact at any size
+    assert resolve_method("auto", 999, faiss_threshold=1000) == "exact"
+    assert resolve_method("auto", 1000, faiss_threshold=1000) == "faiss-ivf"
+    assert resolve_method("faiss-hnsw", 5) == "faiss-hnsw"
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ValueError, match="faiss_threshold must be None or a positive int"):
+            resolve_method("auto", 10, faiss_threshold=bad)
+    with pytest.raises(ValueError, match="method must be one of"):
+        resolve_method("annoy", 10)
+
+
 def test_auto_switches_to_ivf_above_threshold():
     pytest.importorskip("faiss")
     c = _clustered(4000, 16, 10, seed=8)
     q = _clustered(20, 16, 10, seed=9)
-    exact = topk(q, c, 5, method="auto")  # below the default threshold: exact
+    exact = topk(q, c, 5, method="auto")  # no threshold: exact
     assert torch.equal(exact[1], exact_topk(q, c, 5)[1])
+    assert torch.equal(topk(q, c, 5, method="auto", faiss_threshold=4001)[1], exact[1])
     ivf = topk(q, c, 5, method="auto", faiss_threshold=1000)
     ivf_named = topk(q, c, 5, method="faiss-ivf")
     assert torch.equal(ivf[1], ivf_named[1])  # same seeded index
@@ -167,3 +182,37 @@ def test_docstring_examples():
     for module in (exact, ann):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_a_non_finite_row_is_named_in_any_block_of_the_check(monkeypatch):
+    import contrastkit.search.exact as exact
+
+    monkeypatch.setattr(exact, "_CHECK_ENTRIES", 8)        # two rows of 4 per block
+    q, c = torch.randn(2, 4), torch.randn(9, 4)
+    c[7, 2] = float("inf")
+    with pytest.raises(ValueError, match="corpus row 7 has a non-finite"):
+        exact_topk(q, c, 2)
+    c[7, 2] = 0.0
+    assert exact_topk(q, c, 2)[1].shape == (2, 2)
+
+
+def test_search_memory_does_not_hold_a_copy_of_the_corpus():
+    """Peak resident memory added by one search over a 400,000 x 64 float32 corpus (98 MiB)
+    stays under half the corpus: the checks and the tiles never copy it whole (the
+    finiteness check used to sum it as float64, 2x the corpus)."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from contrastkit.search import exact_topk
+c = torch.randn(400_000, 64); q = torch.randn(50, 64)
+exact_topk(q[:1], c[:10], 1)                         # warm up the kernels and the allocator
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+exact_topk(q, c, 10)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    added_mib = float(out.stdout.strip().splitlines()[-1])
+    assert added_mib < 0.5 * 400_000 * 64 * 4 / 2**20, added_mib

@@ -9,8 +9,8 @@ a two-tower run's ``model/`` (``query/`` and ``document/`` towers, ``model.separ
 encodes queries (and STS-B sentences, as the main job does) with the query tower and the
 corpus with the document tower.
 Queries and documents are encoded with L2 normalisation (cosine similarity); every judged
-query ranks the whole corpus (exact tiled top-k below --faiss-threshold documents, faiss
-IVF above, or --method). Prints a table of nDCG / MRR / Recall / MAP / Precision at each
+query ranks the whole corpus (exact tiled top-k in bounded memory; faiss IVF from
+--faiss-threshold documents on, or the --method named). Prints a table of nDCG / MRR / Recall / MAP / Precision at each
 k and writes the metrics, sizes and wall times as JSON with --output. BEIR's
 ignore_identical_ids (a document with the query's own id is not retrieved) is off unless
 --ignore-identical-ids is given.
@@ -60,8 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave glibc's allocator as it is (default on CPU: keep freed memory in the process, "
                         "contrastkit.training.allocator)")
     p.add_argument("--method", default="auto", choices=("auto", "exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"),
-                   help="search method (default auto: exact below --faiss-threshold documents)")
-    p.add_argument("--faiss-threshold", type=int, default=200_000, help="corpus size from which auto uses faiss IVF")
+                   help="search method (default auto: exact, faiss IVF from --faiss-threshold documents on)")
+    p.add_argument("--faiss-threshold", type=int, default=None,
+                   help="corpus size from which auto uses faiss IVF (default: never; the exact search was faster "
+                        "where measured, docs/benchmarks.md)")
     p.add_argument("--query-prefix", default="", help="text put before every query (e5 / bge style)")
     p.add_argument("--document-prefix", default="", help="text put before every document")
     p.add_argument("--ignore-identical-ids", action="store_true",
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if not retrieval and not args.sts:
         return _fail("nothing to evaluate: --data none without --sts")
     for name in ("batch_size", "faiss_threshold"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_length is not None and args.max_length < 1:
         return _fail(f"--max-length must be >= 1, got {args.max_length}")

@@ -6,8 +6,8 @@
     contrastkit mine --pairs pairs.jsonl --corpus corpus.jsonl --output mined.jsonl --absolute-margin 0.05
 
 Encodes the queries and the corpus once (normalised embeddings), ranks the corpus for
-each (query, positive) pair (exact tiled search for small corpora, faiss above
---faiss-threshold documents), skips the query's known positives, takes candidates from
+each (query, positive) pair (exact tiled search in bounded memory; faiss with --method or
+from --faiss-threshold documents), skips the query's known positives, takes candidates from
 the rank window, drops likely false negatives (scoring above --relative-margin x the
 positive's score, or above positive - --absolute-margin), prints the score statistics and
 writes one JSON line per pair: query, positive, negative_1..negative_n, query_id,
@@ -65,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave glibc's allocator as it is (default on CPU: keep freed memory in the process, "
                         "contrastkit.training.allocator)")
     p.add_argument("--method", default="auto", help="search: auto, exact, faiss-flat, faiss-ivf, faiss-hnsw")
-    p.add_argument("--faiss-threshold", type=int, default=200_000, help="corpus size from which auto uses faiss")
+    p.add_argument("--faiss-threshold", type=int, default=None,
+                   help="corpus size from which auto uses faiss IVF (default: never; the exact search was faster "
+                        "where measured, docs/benchmarks.md)")
     p.add_argument("--query-prefix", default="", help="text put before every query (e5 / bge style)")
     p.add_argument("--document-prefix", default="", help="text put before every document")
     p.add_argument("--skip-bad-records", action="store_true", help="count and skip malformed records")

@@ -285,8 +285,8 @@ def evaluate_retrieval(encode_queries: Callable[[List[str]], Tensor],
     ``qrels`` are encoded. The corpus is encoded by ``encode_corpus`` unless
     ``corpus_embeddings`` are given (then ``encode_corpus`` may be None): a training loop
     encodes the corpus once and reuses it for mining and evaluation. Search is
-    :func:`contrastkit.search.topk` with ``method`` (``"auto"``: exact below 200,000 documents,
-    faiss IVF above) and ``k = min(max(ks), corpus size)``.
+    :func:`contrastkit.search.topk` with ``method`` (``"auto"``: exact, or faiss IVF from a
+    ``faiss_threshold`` given in ``search_kwargs``) and ``k = min(max(ks), corpus size)``.
 
     Args:
         queries: ``{query_id: text}``.

@@ -152,7 +152,7 @@ def _check_int(name: str, value, minimum: int) -> int:
 def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, positives: Sequence[Sequence[int]], *,
                         num_negatives: int = 1, rank_window: Tuple[int, int] = (0, 50), sampling: str = "top",
                         relative_margin: Optional[float] = 0.95, absolute_margin: Optional[float] = None,
-                        seed: int = 0, method: str = "auto", faiss_threshold: int = 200_000,
+                        seed: int = 0, method: str = "auto", faiss_threshold: Optional[int] = None,
                         query_block_size: int = 16384, progress: bool = False) -> MinedNegatives:
     """Mine ``num_negatives`` hard negatives per query from a corpus.
 
@@ -173,9 +173,9 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         absolute_margin: drop candidates scoring above ``s+ - absolute_margin``; None: off.
         seed: seed of the random sampling (per-row draws in row order, so the result does
             not depend on how the search is blocked).
-        method: search method of :func:`contrastkit.search.topk` (``"auto"``: exact below
-            ``faiss_threshold`` corpus rows, faiss IVF above; ``"exact"``, ``"faiss-flat"``,
-            ``"faiss-ivf"``, ``"faiss-hnsw"``).
+        method: search method of :func:`contrastkit.search.topk` (``"auto"``: exact, or
+            faiss IVF from ``faiss_threshold`` corpus rows on when that is given;
+            ``"exact"``, ``"faiss-flat"``, ``"faiss-ivf"``, ``"faiss-hnsw"``).
         query_block_size: queries searched and filtered at a time.
         progress: show tqdm bars (search, blocks).
 
@@ -196,7 +196,7 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         m = mine_hard_negatives(q, c, [[0]], num_negatives=2, rank_window=(0, 5), relative_margin=None)
         assert m.indices == [[1, 2]]
     """
-    from ..search import METHODS, build_faiss_index, topk  # search sits beside negatives; imported on use
+    from ..search import build_faiss_index, resolve_method, topk  # search sits beside negatives; imported on use
 
     if not isinstance(query_embeddings, Tensor) or not isinstance(corpus_embeddings, Tensor):
         raise ValueError("query_embeddings and corpus_embeddings must be torch tensors")
@@ -242,10 +242,7 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         absolute_margin = float(absolute_margin)
     seed = _check_int("seed", seed, 0)
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "auto":
-        method = "exact" if n_c < faiss_threshold else "faiss-ivf"
+    method = resolve_method(method, n_c, faiss_threshold)
     query_block_size = _check_int("query_block_size", query_block_size, 1)
     index = build_faiss_index(corpus_embeddings, method) if method.startswith("faiss") and n_q else None
     k = min(stop, n_c)

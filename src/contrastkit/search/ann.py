@@ -1,10 +1,16 @@
-"""Top-k search front end: exact (tiled) below a corpus size, faiss above it.
+"""Top-k search front end: exact (tiled) by default, faiss where asked.
 
-``method="auto"`` searches exactly (:func:`~contrastkit.search.exact_topk`) while the corpus
-has fewer than ``faiss_threshold`` rows and with a faiss IVF index above it. faiss is
-imported only when a faiss method runs. All methods score by inner product (cosine for
-L2-normalised embeddings) and return the same ``(scores float32, indices long)`` layout,
-with ``-1`` / ``-inf`` where fewer than ``k`` results exist.
+``method="auto"`` searches exactly (:func:`~contrastkit.search.exact_topk`: memory-bounded
+at any corpus size) unless ``faiss_threshold`` is given and the corpus has at least that
+many rows; then a faiss IVF index. The default is exact at every size because it was the
+faster choice where measured: on a 2-core CPU, 20,000 queries against 200,000 and 500,000
+documents (d 384), building the IVF index alone took longer than the whole exact search, and
+its search at the default ``nprobe`` was slower again and missed part of the true top-k
+(``scripts/bench_mine_memory.py``, docs/benchmarks.md). Approximate search pays off only
+with many more queries per corpus or a small ``nprobe``: name a faiss method or a threshold
+to use it. faiss is imported only when a faiss method runs. All methods score by inner
+product (cosine for L2-normalised embeddings) and return the same ``(scores float32,
+indices long)`` layout, with ``-1`` / ``-inf`` where fewer than ``k`` results exist.
 
 Example::
 
@@ -25,9 +31,30 @@ from torch import Tensor
 
 from .exact import check_search_inputs, exact_topk
 
-__all__ = ["topk", "build_faiss_index", "METHODS"]
+__all__ = ["topk", "build_faiss_index", "resolve_method", "METHODS"]
 
 METHODS = ("auto", "exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+
+
+def resolve_method(method: str, num_corpus: int, faiss_threshold: Optional[int] = None) -> str:
+    """The search method ``method`` names: ``"auto"`` is ``"exact"`` unless
+    ``faiss_threshold`` (corpus rows, an int >= 1) is given and ``num_corpus`` reaches it,
+    then ``"faiss-ivf"``; any other method is returned as it is (checked).
+
+    Example::
+
+        from contrastkit.search import resolve_method
+        assert resolve_method("auto", 10**7) == "exact"
+        assert resolve_method("auto", 10**7, faiss_threshold=10**6) == "faiss-ivf"
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if faiss_threshold is not None and (isinstance(faiss_threshold, bool) or not isinstance(faiss_threshold, int)
+                                        or faiss_threshold < 1):
+        raise ValueError(f"faiss_threshold must be None or a positive int, got {faiss_threshold!r}")
+    if method != "auto":
+        return method
+    return "faiss-ivf" if faiss_threshold is not None and num_corpus >= faiss_threshold else "exact"
 
 
 def _import_faiss():
@@ -96,7 +123,7 @@ def build_faiss_index(corpus: Tensor, method: str = "faiss-ivf", *, nlist: Optio
 
 
 @torch.no_grad()
-def topk(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto", faiss_threshold: int = 200_000,
+def topk(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto", faiss_threshold: Optional[int] = None,
          block_size: Optional[int] = None, exclude: Optional[Sequence[Sequence[int]]] = None,
          nlist: Optional[int] = None, nprobe: Optional[int] = None, hnsw_m: int = 32,
          ef_search: Optional[int] = None, ef_construction: int = 80, index=None,
@@ -106,9 +133,10 @@ def topk(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto", faiss
     Args:
         queries, corpus, k, block_size, exclude, progress: as in :func:`exact_topk`
             (``k`` clipped to the corpus size; ``-1`` / ``-inf`` pad a short result).
-        method: ``"auto"`` (exact when ``C < faiss_threshold``, else ``"faiss-ivf"``),
+        method: ``"auto"`` (exact, or ``"faiss-ivf"`` from ``faiss_threshold`` rows on),
             ``"exact"``, ``"faiss-flat"``, ``"faiss-ivf"`` or ``"faiss-hnsw"``.
-        faiss_threshold: corpus size from which ``"auto"`` switches to faiss IVF.
+        faiss_threshold: corpus size from which ``"auto"`` switches to faiss IVF (default
+            None: never; see the module doc for why).
         nlist, hnsw_m, ef_construction: index parameters (see :func:`build_faiss_index`).
         nprobe: IVF lists visited per query (default ``max(16, nlist // 8)``, capped at nlist).
         ef_search: HNSW search breadth (default ``max(64, 2 * k)``).
@@ -129,14 +157,9 @@ def topk(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto", faiss
         >>> bool((i == topk(q, c, 5, method="exact")[1]).all())
         True
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_search_inputs(queries, corpus, k)
-    if isinstance(faiss_threshold, bool) or not isinstance(faiss_threshold, int) or faiss_threshold < 1:
-        raise ValueError(f"faiss_threshold must be a positive int, got {faiss_threshold!r}")
     n_q, n_c = queries.shape[0], corpus.shape[0]
-    if method == "auto":
-        method = "exact" if n_c < faiss_threshold else "faiss-ivf"
+    method = resolve_method(method, n_c, faiss_threshold)
     if method == "exact":
         return exact_topk(queries, corpus, k, block_size=block_size, exclude=exclude, progress=progress)
 

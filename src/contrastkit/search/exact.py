@@ -27,6 +27,9 @@ _TILE_ENTRIES = 1 << 24
 _DEFAULT_BLOCK = 65536
 
 
+_CHECK_ENTRIES = 1 << 22  # entries per block of the finiteness check (32 MiB as float64)
+
+
 def check_search_inputs(queries: Tensor, corpus: Tensor, k: int) -> None:
     """Shared argument checks of the search functions (a ValueError naming the problem)."""
     if not isinstance(queries, Tensor) or not isinstance(corpus, Tensor):
@@ -42,12 +45,17 @@ def check_search_inputs(queries: Tensor, corpus: Tensor, k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     for name, t in (("queries", queries), ("corpus", corpus)):
-        # one float64 sum is finite exactly when every entry is (NaN / inf propagate; finite
-        # float32 / bf16 values cannot overflow float64); the slow scan only names the row
-        if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
-            bad = (~torch.isfinite(t)).any(1).nonzero()
-            if bad.numel():  # else: huge finite float64 values overflowed the sum; nothing wrong
-                raise ValueError(f"{name} row {int(bad[0, 0])} has a non-finite value (nan or inf)")
+        # a float64 sum is finite exactly when every entry is (NaN / inf propagate; finite
+        # float32 / bf16 values cannot overflow float64); summed in row blocks, since the sum
+        # casts its input to float64 (a whole-corpus sum held 2x the corpus); the slow scan
+        # only names the row
+        rows = max(1, _CHECK_ENTRIES // max(1, t.shape[1]))
+        for r0 in range(0, t.shape[0], rows):
+            block = t[r0:r0 + rows]
+            if block.numel() and not bool(torch.isfinite(block.sum(dtype=torch.float64))):
+                bad = (~torch.isfinite(block)).any(1).nonzero()
+                if bad.numel():  # else: huge finite float64 values overflowed the sum; nothing wrong
+                    raise ValueError(f"{name} row {r0 + int(bad[0, 0])} has a non-finite value (nan or inf)")
 
 
 def _exclusion_pairs(exclude: Optional[Sequence[Sequence[int]]], n_queries: int, n_corpus: int,
