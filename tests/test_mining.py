@@ -175,6 +175,27 @@ def test_bad_input(kwargs, message):
         mine_hard_negatives(args.pop("query_embeddings"), args.pop("corpus_embeddings"), args.pop("positives"), **args)
 
 
+def test_non_finite_row_named_in_the_whole_input_and_checked_once(monkeypatch):
+    """Mining searches query block by query block; the NaN / inf scan of the inputs runs once
+    for the whole call (not once per block), and names the bad row's index in the whole input."""
+    import contrastkit.search.exact as exact
+
+    calls = []
+    real = exact.check_search_inputs
+    monkeypatch.setattr(exact, "check_search_inputs", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    q, c = F.normalize(torch.randn(7, 4), dim=-1), F.normalize(torch.randn(20, 4), dim=-1)
+    m = mine_hard_negatives(q, c, [[i] for i in range(7)], num_negatives=2, rank_window=(0, 5), query_block_size=2,
+                            relative_margin=None)
+    assert len(calls) == 1 and m.indices == naive_mine(q, c, [[i] for i in range(7)], 2, (0, 5), None, None)
+    q[5, 1] = float("nan")
+    with pytest.raises(ValueError, match="queries row 5 has a non-finite value"):
+        mine_hard_negatives(q, c, [[i] for i in range(7)], query_block_size=2)
+    c[13, 0] = float("inf")
+    q[5, 1] = 0.0
+    with pytest.raises(ValueError, match="corpus row 13 has a non-finite value"):
+        mine_hard_negatives(q, c, [[i] for i in range(7)], query_block_size=2)
+
+
 # ---------------------------------------------------------------- contrastkit mine (tiny model, tiny corpus)
 
 @pytest.fixture(scope="module")

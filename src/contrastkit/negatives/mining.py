@@ -196,7 +196,10 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
         m = mine_hard_negatives(q, c, [[0]], num_negatives=2, rank_window=(0, 5), relative_margin=None)
         assert m.indices == [[1, 2]]
     """
-    from ..search import build_faiss_index, resolve_method, topk  # search sits beside negatives; imported on use
+    # search sits beside negatives; imported on use
+    from ..search import build_faiss_index, resolve_method
+    from ..search.ann import topk_checked
+    from ..search.exact import check_search_inputs
 
     if not isinstance(query_embeddings, Tensor) or not isinstance(corpus_embeddings, Tensor):
         raise ValueError("query_embeddings and corpus_embeddings must be torch tensors")
@@ -244,6 +247,8 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
 
     method = resolve_method(method, n_c, faiss_threshold)
     query_block_size = _check_int("query_block_size", query_block_size, 1)
+    # checked once here (a bad row named in the whole input), not again for each query block
+    check_search_inputs(query_embeddings, corpus_embeddings, min(stop, n_c))
     index = build_faiss_index(corpus_embeddings, method) if method.startswith("faiss") and n_q else None
     k = min(stop, n_c)
     acc = torch.float64 if query_embeddings.dtype == torch.float64 else torch.float32
@@ -260,8 +265,8 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
     for b0 in blocks:  # one block of queries at a time: memory is block x stop, not Q x stop
         b1 = min(n_q, b0 + query_block_size)
         qb = query_embeddings[b0:b1]
-        s_t, i_t = topk(qb, corpus_embeddings, k, method=method, exclude=pos[b0:b1], index=index,
-                        progress=progress and len(range(0, n_q, query_block_size)) == 1)
+        s_t, i_t = topk_checked(qb, corpus_embeddings, k, method=method, exclude=pos[b0:b1], index=index,
+                                progress=progress and len(range(0, n_q, query_block_size)) == 1)
         block_s, block_i = s_t.cpu().double().numpy(), i_t.cpu().numpy()
         # the own positive's score, exactly (one dot product per row)
         own = torch.tensor([p[0] for p in pos[b0:b1]], dtype=torch.long, device=corpus_embeddings.device)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .exact import check_search_inputs, exact_topk
+from .exact import check_search_inputs, exact_topk_checked
 
 __all__ = ["topk", "build_faiss_index", "resolve_method", "METHODS"]
 
@@ -158,10 +158,23 @@ def topk(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto", faiss
         True
     """
     check_search_inputs(queries, corpus, k)
+    return topk_checked(queries, corpus, k, method=method, faiss_threshold=faiss_threshold, block_size=block_size,
+                        exclude=exclude, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search,
+                        ef_construction=ef_construction, index=index, progress=progress)
+
+
+def topk_checked(queries: Tensor, corpus: Tensor, k: int, *, method: str = "auto",
+                 faiss_threshold: Optional[int] = None, block_size: Optional[int] = None,
+                 exclude: Optional[Sequence[Sequence[int]]] = None, nlist: Optional[int] = None,
+                 nprobe: Optional[int] = None, hnsw_m: int = 32, ef_search: Optional[int] = None,
+                 ef_construction: int = 80, index=None, progress: bool = False) -> Tuple[Tensor, Tensor]:
+    """:func:`topk` for inputs :func:`check_search_inputs` has already passed (it scans every
+    entry for NaN / inf: a caller that searches one corpus query block by query block, as
+    mining does, checks the whole input once and names the bad row in it)."""
     n_q, n_c = queries.shape[0], corpus.shape[0]
     method = resolve_method(method, n_c, faiss_threshold)
     if method == "exact":
-        return exact_topk(queries, corpus, k, block_size=block_size, exclude=exclude, progress=progress)
+        return exact_topk_checked(queries, corpus, k, block_size=block_size, exclude=exclude, progress=progress)
 
     faiss = _import_faiss()
     k_eff = min(k, n_c)

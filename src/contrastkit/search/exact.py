@@ -152,6 +152,15 @@ def exact_topk(queries: Tensor, corpus: Tensor, k: int, *, block_size: Optional[
         [[1, 2]]
     """
     check_search_inputs(queries, corpus, k)
+    return exact_topk_checked(queries, corpus, k, block_size=block_size, exclude=exclude,
+                              query_block_size=query_block_size, progress=progress)
+
+
+def exact_topk_checked(queries: Tensor, corpus: Tensor, k: int, *, block_size: Optional[int] = None,
+                       exclude: Optional[Sequence[Sequence[int]]] = None, query_block_size: Optional[int] = None,
+                       progress: bool = False) -> Tuple[Tensor, Tensor]:
+    """:func:`exact_topk` for inputs :func:`check_search_inputs` has already passed (it scans
+    every entry for NaN / inf: callers that search one corpus block by block check it once)."""
     n_q, n_c = queries.shape[0], corpus.shape[0]
     device = queries.device
     k_eff = min(k, n_c)
