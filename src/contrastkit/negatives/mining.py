@@ -247,10 +247,10 @@ def mine_hard_negatives(query_embeddings: Tensor, corpus_embeddings: Tensor, pos
 
     method = resolve_method(method, n_c, faiss_threshold)
     query_block_size = _check_int("query_block_size", query_block_size, 1)
-    # checked once here (a bad row named in the whole input), not again for each query block
-    check_search_inputs(query_embeddings, corpus_embeddings, min(stop, n_c))
-    index = build_faiss_index(corpus_embeddings, method) if method.startswith("faiss") and n_q else None
     k = min(stop, n_c)
+    # checked once here (a bad row named in the whole input), not again for each query block
+    check_search_inputs(query_embeddings, corpus_embeddings, k)
+    index = build_faiss_index(corpus_embeddings, method) if method.startswith("faiss") and n_q else None
     acc = torch.float64 if query_embeddings.dtype == torch.float64 else torch.float32
     rng = np.random.default_rng(seed)
     indices: List[List[int]] = []
